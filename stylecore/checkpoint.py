@@ -1,0 +1,160 @@
+"""Checkpoints: weights as safetensors, everything else as JSON beside them. Nothing is ever unpickled.
+
+A model is a folder holding ``model.safetensors`` and ``model.json``. The JSON carries the architecture
+(to rebuild the UNet), how it was trained, and the SHA-256 of the weights file, checked on load.
+Resumable training state uses the same pair of formats (``state.safetensors`` + ``state.json``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .model import UNet, UNetConfig
+
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "model.json"
+FORMAT = "stylize-unet"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, corrupt, not safetensors, or does not fit the model asked for."""
+
+
+def save_model(directory: str | Path, model: UNet, metadata: dict) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory`` (created); each file appears atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    weights_path = directory / WEIGHTS_FILE
+    _atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "architecture": model.config.to_dict(),
+        "weights_sha256": sha256_file(weights_path),
+        **metadata,
+    }
+    _atomic_write(directory / METADATA_FILE, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
+    return directory
+
+
+def read_metadata(path: str | Path) -> dict:
+    """The JSON metadata of a model folder (or of a ``.safetensors`` file with its ``.json`` beside it)."""
+    _, metadata_path = _paths(Path(path))
+    try:
+        return json.loads(metadata_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"no checkpoint metadata at {metadata_path}") from None
+    except ValueError as error:
+        raise CheckpointError(f"checkpoint metadata {metadata_path} is not valid JSON: {error}") from None
+
+
+def load_model(path: str | Path, expected: UNetConfig | None = None) -> tuple[UNet, dict]:
+    """Rebuild a UNet from a checkpoint, checking its checksum, and (if given) that it has the expected architecture."""
+    weights_path, _ = _paths(Path(path))
+    metadata = read_metadata(path)
+    if metadata.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a stylize model checkpoint (format {metadata.get('format')!r})")
+    try:
+        config = UNetConfig.from_dict(metadata["architecture"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{path} has an invalid architecture description: {error}") from None
+    if expected is not None and config != expected:
+        raise CheckpointError(
+            f"architecture mismatch: {path} holds {_describe(config)}, but {_describe(expected)} was asked for"
+        )
+    state = read_weights(weights_path, metadata.get("weights_sha256"))
+    model = UNet(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise CheckpointError(f"weights in {weights_path} do not fit {_describe(config)}: "
+                              f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}") from None
+    model.eval()
+    return model, metadata
+
+
+def read_weights(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors file, refusing anything else (pickles in particular) and checking the checksum."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {path}")
+    if not is_safetensors(path):
+        raise CheckpointError(f"{path} is not a safetensors file; pickle checkpoints are never loaded")
+    if expected_sha256 and sha256_file(path) != expected_sha256:
+        raise CheckpointError(f"{path} is corrupt or was modified: its SHA-256 does not match the metadata")
+    try:
+        return load_file(str(path))
+    except Exception as error:
+        raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+
+
+def is_safetensors(path: Path) -> bool:
+    """safetensors starts with an 8-byte little-endian header length followed by a JSON object."""
+    with open(path, "rb") as file:
+        head = file.read(9)
+    if len(head) < 9:
+        return False
+    (header_length,) = struct.unpack("<Q", head[:8])
+    return head[8:9] == b"{" and 0 < header_length <= path.stat().st_size - 8
+
+
+def save_state(directory: Path, tensors: dict[str, torch.Tensor], document: dict) -> None:
+    """Save resumable training state: tensors as safetensors, the rest as JSON (written last, so it marks completion)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
+    _atomic_write(directory / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    document = {**document, "state_sha256": sha256_file(directory / "state.safetensors")}
+    _atomic_write(directory / "state.json", lambda tmp: tmp.write_text(json.dumps(document) + "\n"))
+
+
+def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
+    """Load what save_state wrote, or None when there is no complete state there."""
+    try:
+        document = json.loads((directory / "state.json").read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+    tensors = read_weights(directory / "state.safetensors", document.get("state_sha256"))
+    return tensors, document
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _paths(path: Path) -> tuple[Path, Path]:
+    if path.suffix == ".safetensors":
+        return path, path.with_suffix(".json")
+    if path.is_dir():
+        return path / WEIGHTS_FILE, path / METADATA_FILE
+    if path.exists():
+        raise CheckpointError(f"{path} is not a stylize model (expected a model folder or a .safetensors file); "
+                              "pickle checkpoints are never loaded")
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def _describe(config: UNetConfig) -> str:
+    return f"UNet(base_channels={config.base_channels}, depth={config.depth}, norm={config.norm!r})"
+
+
+def _atomic_write(path: Path, write) -> None:
+    descriptor, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

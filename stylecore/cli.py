@@ -1,0 +1,711 @@
+"""The ``stylize`` command line: prime, train, run, eval, models, demo.
+
+User mistakes (missing folders, unreadable images, bad options, missing VGG weights) print one line
+``stylize: error: ...`` and exit with status 2. Anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
+from datetime import datetime, timezone
+from importlib import metadata as package_metadata
+from importlib import resources
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from . import images as image_io
+from .checkpoint import CheckpointError, load_model, save_model, sha256_file
+from .evaluate import contact_sheet, evaluate
+from .losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
+from .model import NORMS, UNet, UNetConfig
+from .store import HOME_VARIABLE, ModelStore, default_home, fingerprint, priming_key
+from .stylize import stylize_images
+from .train import PRESETS, Preset, TrainConfig, TrainResult, prime_autoencoder, train_style, with_overrides
+from .vgg import VGGFeatures, VGGWeightsError, load_vgg
+
+VGG_VARIABLE = "STYLIZE_VGG_WEIGHTS"
+
+
+class UserError(Exception):
+    """A mistake the user can fix; reported as one line with exit status 2."""
+
+
+# ---------------------------------------------------------------- helpers: inputs
+
+
+def list_images(folder: Path, exclude: Path | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursive, by extension), sorted by relative path."""
+    if not folder.exists():
+        raise UserError(f"photo folder not found: {folder}")
+    if not folder.is_dir():
+        raise UserError(f"not a folder: {folder}")
+    exclude = exclude.resolve() if exclude is not None else None
+    found = []
+    for path in folder.rglob("*"):
+        if path.suffix.lower() in image_io.INPUT_EXTENSIONS and path.is_file():
+            if exclude is not None and path.resolve().is_relative_to(exclude):
+                continue
+            found.append(path)
+    return sorted(found, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def read_photos(folder: Path, limit: int | None, quiet: bool) -> tuple[list[Image.Image], str]:
+    """Decode the photos under ``folder`` (skipping undecodable ones, with a warning) and fingerprint the set."""
+    paths = list_images(folder)
+    if limit is not None:
+        paths = paths[:limit]
+    photos, items = [], []
+    for path in tqdm(paths, desc="reading photos", unit="img", disable=quiet or not sys.stderr.isatty(), leave=False):
+        data = path.read_bytes()
+        try:
+            photos.append(image_io.decode_image(data))
+        except image_io.ImageDecodeError as error:
+            print(f"stylize: warning: skipping {path}: {error}", file=sys.stderr)
+            continue
+        items.append((path.relative_to(folder).as_posix(), data))
+    if not photos:
+        raise UserError(f"no readable images in {folder}")
+    return photos, fingerprint(items)
+
+
+def read_style_image(path: Path, long_side: int) -> tuple[Image.Image, str]:
+    if not path.is_file():
+        raise UserError(f"style image not found: {path}")
+    data = path.read_bytes()
+    try:
+        image = image_io.decode_image(data)
+    except image_io.ImageDecodeError as error:
+        raise UserError(f"cannot read style image {path}: {error}") from None
+    return image_io.resize_long_side(image, long_side), hashlib.sha256(data).hexdigest()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def pick_preset(args: argparse.Namespace, device: torch.device) -> tuple[str, Preset]:
+    name = args.preset if args.preset != "auto" else ("full" if device.type == "cuda" else "fast")
+    return name, PRESETS[name]
+
+
+def vgg_weights_path(args: argparse.Namespace) -> str | None:
+    return args.vgg_weights or os.environ.get(VGG_VARIABLE) or None
+
+
+def load_vgg_for(args: argparse.Namespace, loss_config: LossConfig) -> VGGFeatures:
+    weights = vgg_weights_path(args)
+    try:
+        features, source = load_vgg(weights, args.vgg_arch)
+        return VGGFeatures(features, source, layers_needed(source, loss_config))
+    except VGGWeightsError as error:
+        if weights is None:
+            raise UserError(f"no VGG weights: {error}; pass --vgg-weights PATH or set {VGG_VARIABLE}") from None
+        raise UserError(str(error)) from None
+
+
+def loss_config_from(args: argparse.Namespace) -> LossConfig:
+    config = LossConfig()
+    for field in ("style_weight", "content_weight", "tv_weight", "content_layer"):
+        value = getattr(args, field, None)
+        if value is not None:
+            setattr(config, field, value)
+    if getattr(args, "style_layers", None):
+        config.style_layers = [layer.strip() for layer in args.style_layers.split(",") if layer.strip()]
+    return config
+
+
+def model_config_from(args: argparse.Namespace, base: UNetConfig | None = None) -> UNetConfig:
+    base = base or UNetConfig()
+    values = asdict(base)
+    for field in ("base_channels", "depth", "norm"):
+        if getattr(args, field, None) is not None:
+            values[field] = getattr(args, field)
+    try:
+        return UNetConfig(**values)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def train_config_from(base: TrainConfig, args: argparse.Namespace, prefix: str = "") -> TrainConfig:
+    try:
+        return with_overrides(
+            base,
+            steps=getattr(args, f"{prefix}steps", None),
+            epochs=getattr(args, f"{prefix}epochs", None),
+            image_size=getattr(args, "image_size", None),
+            batch_size=getattr(args, "batch_size", None),
+            learning_rate=getattr(args, f"{prefix}lr", None),
+            seed=getattr(args, "seed", None),
+        )
+    except ValueError as error:
+        raise UserError(str(error)) from None
+
+
+def bar(total: int, description: str, quiet: bool, unit: str, initial: int = 0) -> tqdm:
+    """A progress bar on stderr; on a non-terminal (logs) it updates every 10 s instead of 10 times a second."""
+    return tqdm(total=total, initial=initial, desc=description, unit=unit, disable=quiet,
+                mininterval=0.1 if sys.stderr.isatty() else 10.0)
+
+
+def progress(description: str, quiet: bool, keys: tuple[str, ...]):
+    bars: dict[str, tqdm] = {}
+
+    def on_step(step: int, total: int, losses: dict[str, float]) -> None:
+        if "bar" not in bars:
+            bars["bar"] = bar(total, description, quiet, "step", initial=step - 1)
+        bars["bar"].set_postfix({k: f"{losses[k]:.4f}" for k in keys if k in losses}, refresh=False)
+        bars["bar"].update(1)
+        if step == total:
+            bars["bar"].close()
+
+    return on_step
+
+
+def versions() -> dict:
+    import torchvision
+
+    try:
+        own = package_metadata.version("stylize")
+    except package_metadata.PackageNotFoundError:
+        own = "unknown"
+    return {"stylize": own, "torch": torch.__version__, "torchvision": torchvision.__version__}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- priming
+
+
+def obtain_primed(
+    args: argparse.Namespace,
+    store: ModelStore,
+    photos: list[Image.Image],
+    photos_fingerprint: str,
+    model_config: UNetConfig,
+    prime_config: TrainConfig,
+    device: torch.device,
+    out: Path | None = None,
+) -> tuple[UNet, dict, Path]:
+    """The primed UNet for these photos and configs: from the cache if it is there, trained otherwise."""
+    key = priming_key(photos_fingerprint, model=model_config.to_dict(), train=prime_config.to_dict())
+    cached = store.primed_dir(key)
+    if (cached / "model.json").is_file():
+        model, metadata = load_model(cached, expected=model_config)
+        print(f"priming: reusing cached autoencoder {cached}", file=sys.stderr)
+    else:
+        print(f"priming: training the autoencoder on {len(photos)} photos "
+              f"({prime_config.total_steps(len(photos))} steps at {prime_config.image_size}px)", file=sys.stderr)
+        result = prime_autoencoder(
+            photos, model_config, prime_config, device,
+            on_step=progress("priming", args.quiet, ("reconstruction",)),
+            state_dir=store.run_dir("prime", key),
+        )
+        metadata = {
+            "kind": "primed-autoencoder",
+            "cache_key": key,
+            "photos_fingerprint": photos_fingerprint,
+            "num_photos": len(photos),
+            "train_config": prime_config.to_dict(),
+            "steps": result.steps,
+            "training_seconds": round(result.seconds, 2),
+            "final_reconstruction_l1": result.history[-1]["reconstruction"] if result.history else None,
+            "history": result.history,
+            "versions": versions(),
+            "created_at": now(),
+        }
+        save_model(cached, result.model.cpu(), metadata)
+        shutil.rmtree(store.run_dir("prime", key), ignore_errors=True)
+        model = result.model
+        print(f"priming: done in {result.seconds:.1f}s, reconstruction L1 {metadata['final_reconstruction_l1']:.4f}",
+              file=sys.stderr)
+    if out is not None and out.resolve() != cached.resolve():
+        out.mkdir(parents=True, exist_ok=True)
+        for file in ("model.safetensors", "model.json"):
+            shutil.copyfile(cached / file, out / file)
+    return model, metadata, cached
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_prime(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    store = ModelStore(args.home)
+    _, preset = pick_preset(args, device)
+    prime_config = train_config_from(preset.prime, args)
+    model_config = model_config_from(args)
+    photos, photos_fingerprint = read_photos(args.photos, args.limit, args.quiet)
+    _, _, cached = obtain_primed(args, store, photos, photos_fingerprint, model_config, prime_config, device, args.out)
+    print(f"primed checkpoint: {args.out or cached}")
+    return 0
+
+
+def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photos_dir: Path) -> tuple[Path, TrainResult]:
+    store = ModelStore(args.home)
+    try:
+        destination = store.model_dir(name)
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    if destination.exists() and not args.force:
+        raise UserError(f"model {name!r} already exists at {destination}; use --force to replace it")
+    device = pick_device(args.device)
+    preset_name, preset = pick_preset(args, device)
+    style_size = args.style_size or preset.style_size
+    style_image, style_sha256 = read_style_image(style_path, style_size)
+    photos, photos_fingerprint = read_photos(photos_dir, args.limit, args.quiet)
+    loss_config = loss_config_from(args)
+    vgg = load_vgg_for(args, loss_config)
+    try:
+        style_layers, content_layer = resolve_layers(vgg.source, loss_config)
+    except VGGWeightsError as error:
+        raise UserError(str(error)) from None
+
+    if args.primed:
+        primed_path = store.resolve(str(args.primed))
+        primed, primed_metadata = load_model(primed_path)
+        if any(getattr(args, f, None) is not None for f in ("base_channels", "depth", "norm")):
+            wanted = model_config_from(args, primed.config)
+            if wanted != primed.config:
+                raise UserError(f"--primed {primed_path} has architecture {primed.config}, not {wanted}")
+    else:
+        prime_config = train_config_from(preset.prime, args, prefix="prime_")
+        primed, primed_metadata, primed_path = obtain_primed(
+            args, store, photos, photos_fingerprint, model_config_from(args), prime_config, device
+        )
+
+    style_config = train_config_from(preset.style, args)
+    style_target = StyleTarget.from_image(vgg, image_io.image_to_tensor(style_image).float().div(255), style_layers)
+    loss = PerceptualLoss(vgg, loss_config, style_target)
+    run_dir = store.run_dir("train", name)
+    total = style_config.total_steps(len(photos))
+    print(f"training style {name!r} from {style_path} on {len(photos)} photos "
+          f"({total} steps at {style_config.image_size}px, preset {preset_name}, device {device})", file=sys.stderr)
+    result = train_style(
+        photos, primed, loss, style_config, device,
+        on_step=progress(f"style {name}", args.quiet, ("style", "content")),
+        state_dir=run_dir,
+    )
+    if result.resumed_from:
+        print(f"resumed from step {result.resumed_from}", file=sys.stderr)
+    last = result.history[-1] if result.history else {}
+    metadata = {
+        "kind": "style-model",
+        "name": name,
+        "style_image": style_path.name,
+        "style_sha256": style_sha256,
+        "style_size": style_size,
+        "preset": preset_name,
+        "vgg": vgg.source.describe(),
+        "style_layers": style_layers,
+        "content_layer": content_layer,
+        "loss": loss_config.to_dict(),
+        "train_config": style_config.to_dict(),
+        "primed_from": {"path": str(primed_path), "weights_sha256": primed_metadata.get("weights_sha256")},
+        "num_photos": len(photos),
+        "photos_fingerprint": photos_fingerprint,
+        "steps": result.steps,
+        "training_seconds": round(result.seconds, 2),
+        "final_losses": {k: v for k, v in last.items() if k not in ("step", "seconds")},
+        "history": result.history,
+        "versions": versions(),
+        "created_at": now(),
+    }
+    if destination.exists():
+        shutil.rmtree(destination)
+    save_model(destination, result.model.cpu(), metadata)
+    style_image.save(destination / "style.jpg", "JPEG", quality=95)
+    shutil.rmtree(run_dir, ignore_errors=True)
+    print(f"trained in {result.seconds:.1f}s: style {last.get('style', float('nan')):.4f}, "
+          f"content {last.get('content', float('nan')):.4f}", file=sys.stderr)
+    return destination, result
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    destination, _ = train_one_style(args, args.style_image, args.name, args.photos)
+    print(f"model: {destination}")
+    return 0
+
+
+def load_style_model(store: ModelStore, name_or_path: str, device: torch.device) -> tuple[UNet, dict, Path]:
+    path = store.resolve(name_or_path)
+    model, metadata = load_model(path)
+    return model.to(device).eval(), metadata, path
+
+
+def output_path(source: Path, source_root: Path, destination: Path, fmt: str) -> Path:
+    relative = source.relative_to(source_root)
+    if fmt == "same":
+        suffix = source.suffix.lower() if source.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") else ".png"
+    else:
+        suffix = image_io.EXTENSIONS[image_io.output_format(fmt)]
+    return destination / relative.with_suffix(suffix)
+
+
+def stylize_folder(
+    model: UNet, source: Path, destination: Path, fmt: str, quality: int, batch_size: int,
+    max_pixels: int, skip_existing: bool, quiet: bool,
+) -> dict[str, int]:
+    """Stylise every image under ``source`` into ``destination``; undecodable files are reported and skipped."""
+    paths = list_images(source, exclude=destination if destination.resolve().is_relative_to(source.resolve()) else None)
+    counts = {"written": 0, "skipped_existing": 0, "failed": 0}
+    todo = []
+    for path in paths:
+        target = output_path(path, source, destination, fmt)
+        if skip_existing and target.exists():
+            counts["skipped_existing"] += 1
+        else:
+            todo.append((path, target))
+
+    def decode(item: tuple[Path, Path]) -> tuple[Path, Path, torch.Tensor | str]:
+        path, target = item
+        try:
+            return path, target, image_io.image_to_tensor(image_io.decode_image(path.read_bytes(), max_pixels))
+        except image_io.ImageDecodeError as error:
+            return path, target, str(error)
+
+    def write(target: Path, output: torch.Tensor, source_path: Path) -> None:
+        out_fmt = fmt if fmt != "same" else target.suffix
+        data = image_io.encode_image(image_io.tensor_to_image(output), out_fmt, quality)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, target)  # never a half-written file under the final name
+
+    workers = max(2, min(8, os.cpu_count() or 2))
+    progress_bar = bar(len(todo), "stylizing", quiet, "img")
+    with ThreadPoolExecutor(workers) as decoders, ThreadPoolExecutor(workers) as writers:
+        decoded = _bounded_map(decoders, decode, todo, ahead=batch_size * 4)
+        good: list[tuple[Path, Path]] = []
+
+        def tensors() -> Iterator[torch.Tensor]:
+            for path, target, result in decoded:
+                if isinstance(result, str):
+                    print(f"stylize: warning: skipping {path}: {result}", file=sys.stderr)
+                    counts["failed"] += 1
+                    progress_bar.update(1)
+                    continue
+                good.append((path, target))
+                yield result
+
+        pending = []
+        for index, output in enumerate(stylize_images(model, tensors(), batch_size=batch_size)):
+            path, target = good[index]
+            pending.append(writers.submit(write, target, output, path))
+            if len(pending) > batch_size * 4:
+                pending.pop(0).result()
+            counts["written"] += 1
+            progress_bar.update(1)
+        for future in pending:
+            future.result()
+    progress_bar.close()
+    return counts
+
+
+def _bounded_map(pool: ThreadPoolExecutor, function, items: list, ahead: int) -> Iterator:
+    """pool.map that keeps at most ``ahead`` results in flight, so memory does not grow with the input."""
+    futures = []
+    iterator = iter(items)
+    for item in iterator:
+        futures.append(pool.submit(function, item))
+        if len(futures) >= ahead:
+            break
+    while futures:
+        result = futures.pop(0).result()
+        nxt = next(iterator, None)
+        if nxt is not None:
+            futures.append(pool.submit(function, nxt))
+        yield result
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    if not args.source.is_dir():
+        raise UserError(f"source folder not found: {args.source}")
+    try:
+        image_io.output_format(args.format) if args.format != "same" else None
+    except ValueError as error:
+        raise UserError(str(error)) from None
+    model, metadata, path = load_style_model(ModelStore(args.home), args.model, device)
+    started = time.perf_counter()
+    counts = stylize_folder(model, args.source, args.destination, args.format, args.quality, args.batch_size,
+                            args.max_pixels, args.skip_existing, args.quiet)
+    seconds = time.perf_counter() - started
+    rate = counts["written"] / seconds if seconds > 0 else 0.0
+    print(f"{counts['written']} written to {args.destination}, {counts['failed']} skipped (not decodable), "
+          f"{counts['skipped_existing']} already there; {seconds:.1f}s, {rate:.1f} img/s with {metadata.get('name', path)}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    device = pick_device(args.device)
+    store = ModelStore(args.home)
+    model, metadata, path = load_style_model(store, args.model, device)
+    evaluation, photos, _ = evaluate_model(args, model, metadata, path, args.photos, device)
+    if args.json:
+        print(json.dumps({"model": str(path), **evaluation.to_dict()}))
+    else:
+        print_evaluation(evaluation)
+    if args.sheet:
+        write_contact_sheet(model, photos[: args.sheet_rows], args.sheet)
+        print(f"contact sheet: {args.sheet}")
+    return 0
+
+
+def evaluate_model(args, model, metadata, path: Path, photos_dir: Path, device):
+    loss_config = LossConfig.from_dict(metadata["loss"]) if "loss" in metadata else LossConfig()
+    loss_config.style_layers = metadata.get("style_layers", loss_config.style_layers)
+    loss_config.content_layer = metadata.get("content_layer", loss_config.content_layer)
+    vgg = load_vgg_for(args, loss_config)
+    trained_with = metadata.get("vgg", {}).get("sha256")
+    if trained_with and vgg.source.sha256 and trained_with != vgg.source.sha256:
+        print("stylize: warning: this model was trained with other VGG weights; distances are not comparable",
+              file=sys.stderr)
+    style_file = path / "style.jpg" if path.is_dir() else path.with_name("style.jpg")
+    if not style_file.is_file():
+        raise UserError(f"the model at {path} has no style.jpg, so its style distance cannot be measured")
+    style_image = image_io.decode_image(style_file.read_bytes())
+    style_layers, _ = resolve_layers(vgg.source, loss_config)
+    target = StyleTarget.from_image(vgg, image_io.image_to_tensor(style_image).float().div(255), style_layers)
+    loss = PerceptualLoss(vgg, loss_config, target)
+    photos, _ = read_photos(photos_dir, args.limit, args.quiet)
+    size = args.image_size or metadata.get("train_config", {}).get("image_size", 256)
+    return evaluate(model, loss, photos, image_size=size, batch_size=args.batch_size or 8), photos, loss
+
+
+def print_evaluation(evaluation) -> None:
+    print(f"{evaluation.images} photos at {evaluation.image_size}px (lower is better)")
+    print(f"{'':10}{'style distance':>16}{'content distance':>18}")
+    print(f"{'model':10}{evaluation.model.style:>16.4f}{evaluation.model.content:>18.4f}")
+    print(f"{'identity':10}{evaluation.identity.style:>16.4f}{evaluation.identity.content:>18.4f}")
+
+
+def write_contact_sheet(model: UNet, photos: list[Image.Image], out: Path) -> None:
+    device = next(model.parameters()).device
+    rows = []
+    for photo in photos:
+        small = image_io.resize_long_side(photo, 512)
+        output = next(stylize_images(model, [image_io.image_to_tensor(small).to(device)], batch_size=1))
+        rows.append([small, image_io.tensor_to_image(output)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    contact_sheet(rows).save(out)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    store = ModelStore(args.home)
+    models = store.list()
+    if args.json:
+        print(json.dumps([{"name": n, "path": str(store.models / n),
+                           **{k: v for k, v in m.items() if k != "history"}} for n, m in models]))
+        return 0
+    if not models:
+        print(f"no models in {store.models}")
+        return 0
+    print(f"{'name':24}{'style image':28}{'steps':>7}{'train s':>9}  {'vgg':28}created")
+    for name, meta in models:
+        if "error" in meta:
+            print(f"{name:24}(unreadable: {meta['error']})")
+            continue
+        vgg = meta.get("vgg", {})
+        vgg_text = f"{vgg.get('arch', '?')}..{vgg.get('deepest_layer', '?')}"
+        print(f"{name:24}{meta.get('style_image', '?'):28}{meta.get('steps', 0):>7}"
+              f"{meta.get('training_seconds', 0):>9.0f}  {vgg_text:28}{meta.get('created_at', '?')}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    assets = Path(str(resources.files("stylecore") / "assets"))
+    photos_dir = args.photos or assets / "photos"
+    style_path = args.style or assets / "style_swirls.jpg"
+    args.force = True
+    args.primed = None
+    destination, result = train_one_style(args, style_path, args.name, photos_dir)
+    device = pick_device(args.device)
+    model, metadata, path = load_style_model(ModelStore(args.home), str(destination), device)
+    out = args.out
+    counts = stylize_folder(model, photos_dir, out / "stylized", "jpeg", 92, 4, image_io.DEFAULT_MAX_PIXELS,
+                            False, args.quiet)
+    evaluation, photos, _ = evaluate_model(args, model, metadata, path, photos_dir, device)
+    write_contact_sheet(model, photos[:6], out / "contact_sheet.png")
+    (out / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=2) + "\n")
+    print_evaluation(evaluation)
+    print(f"model:          {destination}")
+    print(f"stylized:       {out / 'stylized'} ({counts['written']} images)")
+    print(f"contact sheet:  {out / 'contact_sheet.png'}")
+    print(f"demo finished in {time.perf_counter() - started:.0f}s")
+    return 0
+
+
+# ---------------------------------------------------------------- argument parsing
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, not {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", type=Path, default=None,
+                        help=f"model store and caches (default: ${HOME_VARIABLE} or ~/.stylize)")
+    common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where to compute (default: auto = cuda if available)")
+    common.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    vgg = argparse.ArgumentParser(add_help=False)
+    vgg.add_argument("--vgg-weights", metavar="PATH",
+                     help=f"VGG weights file (.pth or .safetensors state dict of torchvision vgg16/19 features); "
+                          f"default: ${VGG_VARIABLE}, else torchvision's ImageNet weights (needs internet once)")
+    vgg.add_argument("--vgg-arch", choices=("vgg16", "vgg19"), default="vgg16",
+                     help="torchvision VGG used when no weights file is given (default: vgg16)")
+
+    architecture = argparse.ArgumentParser(add_help=False)
+    architecture.add_argument("--base-channels", type=positive_int, help=f"UNet width (default {UNetConfig.base_channels})")
+    architecture.add_argument("--depth", type=positive_int, help=f"UNet downsamplings (default {UNetConfig.depth})")
+    architecture.add_argument("--norm", choices=NORMS, help=f"UNet normalisation (default {UNetConfig.norm})")
+
+    training = argparse.ArgumentParser(add_help=False)
+    training.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
+                          help="training budget: fast (CPU, minutes) or full (the seed's 60+120 epochs, for GPUs); "
+                               "default auto = full on CUDA, fast on CPU")
+    training.add_argument("--steps", type=positive_int, help="training steps (overrides the preset)")
+    training.add_argument("--epochs", type=float, help="training epochs over the photos (overrides the preset)")
+    training.add_argument("--image-size", type=positive_int, help="side of the square training crops")
+    training.add_argument("--batch-size", type=positive_int, help="training batch size")
+    training.add_argument("--lr", type=float, help="Adam learning rate")
+    training.add_argument("--seed", type=int, help="random seed (default 0)")
+    training.add_argument("--limit", type=positive_int, help="use only the first N photos (sorted by path)")
+
+    parser = argparse.ArgumentParser(
+        prog="stylize",
+        description="Fast neural style transfer: train a UNet once per style, then restyle whole folders.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    prime = commands.add_parser("prime", parents=[common, architecture, training],
+                                help="prime the UNet as an autoencoder on a folder of photos (cached)",
+                                description="Train the UNet to reconstruct photos. The result is cached under "
+                                            "$STYLIZE_HOME/primed by photo set and configuration, and reused by "
+                                            "every style trained from the same photos.")
+    prime.add_argument("photos", type=Path, metavar="PHOTOS", help="folder of photos (searched recursively)")
+    prime.add_argument("--out", type=Path, help="also copy the primed checkpoint into this folder")
+    prime.set_defaults(func=cmd_prime)
+
+    train = commands.add_parser("train", parents=[common, vgg, architecture, training],
+                                help="train one style model from a style image and a folder of photos",
+                                description="Train a style model, starting from a primed autoencoder (primed "
+                                            "first, or taken from the cache, if --primed is not given). An "
+                                            "interrupted run resumes when the same command is run again.")
+    train.add_argument("style_image", type=Path, metavar="STYLE_IMAGE", help="the painting whose style to learn")
+    train.add_argument("--photos", type=Path, required=True, help="folder of training photos (recursive)")
+    train.add_argument("--name", required=True, help="model name in the store")
+    train.add_argument("--primed", help="primed checkpoint (folder or .safetensors) to start from")
+    train.add_argument("--force", action="store_true", help="replace an existing model of the same name")
+    _add_loss_options(train)
+    train.set_defaults(func=cmd_train)
+
+    run = commands.add_parser("run", parents=[common],
+                              help="stylise every image under a folder into another folder",
+                              description="Stylise every image under SRC (recursive) into DST with the same "
+                                          "relative paths. Files that cannot be decoded are reported and skipped.")
+    run.add_argument("source", type=Path, metavar="SRC", help="folder of input images")
+    run.add_argument("destination", type=Path, metavar="DST", help="output folder (created)")
+    run.add_argument("--model", required=True, help="model name in the store, or a model folder / .safetensors path")
+    run.add_argument("--format", default="jpeg", help="output format: jpeg, png, webp or same (default jpeg)")
+    run.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default 90)")
+    run.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
+    run.add_argument("--max-pixels", type=positive_int, default=image_io.DEFAULT_MAX_PIXELS,
+                     help=f"refuse images with more pixels (default {image_io.DEFAULT_MAX_PIXELS:,})")
+    run.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist alone")
+    run.set_defaults(func=cmd_run)
+
+    evaluate_parser = commands.add_parser("eval", parents=[common, vgg],
+                                          help="style and content distance of a model against identity",
+                                          description="Measure a model on photos: style distance (Gram MSE to "
+                                                      "the style image) and content distance (VGG feature MSE to "
+                                                      "each photo), for the model and for the identity.")
+    evaluate_parser.add_argument("--model", required=True, help="model name or path")
+    evaluate_parser.add_argument("--photos", type=Path, required=True, help="folder of photos to evaluate on")
+    evaluate_parser.add_argument("--sheet", type=Path, help="write a contact sheet PNG (input | output rows)")
+    evaluate_parser.add_argument("--sheet-rows", type=positive_int, default=8, help="rows in the sheet (default 8)")
+    evaluate_parser.add_argument("--limit", type=positive_int, help="use only the first N photos")
+    evaluate_parser.add_argument("--image-size", type=positive_int, help="evaluation crop size (default: training size)")
+    evaluate_parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size (default 8)")
+    evaluate_parser.add_argument("--json", action="store_true", help="print one JSON object")
+    evaluate_parser.set_defaults(func=cmd_eval)
+
+    models = commands.add_parser("models", parents=[common], help="list trained models and their metadata")
+    models.add_argument("--json", action="store_true", help="print JSON (full metadata, without loss history)")
+    models.set_defaults(func=cmd_models)
+
+    demo = commands.add_parser("demo", parents=[common, vgg, architecture, training],
+                               help="prime, train one style, stylise photos and evaluate, end to end",
+                               description="The whole job on small inputs that ship with the project (or "
+                                           "--photos/--style): primes (or reuses a cached priming), trains a "
+                                           "style, stylises the photos, evaluates and writes a contact sheet.")
+    demo.add_argument("--out", type=Path, default=Path("stylize-demo"), help="output folder (default ./stylize-demo)")
+    demo.add_argument("--photos", type=Path, help="folder of photos (default: the bundled public-domain photos)")
+    demo.add_argument("--style", type=Path, help="style image (default: the bundled swirl painting)")
+    demo.add_argument("--name", default="demo", help="model name (default demo; replaced on each run)")
+    _add_loss_options(demo)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _add_loss_options(parser: argparse.ArgumentParser) -> None:
+    defaults = LossConfig()
+    group = parser.add_argument_group("loss")
+    group.add_argument("--style-weight", type=non_negative_float, help=f"default {defaults.style_weight}")
+    group.add_argument("--content-weight", type=non_negative_float, help=f"default {defaults.content_weight}")
+    group.add_argument("--tv-weight", type=non_negative_float, help=f"total variation, default {defaults.tv_weight}")
+    group.add_argument("--style-layers", help="comma-separated VGG layers, e.g. relu1_2,relu2_2,relu3_3,relu4_3 "
+                                              "(default: the weights' four standard layers)")
+    group.add_argument("--content-layer", help="VGG content layer (default: the last style layer)")
+    group.add_argument("--style-size", type=positive_int, help="long side of the style image (default: preset)")
+    group.add_argument("--prime-steps", type=positive_int, help="priming steps when priming is needed (default: preset)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "home", None) is None:
+        args.home = default_home()
+    try:
+        return args.func(args)
+    except (UserError, CheckpointError, VGGWeightsError) as error:
+        print(f"stylize: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("stylize: interrupted; run the same command again to resume training", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

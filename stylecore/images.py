@@ -1,0 +1,138 @@
+"""Decoding and encoding images from and to bytes, safely, and converting them to and from tensors.
+
+Every decodable image becomes 8-bit RGB with its EXIF orientation applied: alpha is composited on
+white, CMYK, palette, 16-bit and grayscale images are converted, animations give their first frame.
+Anything else raises ImageDecodeError with a one-line reason; images over a pixel limit are refused
+from their header, before any pixel is decoded (decompression bombs).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = 40_000_000  # about 7,000 x 5,700; a 40 MP RGB float tensor is 480 MB
+OUTPUT_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
+INPUT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this project can read."""
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """The image has more pixels than allowed."""
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode image bytes to an RGB PIL image, upright, first frame, or raise ImageDecodeError."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as error:
+        raise ImageTooLargeError(str(error).split(".")[0]) from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a recognised image format") from None
+    except Exception as error:  # PIL raises many types for malformed headers
+        raise ImageDecodeError(f"unreadable image header: {_one_line(error)}") from None
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}")
+    if width < 1 or height < 1:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    try:
+        image.seek(0)
+        image.load()
+    except Exception as error:  # truncated data, bad Huffman tables, zlib errors, ...
+        raise ImageDecodeError(f"corrupt or truncated {image.format or 'image'} data: {_one_line(error)}") from None
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # a corrupt EXIF block must not cost the image: keep it as stored
+        pass
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode to 8-bit RGB; transparency is composited on white."""
+    mode = image.mode
+    if mode.startswith("I;16") or mode == "I":
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if mode.startswith("I;16") or array.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        peak = 1.0 if array.max() <= 1.0 else 255.0
+        image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+
+    has_alpha = image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 90) -> bytes:
+    """Encode an RGB image as JPEG, PNG or WebP bytes."""
+    pil_format = output_format(fmt)
+    buffer = io.BytesIO()
+    if pil_format == "PNG":
+        image.save(buffer, "PNG", compress_level=6)
+    elif pil_format == "JPEG":
+        image.save(buffer, "JPEG", quality=quality, optimize=False, subsampling="4:2:0" if quality < 90 else "4:4:4")
+    else:
+        image.save(buffer, "WEBP", quality=quality, method=4)
+    return buffer.getvalue()
+
+
+def output_format(fmt: str) -> str:
+    try:
+        return OUTPUT_FORMATS[fmt.lower().lstrip(".")]
+    except KeyError:
+        raise ValueError(f"unknown output format {fmt!r}; use jpeg, png or webp") from None
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image to a uint8 (3, H, W) tensor."""
+    array = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+def tensor_to_image(tensor: torch.Tensor) -> Image.Image:
+    """(3, H, W) tensor, float in [0, 1] or uint8, to an RGB PIL image."""
+    if tensor.dtype != torch.uint8:
+        tensor = tensor.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return Image.fromarray(tensor.permute(1, 2, 0).cpu().numpy(), "RGB")
+
+
+def resize_long_side(image: Image.Image, size: int) -> Image.Image:
+    """Shrink (never enlarge) so the longer side is at most ``size``."""
+    width, height = image.size
+    scale = size / max(width, height)
+    if scale >= 1:
+        return image
+    return image.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
+
+
+def resize_short_side(image: Image.Image, size: int) -> Image.Image:
+    """Scale (up or down) so the shorter side is exactly ``size``."""
+    width, height = image.size
+    scale = size / min(width, height)
+    new_size = (max(size, round(width * scale)), max(size, round(height * scale)))
+    if new_size == (width, height):
+        return image
+    return image.resize(new_size, Image.Resampling.LANCZOS)
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,86 @@
+"""The local model store under STYLIZE_HOME: trained models, cached primings, and in-progress training state.
+
+    $STYLIZE_HOME/models/<name>/   model.safetensors, model.json, style.jpg
+    $STYLIZE_HOME/primed/<key>/    model.safetensors, model.json   (key: hash of photos + configs)
+    $STYLIZE_HOME/runs/<name>/     state.safetensors, state.json   (resumable training state)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import METADATA_FILE, CheckpointError, read_metadata
+
+HOME_VARIABLE = "STYLIZE_HOME"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get(HOME_VARIABLE) or Path.home() / ".stylize").expanduser()
+
+
+def check_model_name(name: str) -> str:
+    if not _NAME.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)"
+        )
+    return name
+
+
+@dataclass
+class ModelStore:
+    root: Path
+
+    @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    def model_dir(self, name: str) -> Path:
+        return self.models / check_model_name(name)
+
+    def primed_dir(self, key: str) -> Path:
+        return self.root / "primed" / key
+
+    def run_dir(self, kind: str, name: str) -> Path:
+        return self.root / "runs" / kind / name
+
+    def resolve(self, name_or_path: str) -> Path:
+        """A model folder (or .safetensors file) by path, or by name in the store."""
+        path = Path(name_or_path).expanduser()
+        if path.exists():
+            return path
+        if _NAME.match(name_or_path) and (self.models / name_or_path / METADATA_FILE).is_file():
+            return self.models / name_or_path
+        known = ", ".join(name for name, _ in self.list()) or "none yet"
+        raise CheckpointError(f"no model {name_or_path!r} (not a path, and not in {self.models}; models there: {known})")
+
+    def list(self) -> list[tuple[str, dict]]:
+        if not self.models.is_dir():
+            return []
+        found = []
+        for folder in sorted(self.models.iterdir()):
+            if (folder / METADATA_FILE).is_file():
+                try:
+                    found.append((folder.name, read_metadata(folder)))
+                except CheckpointError as error:
+                    found.append((folder.name, {"error": str(error)}))
+        return found
+
+
+def fingerprint(items: list[tuple[str, bytes]]) -> str:
+    """Stable digest of a photo set: names and contents, order-independent."""
+    digest = hashlib.sha256()
+    for name, data in sorted(items):
+        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    return digest.hexdigest()
+
+
+def priming_key(photos_fingerprint: str, **configs: object) -> str:
+    """Cache key of a priming run: the photo set and every config that changes its result."""
+    document = json.dumps({"photos": photos_fingerprint, **configs}, sort_keys=True, default=str)
+    return hashlib.sha256(document.encode()).hexdigest()[:24]
