@@ -26,7 +26,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from . import images as image_io
-from .checkpoint import CheckpointError, load_model, save_model, sha256_file
+from .checkpoint import CheckpointError, load_model, read_metadata, save_model
 from .evaluate import contact_sheet, evaluate
 from .losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
 from .model import NORMS, UNet, UNetConfig
@@ -232,6 +232,7 @@ def obtain_primed(
             "created_at": now(),
         }
         save_model(cached, result.model.cpu(), metadata)
+        metadata = read_metadata(cached)
         shutil.rmtree(store.run_dir("prime", key), ignore_errors=True)
         model = result.model
         print(f"priming: done in {result.seconds:.1f}s, reconstruction L1 {metadata['final_reconstruction_l1']:.4f}",

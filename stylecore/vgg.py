@@ -8,8 +8,11 @@ assumed: a truncated file only offers the layers it has.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import sys
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,11 +146,14 @@ def _load_from_torchvision(arch: str) -> tuple[nn.Sequential, VGGSource]:
     if arch not in _TORCHVISION_CFG:
         raise VGGWeightsError(f"unknown VGG architecture {arch!r}; use vgg16 or vgg19")
     enum = {"vgg16": torchvision.models.VGG16_Weights, "vgg19": torchvision.models.VGG19_Weights}[arch]
+    messages = io.StringIO()  # torch.hub announces its download on stderr; only worth showing if it worked
     try:
-        model = getattr(torchvision.models, arch)(weights=enum.IMAGENET1K_V1, progress=False)
+        with contextlib.redirect_stderr(messages):
+            model = getattr(torchvision.models, arch)(weights=enum.IMAGENET1K_V1, progress=False)
     except Exception as error:  # offline, proxy, corrupt download: all mean "no weights here"
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise VGGWeightsError(f"torchvision's ImageNet {arch} weights could not be loaded ({reason})") from None
+    sys.stderr.write(messages.getvalue())
     names = tuple(layer_names(arch))
     source = VGGSource(arch, f"torchvision:{enum.IMAGENET1K_V1}", len(model.features), names=names)
     return model.features, source

@@ -1,0 +1,201 @@
+"""The stylize command line, end to end on tiny real inputs, and its answers to user mistakes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from stylecore.cli import main
+
+TINY = ["--steps", "3", "--prime-steps", "3", "--image-size", "32", "--batch-size", "2", "--style-size", "64", "--quiet"]
+STYLIZE = Path(sys.executable).parent / "stylize"
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, vgg_weights):
+    monkeypatch.setenv("STYLIZE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STYLIZE_VGG_WEIGHTS", str(vgg_weights))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def trained(home, photo_dir, style_image, capsys):
+    assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "swirls", *TINY]) == 0
+    capsys.readouterr()
+    return home / "models" / "swirls"
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("stylize: error: ")
+    return err[0]
+
+
+def test_prime_writes_a_checkpoint_and_reuses_the_cache_on_a_second_run(home, photo_dir, tmp_path, capsys):
+    out = tmp_path / "primed"
+    args = ["prime", str(photo_dir), "--out", str(out), "--steps", "3", "--image-size", "32", "--quiet"]
+    assert main(args) == 0
+    assert (out / "model.safetensors").is_file() and (out / "model.json").is_file()
+    assert "training the autoencoder" in capsys.readouterr().err
+    assert main(args) == 0
+    assert "reusing cached autoencoder" in capsys.readouterr().err
+    # Any change to the photos invalidates the cache.
+    Image.new("RGB", (40, 30), "green").save(photo_dir / "new.png")
+    assert main(args) == 0
+    assert "training the autoencoder" in capsys.readouterr().err
+
+
+def test_train_stores_weights_metadata_and_style_image(trained):
+    metadata = json.loads((trained / "model.json").read_text())
+    assert (trained / "model.safetensors").is_file() and (trained / "style.jpg").is_file()
+    assert metadata["name"] == "swirls" and metadata["steps"] == 3
+    assert metadata["style_layers"] == ["relu1_1", "relu2_1", "relu2_2", "relu3_1"]
+    assert metadata["content_layer"] == "relu3_1"
+    assert metadata["vgg"]["arch"] == "vgg19"
+    assert len(metadata["style_sha256"]) == 64 and metadata["primed_from"]["weights_sha256"]
+    assert {"torch", "torchvision", "stylize"} <= set(metadata["versions"])
+    assert metadata["history"][-1]["step"] == 3
+
+
+def test_train_uses_a_given_primed_checkpoint(home, photo_dir, style_image, tmp_path, capsys):
+    primed = tmp_path / "primed"
+    assert main(["prime", str(photo_dir), "--out", str(primed), "--steps", "2", "--image-size", "32",
+                 "--base-channels", "8", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "p", "--primed", str(primed),
+                 *TINY]) == 0
+    assert "priming" not in capsys.readouterr().err
+    metadata = json.loads((home / "models" / "p" / "model.json").read_text())
+    assert metadata["architecture"]["base_channels"] == 8
+
+
+def test_run_stylises_every_image_with_the_same_relative_paths_and_skips_bad_files(trained, photo_dir, tmp_path, capsys):
+    (photo_dir / "sub" / "broken.jpg").write_bytes(b"not really a jpeg")
+    out = tmp_path / "out"
+    assert main(["run", str(photo_dir), str(out), "--model", "swirls", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    inputs = sorted(p.relative_to(photo_dir).with_suffix(".jpg") for p in photo_dir.rglob("*.jpg")
+                    if p.name != "broken.jpg")
+    outputs = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert outputs == inputs
+    for relative in inputs:
+        with Image.open(out / relative) as image:
+            assert image.size == Image.open(photo_dir / relative).size
+    assert "skipping" in captured.err and "broken.jpg" in captured.err
+    assert "1 skipped" in captured.out
+
+
+def test_run_writes_png_and_can_leave_existing_outputs(trained, photo_dir, tmp_path, capsys):
+    out = tmp_path / "png"
+    assert main(["run", str(photo_dir), str(out), "--model", str(trained), "--format", "png", "--quiet"]) == 0
+    assert all(p.suffix == ".png" for p in out.rglob("*") if p.is_file())
+    capsys.readouterr()
+    assert main(["run", str(photo_dir), str(out), "--model", "swirls", "--format", "png", "--skip-existing",
+                 "--quiet"]) == 0
+    assert "0 written" in capsys.readouterr().out
+
+
+def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(trained, photo_dir, tmp_path, capsys):
+    sheet = tmp_path / "sheet.png"
+    assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--sheet", str(sheet), "--json",
+                 "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert result["images"] == 5
+    assert result["identity"]["content"] == 0.0
+    assert result["identity"]["style"] > 0 and result["model"]["style"] > 0
+    with Image.open(sheet) as image:
+        assert image.width > image.height / 5  # rows of input | output
+
+
+def test_models_lists_trained_models(trained, capsys):
+    assert main(["models"]) == 0
+    assert "swirls" in capsys.readouterr().out
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [m["name"] for m in listed] == ["swirls"] and "history" not in listed[0]
+
+
+def test_demo_runs_the_whole_job(home, tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "contact sheet" in printed and "style distance" in printed
+    assert len(list((out / "stylized").glob("*.jpg"))) == 5
+    assert (out / "contact_sheet.png").is_file()
+    assert json.loads((out / "evaluation.json").read_text())["images"] == 5
+
+
+@pytest.mark.parametrize(
+    "make_args,message",
+    [
+        (lambda d: ["train", str(d["style"]), "--photos", str(d["tmp"] / "nope"), "--name", "x"], "photo folder not found"),
+        (lambda d: ["train", str(d["tmp"] / "missing.jpg"), "--photos", str(d["photos"]), "--name", "x"], "style image not found"),
+        (lambda d: ["train", str(d["text"]), "--photos", str(d["photos"]), "--name", "x"], "cannot read style image"),
+        (lambda d: ["train", str(d["style"]), "--photos", str(d["photos"]), "--name", "../evil"], "invalid model name"),
+        (lambda d: ["train", str(d["style"]), "--photos", str(d["photos"]), "--name", "x", "--style-layers", "relu4_3"],
+         "'relu4_3' is not in these weights"),
+        (lambda d: ["train", str(d["style"]), "--photos", str(d["empty"]), "--name", "x"], "no readable images"),
+        (lambda d: ["train", str(d["style"]), "--photos", str(d["photos"]), "--name", "x", "--device", "cuda"], "no CUDA"),
+        (lambda d: ["run", str(d["tmp"] / "nope"), str(d["tmp"] / "out"), "--model", "x"], "source folder not found"),
+        (lambda d: ["run", str(d["photos"]), str(d["tmp"] / "out"), "--model", "nosuchmodel"], "no model 'nosuchmodel'"),
+        (lambda d: ["run", str(d["photos"]), str(d["tmp"] / "out"), "--model", "x", "--format", "bmp"], "unknown output format"),
+        (lambda d: ["eval", "--model", "nosuchmodel", "--photos", str(d["photos"])], "no model 'nosuchmodel'"),
+        (lambda d: ["prime", str(d["tmp"] / "nope")], "photo folder not found"),
+        (lambda d: ["train", str(d["style"]), "--photos", str(d["photos"]), "--name", "x", "--vgg-weights",
+                    str(d["tmp"] / "vgg.pth")], "VGG weights file not found"),
+    ],
+)
+def test_user_mistakes_give_exit_code_2_and_one_readable_line(make_args, message, home, photo_dir, style_image,
+                                                               tmp_path, capsys):
+    (tmp_path / "notes.jpg").write_text("just text")
+    (tmp_path / "empty").mkdir()
+    if "--device" in make_args({"style": 0, "photos": 0, "tmp": tmp_path, "text": 0, "empty": 0}):
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("a GPU is present")
+    paths = {"style": style_image, "photos": photo_dir, "tmp": tmp_path, "text": tmp_path / "notes.jpg",
+             "empty": tmp_path / "empty"}
+    assert main(make_args(paths)) == 2
+    assert message in one_error_line(capsys)
+
+
+def test_existing_model_is_not_replaced_without_force(trained, photo_dir, style_image, capsys):
+    assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "swirls", *TINY]) == 2
+    assert "already exists" in one_error_line(capsys)
+
+
+def test_bad_option_values_are_usage_errors_with_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["run", "a", "b", "--model", "m", "--batch-size", "0"])
+    assert caught.value.code == 2
+    assert "must be a positive integer" in capsys.readouterr().err
+
+
+def run_console_script(*args, env_extra=None, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "STYLIZE_VGG_WEIGHTS"}
+    env.update({"STYLIZE_HOME": str(tmp_path / "home"), "TORCH_HOME": str(tmp_path / "torch")}, **(env_extra or {}))
+    return subprocess.run([str(STYLIZE), *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def test_console_script_offline_without_vgg_weights_names_the_option_and_variable(photo_dir, style_image, tmp_path):
+    # An unreachable proxy makes torchvision's download fail at once, as it does on a machine without internet.
+    offline = {"https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9"}
+    result = run_console_script("train", str(style_image), "--photos", str(photo_dir), "--name", "x", *TINY,
+                                env_extra=offline, tmp_path=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("stylize: error")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr
+    assert "--vgg-weights" in errors[0] and "STYLIZE_VGG_WEIGHTS" in errors[0]
+
+
+def test_console_script_help_lists_every_command(tmp_path):
+    result = run_console_script("--help", tmp_path=tmp_path)
+    assert result.returncode == 0
+    for command in ("prime", "train", "run", "eval", "models", "demo"):
+        assert command in result.stdout

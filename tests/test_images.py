@@ -1,0 +1,140 @@
+"""Image decoding turns every readable image into upright 8-bit RGB, and everything else into ImageDecodeError."""
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stylecore.images import (
+    ImageDecodeError,
+    ImageTooLargeError,
+    decode_image,
+    encode_image,
+    image_to_tensor,
+    tensor_to_image,
+)
+
+
+def save(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A tiny PNG that claims enormous dimensions: a decompression bomb as far as any header reader can tell."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (40, 20), "red")
+    image.paste((0, 0, 255), (0, 0, 10, 20))  # blue band on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    decoded = decode_image(save(image, "JPEG", exif=exif.tobytes(), quality=95))
+    assert decoded.size == (20, 40)
+    top_middle = np.asarray(decoded)[2, 10]
+    assert top_middle[2] > 200 and top_middle[0] < 60  # the blue band is now at the top
+
+
+def test_transparent_pixels_are_composited_on_white():
+    image = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
+    image.putpixel((0, 0), (0, 0, 0, 0))
+    decoded = np.asarray(decode_image(save(image, "PNG")))
+    assert tuple(decoded[0, 0]) == (255, 255, 255)
+    assert tuple(decoded[1, 1]) == (255, 0, 0)
+
+
+def test_palette_with_transparency_is_composited_on_white():
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    decoded = np.asarray(decode_image(save(image, "PNG", transparency=0)))
+    assert tuple(decoded[0, 0]) == (255, 255, 255)
+    assert tuple(decoded[2, 2]) == (0, 255, 0)
+
+
+def test_cmyk_jpeg_becomes_rgb():
+    image = Image.new("CMYK", (8, 8), (0, 255, 255, 0))  # pure red in CMYK
+    decoded = decode_image(save(image, "JPEG", quality=95))
+    assert decoded.mode == "RGB"
+    red, green, blue = np.asarray(decoded)[4, 4].astype(int)
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_16_bit_png_is_scaled_not_clipped():
+    array = np.array([[0, 32768, 65535]], dtype=np.uint16)
+    decoded = np.asarray(decode_image(save(Image.fromarray(array), "PNG")))
+    assert decoded.shape == (1, 3, 3)
+    assert list(decoded[0, :, 0]) == [0, 128, 255]
+
+
+def test_grayscale_becomes_three_equal_channels():
+    decoded = np.asarray(decode_image(save(Image.new("L", (3, 3), 77), "PNG")))
+    assert decoded.shape == (3, 3, 3) and (decoded == 77).all()
+
+
+def test_animated_gif_gives_its_first_frame():
+    frames = [Image.new("P", (6, 6), 0), Image.new("P", (6, 6), 1)]
+    for frame in frames:
+        frame.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)
+    data = save(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    assert tuple(np.asarray(decode_image(data))[0, 0]) == (255, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "data,reason",
+    [
+        (b"", "empty file"),
+        (b"hello, I am a text file named photo.jpg\n", "not a recognised image format"),
+        (b"<html><body>404 Not Found</body></html>", "not a recognised image format"),
+    ],
+)
+def test_non_images_raise_a_typed_one_line_error(data, reason):
+    with pytest.raises(ImageDecodeError, match=reason) as caught:
+        decode_image(data)
+    assert "\n" not in str(caught.value)
+
+
+def test_truncated_jpeg_and_png_are_refused():
+    photo = Image.effect_noise((64, 64), 40).convert("RGB")
+    for fmt in ("JPEG", "PNG"):
+        data = save(photo, fmt)
+        with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+            decode_image(data[: len(data) // 2])
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding():
+    with pytest.raises(ImageTooLargeError, match="over the limit of 5,000"):
+        decode_image(save(Image.new("RGB", (100, 100)), "PNG"), max_pixels=5_000)
+    bomb = png_header_only(100_000, 100_000)
+    assert len(bomb) < 200
+    with pytest.raises(ImageTooLargeError):
+        decode_image(bomb)
+
+
+def test_an_image_just_under_the_limit_is_accepted():
+    assert decode_image(save(Image.new("RGB", (100, 50)), "PNG"), max_pixels=5_000).size == (100, 50)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
+def test_encoding_round_trips(fmt):
+    image = Image.effect_noise((33, 21), 30).convert("RGB")
+    decoded = decode_image(encode_image(image, fmt, quality=95))
+    assert decoded.size == (33, 21)
+    if fmt == "png":
+        assert np.array_equal(np.asarray(decoded), np.asarray(image))
+
+
+def test_tensor_conversion_round_trips():
+    image = Image.effect_noise((5, 7), 50).convert("RGB")
+    tensor = image_to_tensor(image)
+    assert tensor.shape == (3, 7, 5)
+    assert np.array_equal(np.asarray(tensor_to_image(tensor)), np.asarray(image))
+    assert np.array_equal(np.asarray(tensor_to_image(tensor.float() / 255)), np.asarray(image))

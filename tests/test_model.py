@@ -1,0 +1,75 @@
+"""The UNet: any size in, same size out, in [0, 1]; no longest skip; no transposed convolutions; trainable end to end."""
+
+import pytest
+import torch
+from torch import nn
+
+from stylecore.model import UNet, UNetConfig
+
+
+@pytest.fixture(scope="module")
+def model() -> UNet:
+    torch.manual_seed(0)
+    return UNet(UNetConfig(base_channels=8, depth=3)).eval()
+
+
+@pytest.mark.parametrize("height,width", [(1, 1), (7, 13), (33, 20), (64, 64), (5, 97)])
+@pytest.mark.parametrize("batch", [1, 2, 3])
+def test_output_has_the_input_shape_and_is_an_image_in_unit_range(model, batch, height, width):
+    images = torch.rand(batch, 3, height, width)
+    with torch.no_grad():
+        output = model(images)
+    assert output.shape == images.shape
+    assert output.min() >= 0 and output.max() <= 1
+
+
+def test_longest_skip_is_absent_full_resolution_decoder_sees_only_upsampled_features(model):
+    config = model.config
+    assert model.up[0].skip_channels == 0
+    # The full-resolution merge block takes only the upsampled features' channels: nothing is concatenated.
+    assert model.up[0].merge[1].in_channels == config.channels(0)
+    # Every shorter skip is present: the other levels concatenate their encoder features.
+    for level in range(1, config.depth):
+        assert model.up[level].merge[1].in_channels == 2 * config.channels(level)
+
+    seen = []
+    handle = model.up[0].merge.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].shape[1]))
+    with torch.no_grad():
+        model(torch.rand(1, 3, 32, 32))
+    handle.remove()
+    assert seen == [config.channels(0)]
+
+
+def test_input_only_reaches_the_output_through_the_bottleneck_path():
+    # With the longest skip gone, changing the stem's output changes the result only via down[0].
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(base_channels=8, depth=2)).eval()
+    consumers = [name for name, module in net.named_modules() if module is net.stem]
+    assert consumers == ["stem"]
+    calls = []
+    net.down[0].register_forward_pre_hook(lambda module, inputs: calls.append(inputs[0].shape[1]))
+    with torch.no_grad():
+        net(torch.rand(1, 3, 16, 16))
+    assert calls == [8]
+
+
+def test_upsampling_uses_resize_convolution_not_transposed_convolution(model):
+    assert not any(isinstance(m, nn.ConvTranspose2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("norm", ["batch", "instance", "group", "none"])
+def test_gradients_reach_every_parameter(norm):
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(base_channels=8, depth=2, norm=norm)).train()
+    images = torch.rand(2, 3, 24, 40)
+    (net(images) - images).pow(2).mean().backward()
+    for name, parameter in net.named_parameters():
+        assert parameter.grad is not None, name
+        assert parameter.grad.abs().sum() > 0, name
+
+
+def test_invalid_configuration_is_refused_with_a_clear_message():
+    with pytest.raises(ValueError, match="norm must be one of"):
+        UNetConfig(norm="layer")
+    with pytest.raises(ValueError, match="depth"):
+        UNetConfig(depth=0)
