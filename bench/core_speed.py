@@ -49,7 +49,7 @@ def main() -> None:
     loss_config = LossConfig()
     vgg = VGGFeatures(features, source, layers_needed(source, loss_config)).to(device)
     target = StyleTarget.from_image(vgg, torch.rand(3, args.size, args.size, device=device), source.default_layers()[0])
-    loss = PerceptualLoss(vgg, loss_config, target.to(device))
+    loss = PerceptualLoss(vgg, loss_config, target).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     model.train()
 

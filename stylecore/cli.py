@@ -108,14 +108,22 @@ def vgg_weights_path(args: argparse.Namespace) -> str | None:
     return args.vgg_weights or os.environ.get(VGG_VARIABLE) or None
 
 
-def load_vgg_for(args: argparse.Namespace, loss_config: LossConfig) -> VGGFeatures:
+def load_vgg_source(args: argparse.Namespace):
+    """VGG features and their description, from --vgg-weights, $STYLIZE_VGG_WEIGHTS or torchvision."""
     weights = vgg_weights_path(args)
     try:
-        features, source = load_vgg(weights, args.vgg_arch)
-        return VGGFeatures(features, source, layers_needed(source, loss_config))
+        return load_vgg(weights, args.vgg_arch)
     except VGGWeightsError as error:
         if weights is None:
             raise UserError(f"no VGG weights: {error}; pass --vgg-weights PATH or set {VGG_VARIABLE}") from None
+        raise UserError(str(error)) from None
+
+
+def load_vgg_for(args: argparse.Namespace, loss_config: LossConfig) -> VGGFeatures:
+    features, source = load_vgg_source(args)
+    try:
+        return VGGFeatures(features, source, layers_needed(source, loss_config))
+    except VGGWeightsError as error:
         raise UserError(str(error)) from None
 
 
@@ -203,9 +211,14 @@ def obtain_primed(
     prime_config: TrainConfig,
     device: torch.device,
     out: Path | None = None,
+    content_vgg: VGGFeatures | None = None,
+    content_weight: float = 0.0,
 ) -> tuple[UNet, dict, Path]:
     """The primed UNet for these photos and configs: from the cache if it is there, trained otherwise."""
-    key = priming_key(photos_fingerprint, model=model_config.to_dict(), train=prime_config.to_dict())
+    content = None
+    if content_vgg is not None and content_weight > 0:
+        content = {"weight": content_weight, "layer": content_vgg.layers[-1], "vgg": content_vgg.source.describe()}
+    key = priming_key(photos_fingerprint, model=model_config.to_dict(), train=prime_config.to_dict(), content=content)
     cached = store.primed_dir(key)
     if (cached / "model.json").is_file():
         model, metadata = load_model(cached, expected=model_config)
@@ -214,7 +227,7 @@ def obtain_primed(
         print(f"priming: training the autoencoder on {len(photos)} photos "
               f"({prime_config.total_steps(len(photos))} steps at {prime_config.image_size}px)", file=sys.stderr)
         result = prime_autoencoder(
-            photos, model_config, prime_config, device,
+            photos, model_config, prime_config, device, content_vgg=content_vgg, content_weight=content_weight,
             on_step=progress("priming", args.quiet, ("reconstruction",)),
             state_dir=store.run_dir("prime", key),
         )
@@ -224,6 +237,7 @@ def obtain_primed(
             "photos_fingerprint": photos_fingerprint,
             "num_photos": len(photos),
             "train_config": prime_config.to_dict(),
+            "content_term": content,
             "steps": result.steps,
             "training_seconds": round(result.seconds, 2),
             "final_reconstruction_l1": result.history[-1]["reconstruction"] if result.history else None,
@@ -254,7 +268,13 @@ def cmd_prime(args: argparse.Namespace) -> int:
     prime_config = train_config_from(preset.prime, args)
     model_config = model_config_from(args)
     photos, photos_fingerprint = read_photos(args.photos, args.limit, args.quiet)
-    _, _, cached = obtain_primed(args, store, photos, photos_fingerprint, model_config, prime_config, device, args.out)
+    content_vgg = None
+    if args.content_weight:
+        _, source = load_vgg_source(args)
+        layer = args.content_layer or source.default_layers()[1]
+        content_vgg = load_vgg_for(args, LossConfig(style_layers=[layer], content_layer=layer))
+    _, _, cached = obtain_primed(args, store, photos, photos_fingerprint, model_config, prime_config, device,
+                                 args.out, content_vgg, args.content_weight)
     print(f"primed checkpoint: {args.out or cached}")
     return 0
 
@@ -610,13 +630,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    prime = commands.add_parser("prime", parents=[common, architecture, training],
+    prime = commands.add_parser("prime", parents=[common, vgg, architecture, training],
                                 help="prime the UNet as an autoencoder on a folder of photos (cached)",
                                 description="Train the UNet to reconstruct photos. The result is cached under "
                                             "$STYLIZE_HOME/primed by photo set and configuration, and reused by "
                                             "every style trained from the same photos.")
     prime.add_argument("photos", type=Path, metavar="PHOTOS", help="folder of photos (searched recursively)")
     prime.add_argument("--out", type=Path, help="also copy the primed checkpoint into this folder")
+    prime.add_argument("--content-weight", type=non_negative_float, default=0.0,
+                       help="add this much VGG content distance to the pixel loss (default 0: pixels only; "
+                            "a value above 0 needs VGG weights)")
+    prime.add_argument("--content-layer", help="VGG layer of that content term (default: the weights' content layer)")
     prime.set_defaults(func=cmd_prime)
 
     train = commands.add_parser("train", parents=[common, vgg, architecture, training],

@@ -51,7 +51,7 @@ def evaluate(
         raise ValueError("no photos to evaluate on")
     device = next(model.parameters()).device
     loss.to(device)
-    target = loss.style_target.to(device)
+    target = loss.style_target
     model.eval()
     sums = {"model_style": 0.0, "model_content": 0.0, "identity_style": 0.0, "identity_content": 0.0}
     for start in range(0, len(photos), batch_size):

@@ -69,9 +69,6 @@ class StyleTarget:
         scales = {layer: float(gram.pow(2).mean().clamp_min(1e-12)) for layer, gram in grams.items()}
         return cls(grams, scales)
 
-    def to(self, device: torch.device | str) -> "StyleTarget":
-        return StyleTarget({k: v.to(device) for k, v in self.grams.items()}, dict(self.scales))
-
 
 def style_distance_per_image(
     features: dict[str, torch.Tensor], target: StyleTarget, layer_weights: dict[str, float], relative: bool
@@ -110,9 +107,16 @@ class PerceptualLoss(nn.Module):
             raise ValueError(f"{len(weights)} style layer weights given for {len(style_layers)} style layers")
         self.vgg = vgg
         self.config = config
-        self.style_target = style_target
         self.layer_weights = dict(zip(style_layers, weights))
         self.content_layer = content_layer
+        # Buffers, so that .to(device) moves the style Grams with the module.
+        for layer in style_layers:
+            self.register_buffer(f"gram_{layer}", style_target.grams[layer], persistent=False)
+        self._scales = {layer: style_target.scales[layer] for layer in style_layers}
+
+    @property
+    def style_target(self) -> StyleTarget:
+        return StyleTarget({layer: getattr(self, f"gram_{layer}") for layer in self._scales}, self._scales)
 
     def forward(self, outputs: torch.Tensor, photos: torch.Tensor) -> dict[str, torch.Tensor]:
         with torch.no_grad():

@@ -20,8 +20,9 @@ from PIL import Image
 
 from .checkpoint import load_state, save_state
 from .images import image_to_tensor, resize_short_side
-from .losses import PerceptualLoss, reconstruction_loss
+from .losses import PerceptualLoss, content_distance_per_image, reconstruction_loss
 from .model import UNet, UNetConfig
+from .vgg import VGGFeatures
 
 
 @dataclass
@@ -128,22 +129,28 @@ def prime_autoencoder(
     model_config: UNetConfig,
     config: TrainConfig,
     device: str | torch.device = "cpu",
-    content_loss: PerceptualLoss | None = None,
+    content_vgg: VGGFeatures | None = None,
     content_weight: float = 0.0,
     on_step: StepCallback | None = None,
     state_dir: Path | None = None,
 ) -> TrainResult:
-    """Train a fresh UNet to reconstruct its input (pixel L1, optionally plus a small VGG content term)."""
+    """Train a fresh UNet to reconstruct its input: pixel L1, plus ``content_weight`` times the VGG content
+    distance at ``content_vgg``'s deepest layer when a VGG is given."""
     torch.manual_seed(config.seed)
     model = UNet(model_config)
+    use_content = content_vgg is not None and content_weight > 0
+    if use_content:
+        content_vgg.to(device)
 
     def objective(outputs: torch.Tensor, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         pixel = reconstruction_loss(outputs, batch)
-        losses = {"loss": pixel, "reconstruction": pixel}
-        if content_loss is not None and content_weight > 0:
-            content = content_loss(outputs, batch)["content"]
-            losses = {"loss": pixel + content_weight * content, "reconstruction": pixel, "content": content}
-        return losses
+        if not use_content:
+            return {"loss": pixel, "reconstruction": pixel}
+        layer = content_vgg.layers[-1]
+        with torch.no_grad():
+            reference = content_vgg(batch)[layer]
+        content = content_distance_per_image(content_vgg(outputs)[layer], reference, relative=True).mean()
+        return {"loss": pixel + content_weight * content, "reconstruction": pixel, "content": content}
 
     return _train(model, objective, TrainingPhotos(photos, config.image_size), config, device, on_step, state_dir)
 
@@ -177,7 +184,6 @@ def _train(
     model.to(device).train()
     if isinstance(objective, torch.nn.Module):
         objective.to(device)
-        objective.style_target = objective.style_target.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total_steps, config.final_learning_rate_fraction))
     generator = torch.Generator().manual_seed(config.seed)

@@ -50,6 +50,16 @@ def test_prime_writes_a_checkpoint_and_reuses_the_cache_on_a_second_run(home, ph
     assert "training the autoencoder" in capsys.readouterr().err
 
 
+def test_prime_can_add_a_content_term_which_is_part_of_the_cache_key(home, photo_dir, capsys):
+    base = ["prime", str(photo_dir), "--steps", "2", "--image-size", "32", "--quiet"]
+    assert main(base) == 0
+    capsys.readouterr()
+    assert main([*base, "--content-weight", "0.1"]) == 0
+    assert "training the autoencoder" in capsys.readouterr().err
+    primed = [json.loads(p.read_text()) for p in (home / "primed").glob("*/model.json")]
+    assert sorted(str(m["content_term"] and m["content_term"]["layer"]) for m in primed) == ["None", "relu3_1"]
+
+
 def test_train_stores_weights_metadata_and_style_image(trained):
     metadata = json.loads((trained / "model.json").read_text())
     assert (trained / "model.safetensors").is_file() and (trained / "style.jpg").is_file()

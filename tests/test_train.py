@@ -40,6 +40,15 @@ def test_priming_lowers_reconstruction_error(small_pil_photos):
     assert result.steps == 40 and [h["step"] for h in result.history] == [5, 10, 15, 20, 25, 30, 35, 40]
 
 
+def test_priming_can_add_a_vgg_content_term(small_pil_photos, vgg_weights):
+    features, source = load_vgg(vgg_weights)
+    vgg = VGGFeatures(features, source, ["relu2_1"])
+    config = TrainConfig(image_size=32, batch_size=2, steps=4, log_every=2)
+    result = prime_autoencoder(small_pil_photos, MODEL, config, content_vgg=vgg, content_weight=0.1)
+    assert {"reconstruction", "content"} <= set(result.history[-1])
+    assert result.history[-1]["loss"] > result.history[-1]["reconstruction"]
+
+
 def test_style_training_lowers_style_loss(small_pil_photos, perceptual_loss):
     batch = fixed_batch(small_pil_photos)
     torch.manual_seed(0)
