@@ -270,9 +270,11 @@ def cmd_prime(args: argparse.Namespace) -> int:
     photos, photos_fingerprint = read_photos(args.photos, args.limit, args.quiet)
     content_vgg = None
     if args.content_weight:
-        _, source = load_vgg_source(args)
-        layer = args.content_layer or source.default_layers()[1]
-        content_vgg = load_vgg_for(args, LossConfig(style_layers=[layer], content_layer=layer))
+        features, source = load_vgg_source(args)
+        try:
+            content_vgg = VGGFeatures(features, source, [args.content_layer or source.default_layers()[1]])
+        except VGGWeightsError as error:
+            raise UserError(str(error)) from None
     _, _, cached = obtain_primed(args, store, photos, photos_fingerprint, model_config, prime_config, device,
                                  args.out, content_vgg, args.content_weight)
     print(f"primed checkpoint: {args.out or cached}")
@@ -585,6 +587,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def quality(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 100, not {text}")
+    return value
+
+
 def non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -664,7 +673,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("destination", type=Path, metavar="DST", help="output folder (created)")
     run.add_argument("--model", required=True, help="model name in the store, or a model folder / .safetensors path")
     run.add_argument("--format", default="jpeg", help="output format: jpeg, png, webp or same (default jpeg)")
-    run.add_argument("--quality", type=int, default=90, help="JPEG/WebP quality (default 90)")
+    run.add_argument("--quality", type=quality, default=90, help="JPEG/WebP quality (default 90)")
     run.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
     run.add_argument("--max-pixels", type=positive_int, default=image_io.DEFAULT_MAX_PIXELS,
                      help=f"refuse images with more pixels (default {image_io.DEFAULT_MAX_PIXELS:,})")

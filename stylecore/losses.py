@@ -27,7 +27,7 @@ class LossConfig:
     style_layers: list[str] | None = None
     content_layer: str | None = None
     style_weight: float = 1.0
-    content_weight: float = 0.5
+    content_weight: float = 0.25
     tv_weight: float = 0.0
     style_layer_weights: list[float] | None = None  # one per style layer; equal when None
     relative: bool = True  # divide each term by its target's mean square (see module docstring)

@@ -27,7 +27,7 @@ class UNetConfig:
 
     base_channels: int = 32  # width of the full-resolution level; doubles at each level down
     depth: int = 3  # number of 2x downsamplings; inputs are padded to a multiple of 2**depth
-    norm: str = "batch"
+    norm: str = "instance"
     max_channels: int = 256
 
     def __post_init__(self) -> None:
