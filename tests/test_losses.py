@@ -71,8 +71,8 @@ def test_style_loss_is_zero_for_the_style_image_itself_at_any_batch_size(vgg_and
         result = loss(images, images)
         assert result["style"].item() == pytest.approx(0.0, abs=1e-6)
         assert result["content"].item() == pytest.approx(0.0, abs=1e-9)
-    other = torch.rand(2, 3, 40, 40)
-    assert loss(other, other)["style"].item() > 0.01
+    gradient = torch.linspace(0, 1, 40).view(1, 1, 1, 40).expand(2, 3, 40, 40).contiguous()
+    assert loss(gradient, gradient)["style"].item() > 0.1
 
 
 def test_loss_weights_come_from_the_config(vgg_and_source):
