@@ -160,6 +160,7 @@ def train_config_from(base: TrainConfig, args: argparse.Namespace, prefix: str =
             batch_size=getattr(args, "batch_size", None),
             learning_rate=getattr(args, f"{prefix}lr", None),
             seed=getattr(args, "seed", None),
+            checkpoint_every=getattr(args, "checkpoint_every", None),
         )
     except ValueError as error:
         raise UserError(str(error)) from None
@@ -632,6 +633,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--lr", type=float, help="Adam learning rate")
     training.add_argument("--seed", type=int, help="random seed (default 0)")
     training.add_argument("--limit", type=positive_int, help="use only the first N photos (sorted by path)")
+    training.add_argument("--checkpoint-every", type=positive_int,
+                          help="save resumable training state every N steps (default: preset)")
 
     parser = argparse.ArgumentParser(
         prog="stylize",

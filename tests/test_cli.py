@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,32 @@ def test_console_script_help_lists_every_command(tmp_path):
     assert result.returncode == 0
     for command in ("prime", "train", "run", "eval", "models", "demo"):
         assert command in result.stdout
+
+
+def test_an_interrupted_training_resumes_when_the_same_command_is_run_again(photo_dir, style_image, tmp_path, vgg_weights):
+    home = tmp_path / "home"
+    command = ["train", str(style_image), "--photos", str(photo_dir), "--name", "long", "--steps", "150",
+               "--prime-steps", "2", "--image-size", "32", "--batch-size", "2", "--style-size", "64",
+               "--checkpoint-every", "5", "--vgg-weights", str(vgg_weights)]
+    env = {**os.environ, "STYLIZE_HOME": str(home), "TORCH_HOME": str(tmp_path / "torch")}
+    process = subprocess.Popen([str(STYLIZE), *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    state = home / "runs" / "train" / "long" / "state.json"
+    deadline = time.monotonic() + 240
+    while not state.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert state.exists(), "no training state was checkpointed"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "run the same command again to resume" in stderr and "Traceback" not in stderr
+    saved_step = json.loads(state.read_text())["step"]
+
+    result = subprocess.run([str(STYLIZE), *command, "--quiet"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr
+    resumed = int(result.stderr.split("resumed from step ")[1].split()[0])
+    assert resumed >= saved_step and resumed % 5 == 0
+    metadata = json.loads((home / "models" / "long" / "model.json").read_text())
+    assert metadata["steps"] == 150
+    assert not (home / "runs" / "train" / "long").exists()
