@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save, save_file
 
 from .model import UNet, UNetConfig
 
@@ -29,20 +29,26 @@ class CheckpointError(Exception):
     """A checkpoint is missing, corrupt, not safetensors, or does not fit the model asked for."""
 
 
-def save_model(directory: str | Path, model: UNet, metadata: dict) -> Path:
-    """Write ``model.safetensors`` and ``model.json`` into ``directory`` (created); each file appears atomically."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+def serialize_model(model: UNet, metadata: dict) -> tuple[bytes, dict]:
+    """The model as safetensors bytes plus its full metadata document (architecture, checksum, ``metadata``)."""
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    weights_path = directory / WEIGHTS_FILE
-    _atomic_write(weights_path, lambda tmp: save_file(state, str(tmp)))
+    weights = save(state)
     document = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "architecture": model.config.to_dict(),
-        "weights_sha256": sha256_file(weights_path),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         **metadata,
     }
+    return weights, document
+
+
+def save_model(directory: str | Path, model: UNet, metadata: dict) -> Path:
+    """Write ``model.safetensors`` and ``model.json`` into ``directory`` (created); each file appears atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights, document = serialize_model(model, metadata)
+    _atomic_write(directory / WEIGHTS_FILE, lambda tmp: tmp.write_bytes(weights))
     _atomic_write(directory / METADATA_FILE, lambda tmp: tmp.write_text(json.dumps(document, indent=2) + "\n"))
     return directory
 
@@ -59,52 +65,62 @@ def read_metadata(path: str | Path) -> dict:
 
 
 def load_model(path: str | Path, expected: UNetConfig | None = None) -> tuple[UNet, dict]:
-    """Rebuild a UNet from a checkpoint, checking its checksum, and (if given) that it has the expected architecture."""
+    """Rebuild a UNet from a checkpoint folder or file, checking its checksum and (if given) its architecture."""
     weights_path, _ = _paths(Path(path))
     metadata = read_metadata(path)
+    if not weights_path.is_file():
+        raise CheckpointError(f"checkpoint weights not found: {weights_path}")
+    return model_from_bytes(weights_path.read_bytes(), metadata, expected, str(path)), metadata
+
+
+def model_from_bytes(weights: bytes, metadata: dict, expected: UNetConfig | None = None, where: str = "checkpoint") -> UNet:
+    """Rebuild a UNet from safetensors bytes and their metadata (no file system involved)."""
     if metadata.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a stylize model checkpoint (format {metadata.get('format')!r})")
+        raise CheckpointError(f"{where} is not a stylize model checkpoint (format {metadata.get('format')!r})")
     try:
         config = UNetConfig.from_dict(metadata["architecture"])
     except (KeyError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{path} has an invalid architecture description: {error}") from None
+        raise CheckpointError(f"{where} has an invalid architecture description: {error}") from None
     if expected is not None and config != expected:
         raise CheckpointError(
-            f"architecture mismatch: {path} holds {_describe(config)}, but {_describe(expected)} was asked for"
+            f"architecture mismatch: {where} holds {_describe(config)}, but {_describe(expected)} was asked for"
         )
-    state = read_weights(weights_path, metadata.get("weights_sha256"))
+    state = weights_from_bytes(weights, metadata.get("weights_sha256"), where)
     model = UNet(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
-        raise CheckpointError(f"weights in {weights_path} do not fit {_describe(config)}: "
-                              f"{str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else error}") from None
+        lines = str(error).splitlines()
+        detail = lines[1].strip() if len(lines) > 1 else lines[0]
+        raise CheckpointError(f"weights in {where} do not fit {_describe(config)}: {detail}") from None
     model.eval()
-    return model, metadata
+    return model
 
 
 def read_weights(path: Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """Read a safetensors file, refusing anything else (pickles in particular) and checking the checksum."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint weights not found: {path}")
-    if not is_safetensors(path):
-        raise CheckpointError(f"{path} is not a safetensors file; pickle checkpoints are never loaded")
-    if expected_sha256 and sha256_file(path) != expected_sha256:
-        raise CheckpointError(f"{path} is corrupt or was modified: its SHA-256 does not match the metadata")
+    return weights_from_bytes(path.read_bytes(), expected_sha256, str(path))
+
+
+def weights_from_bytes(data: bytes, expected_sha256: str | None, where: str) -> dict[str, torch.Tensor]:
+    if not is_safetensors_bytes(data):
+        raise CheckpointError(f"{where} is not a safetensors file; pickle checkpoints are never loaded")
+    if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
+        raise CheckpointError(f"{where} is corrupt or was modified: its SHA-256 does not match the metadata")
     try:
-        return load_file(str(path))
+        return load(data)
     except Exception as error:
-        raise CheckpointError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read {where}: {str(error).splitlines()[0]}") from None
 
 
-def is_safetensors(path: Path) -> bool:
+def is_safetensors_bytes(data: bytes) -> bool:
     """safetensors starts with an 8-byte little-endian header length followed by a JSON object."""
-    with open(path, "rb") as file:
-        head = file.read(9)
-    if len(head) < 9:
+    if len(data) < 9:
         return False
-    (header_length,) = struct.unpack("<Q", head[:8])
-    return head[8:9] == b"{" and 0 < header_length <= path.stat().st_size - 8
+    (header_length,) = struct.unpack("<Q", data[:8])
+    return data[8:9] == b"{" and 0 < header_length <= len(data) - 8
 
 
 def save_state(directory: Path, tensors: dict[str, torch.Tensor], document: dict) -> None:
