@@ -7,6 +7,11 @@ file in torchvision's layout with untrained weights is written, which exercises 
 
 from __future__ import annotations
 
+import os
+
+# gcsfs's default filesystem cannot talk to a plain-HTTP emulator; this must be set before gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
 import json
 from importlib import resources
 from pathlib import Path
@@ -75,3 +80,19 @@ def small_pil_photos(photo_dir) -> list[Image.Image]:
 
 # Test tensors are tiny: one thread is as fast as two and immune to a busy neighbour's spinning threads.
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """A real GCS emulator (gcp-storage-emulator) on a free loopback port, in memory, for the whole session."""
+    import socket
+
+    from gcp_storage_emulator.server import create_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = create_server("127.0.0.1", port, in_memory=True, default_bucket="photos")
+    server.start()
+    yield {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "test"}
+    server.stop()

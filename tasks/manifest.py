@@ -1,0 +1,67 @@
+"""The Parquet manifest: one row per input image and model, typed columns, written atomically."""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .storage import Location, read_bytes, write_bytes
+
+SCHEMA = pa.schema([
+    pa.field("input_uri", pa.string(), nullable=False),
+    pa.field("output_uri", pa.string()),
+    pa.field("model", pa.string(), nullable=False),
+    pa.field("status", pa.string(), nullable=False),  # ok / skipped / error
+    pa.field("error", pa.string()),
+    pa.field("width", pa.int32()),
+    pa.field("height", pa.int32()),
+    pa.field("input_bytes", pa.int64()),
+    pa.field("output_bytes", pa.int64()),
+    pa.field("shard_id", pa.string(), nullable=False),
+    pa.field("duration_ms", pa.float64()),
+    pa.field("flow_run_id", pa.string()),
+    pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+])
+STATUSES = ("ok", "skipped", "error")
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    columns = {field.name: [row.get(field.name) for row in rows] for field in SCHEMA}
+    return pa.Table.from_pydict(columns, schema=SCHEMA)
+
+
+def table_bytes(table: pa.Table) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
+def write_table(location: Location, table: pa.Table) -> None:
+    write_bytes(location, table_bytes(table))
+
+
+def read_table(location: Location) -> pa.Table | None:
+    """The table at ``location``, or None when there is none (a missing part means "not done yet")."""
+    try:
+        data = read_bytes(location)
+    except FileNotFoundError:
+        return None
+    return pq.read_table(io.BytesIO(data)).cast(SCHEMA)
+
+
+def combine(tables: list[pa.Table]) -> pa.Table:
+    if not tables:
+        return SCHEMA.empty_table()
+    return pa.concat_tables([t.cast(SCHEMA) for t in tables]).sort_by([("input_uri", "ascending"), ("model", "ascending")])
+
+
+def counts(table: pa.Table) -> dict[str, int]:
+    statuses = table.column("status").to_pylist()
+    return {status: statuses.count(status) for status in STATUSES}

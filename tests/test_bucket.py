@@ -1,0 +1,157 @@
+"""Bucket stylisation without Prefect: stable shards, one manifest row per image and model, skip-if-done,
+bad images as error rows, storage failures as exceptions, on local disk, memory:// and a GCS emulator."""
+
+import io
+import uuid
+
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+import torch
+from fsspec.implementations.memory import MemoryFileSystem
+from PIL import Image
+
+from stylecore.model import UNet, UNetConfig
+from tasks import manifest
+from tasks.bucket import ShardOptions, list_shards, make_shards, output_key, part_location, safe_relative, stylize_shard
+from tasks.storage import Location
+
+
+def tiny_model(seed=0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(UNetConfig(base_channels=4, depth=2)).eval()
+
+
+def jpeg(color, size=(20, 14)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+def fill(location: Location, files: dict[str, bytes]) -> None:
+    fs, root = location.filesystem()
+    for key, data in files.items():
+        fs.makedirs(f"{root}/{key}".rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(f"{root}/{key}", data)
+
+
+FILES = {"a.jpg": jpeg("red"), "nested/b.jpg": jpeg("green", (9, 31)), "nested/deeper/c.png": jpeg("blue"),
+         "broken.jpg": b"\xff\xd8\xff garbage", "notes.txt": b"not an image"}
+
+
+def read_outputs(location: Location) -> dict[str, tuple[int, int]]:
+    fs, root = location.filesystem()
+    found = {}
+    for path in fs.find(root):
+        relative = path[len(root):].lstrip("/")
+        if relative.startswith("_manifest_parts"):
+            continue
+        found[relative] = Image.open(io.BytesIO(fs.cat_file(path))).size
+    return found
+
+
+def test_shards_are_stable_and_change_only_where_the_bucket_changed():
+    listing = [(f"img{i:03}.jpg", 100 + i, "t") for i in range(10)]
+    first, again = make_shards(listing, 4), make_shards(list(listing), 4)
+    assert [s.shard_id for s in first] == [s.shard_id for s in again]
+    assert [len(s) for s in first] == [4, 4, 2]
+    changed = list(listing)
+    changed[5] = ("img005.jpg", 999, "t")
+    ids = [s.shard_id for s in make_shards(changed, 4)]
+    assert ids[0] == first[0].shard_id and ids[2] == first[2].shard_id and ids[1] != first[1].shard_id
+
+
+def test_keys_never_climb_out_of_the_destination():
+    assert safe_relative("../../etc/passwd") == "etc/passwd"
+    assert safe_relative("/abs//./x.jpg") == "abs/x.jpg"
+    assert output_key("a/../../b.png", "m", False, "jpeg") == "a/b.jpg"
+    assert output_key("a/b.png", "m", True, "webp") == "m/a/b.webp"
+
+
+@pytest.mark.parametrize("scheme", ["local", "memory"])
+def test_a_shard_writes_outputs_and_one_manifest_row_per_image(scheme, tmp_path):
+    if scheme == "local":
+        source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    else:
+        run = uuid.uuid4().hex[:8]
+        source, destination = Location(f"memory://{run}/in"), Location(f"memory://{run}/out")
+    fill(source, FILES)
+    [shard] = list_shards(source, shard_size=100)
+    assert shard.keys == ("a.jpg", "broken.jpg", "nested/b.jpg", "nested/deeper/c.png")
+
+    result = stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions(batch_size=2))
+    assert result.counts == {"ok": 3, "skipped": 0, "error": 1}
+    assert read_outputs(destination) == {"a.jpg": (20, 14), "nested/b.jpg": (9, 31), "nested/deeper/c.jpg": (20, 14)}
+
+    table = manifest.read_table(part_location(destination, shard.shard_id))
+    rows = {r["input_uri"].rsplit("/", 1)[-1]: r for r in table.to_pylist()}
+    assert rows["broken.jpg"]["status"] == "error" and "\n" not in rows["broken.jpg"]["error"]
+    assert rows["b.jpg"]["width"] == 9 and rows["b.jpg"]["height"] == 31 and rows["b.jpg"]["output_bytes"] > 0
+    assert all(r["shard_id"] == shard.shard_id for r in rows.values())
+
+    # A rerun skips what is done; an output that disappeared is redone.
+    fs, root = destination.filesystem()
+    fs.rm_file(f"{root}/a.jpg")
+    again = stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions(batch_size=2))
+    assert again.counts == {"ok": 1, "skipped": 2, "error": 1}
+    assert "a.jpg" in read_outputs(destination)
+
+
+def test_several_models_give_one_output_and_row_per_image_and_model(tmp_path):
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {"a.jpg": jpeg("red"), "b.jpg": jpeg("blue")})
+    [shard] = list_shards(source, 10)
+    result = stylize_shard(shard, source, destination, {"one": tiny_model(1), "two": tiny_model(2)},
+                           ShardOptions(output_format="png"))
+    assert result.counts["ok"] == 4
+    assert set(read_outputs(destination)) == {"one/a.png", "one/b.png", "two/a.png", "two/b.png"}
+
+
+class FailingWrites(MemoryFileSystem):
+    """A real in-memory filesystem whose first ``budget`` writes fail, like a flaky object store."""
+
+    protocol = "flakymem"
+    budget = 0
+
+    def pipe_file(self, path, value, **kwargs):
+        if FailingWrites.budget > 0:
+            FailingWrites.budget -= 1
+            raise OSError("simulated storage write failure")
+        return super().pipe_file(path, value, **kwargs)
+
+
+def test_storage_write_failures_fail_the_shard_and_leave_no_manifest_part():
+    fsspec.register_implementation("flakymem", FailingWrites, clobber=True)
+    run = uuid.uuid4().hex[:8]
+    source, destination = Location(f"memory://{run}/in"), Location(f"flakymem://{run}/out")
+    fill(source, {"a.jpg": jpeg("red"), "b.jpg": jpeg("blue")})
+    [shard] = list_shards(source, 10)
+    FailingWrites.budget = 1
+    with pytest.raises(OSError, match="simulated storage write failure"):
+        stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions())
+    assert manifest.read_table(part_location(destination, shard.shard_id)) is None
+    result = stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions())
+    assert result.counts["ok"] == 2
+
+
+def test_the_manifest_part_has_typed_columns(tmp_path):
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {"a.jpg": jpeg("red")})
+    [shard] = list_shards(source, 10)
+    stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions(flow_run_id="run-1"))
+    table = pq.read_table(part_location(destination, shard.shard_id).url)
+    assert table.schema.equals(manifest.SCHEMA, check_metadata=False)
+    assert str(table.schema.field("finished_at").type) == "timestamp[us, tz=UTC]"
+    assert table.column("flow_run_id").to_pylist() == ["run-1"]
+
+
+def test_a_gcs_bucket_is_read_and_written_through_gcsfs(gcs_emulator):
+    run = uuid.uuid4().hex[:8]
+    source = Location(f"gs://photos/{run}/in", gcs_emulator)
+    destination = Location(f"gs://photos/{run}/out", gcs_emulator)
+    fill(source, {"a.jpg": jpeg("red"), "sub/b.jpg": jpeg("green"), "bad.jpg": b"nope"})
+    [shard] = list_shards(source, 10)
+    result = stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions())
+    assert result.counts == {"ok": 2, "skipped": 0, "error": 1}
+    assert set(read_outputs(destination)) == {"a.jpg", "sub/b.jpg"}
+    assert result.part_uri.startswith("gs://photos/")
