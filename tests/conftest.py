@@ -96,3 +96,12 @@ def gcs_emulator():
     server.start()
     yield {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "test"}
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server (and database) for every flow test of the session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -1,0 +1,85 @@
+"""Mass stylisation: every image under a source URL, through one or more style models, into a destination URL.
+
+    ingest the source into shards -> stylise each shard (retried on storage failures) -> combine the manifest
+
+Shards that still fail after their retries leave the run Failed, after the manifest has been written
+with every other shard's rows; running the flow again redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from stylecore.images import DEFAULT_MAX_PIXELS
+from tasks.stylize_tasks import combine_manifest, ingest, stylize_shard_task
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards failed after all their retries."""
+
+
+@flow(name="stylize-bucket", task_runner=ThreadPoolTaskRunner(max_workers=2))
+def stylize_bucket(
+    source: str,
+    destination: str,
+    models: list[str],
+    model_store: str | None = None,
+    storage_options: dict | None = None,
+    shard_size: int = 256,
+    batch_size: int = 8,
+    output_format: str = "jpeg",
+    quality: int = 90,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    retries: int = 3,
+    retry_delay_seconds: float = 5.0,
+) -> dict:
+    """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
+    ``model_store`` or model URLs), writing ``destination/manifest.parquet``."""
+    logger = get_run_logger()
+    started = time.perf_counter()
+    shards = ingest(source, shard_size, storage_options, exclude=destination)
+    options = {"output_format": output_format, "quality": quality, "batch_size": batch_size, "max_pixels": max_pixels}
+    delays = [retry_delay_seconds * 2**attempt for attempt in range(retries)]  # exponential backoff
+    shard_task = stylize_shard_task.with_options(retries=retries, retry_delay_seconds=delays)
+    futures = [shard_task.submit(shard, source, destination, models, model_store, options, storage_options)
+               for shard in shards]
+
+    progress = create_progress_artifact(0.0, description=f"shards of {source} done")
+    per_shard, failed = [], []
+    for done, future in enumerate(as_completed(futures), start=1):
+        try:
+            result = future.result()
+            per_shard.append({"shard_id": result["shard_id"], "images": result["images"], **result["counts"],
+                              "seconds": round(result["seconds"], 2)})
+        except Exception as error:  # the task already retried; record it and let the other shards finish
+            failed.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+        update_progress_artifact(progress, 100.0 * done / max(len(futures), 1))
+    if not futures:
+        update_progress_artifact(progress, 100.0)
+
+    summary = combine_manifest(destination, [s.shard_id for s in shards], storage_options)
+    seconds = time.perf_counter() - started
+    images = sum(len(s) for s in shards)
+    summary.update({"images": images, "shards": len(shards), "failed_shards": len(failed), "seconds": round(seconds, 2),
+                    "images_per_second": round(images / seconds, 2) if seconds > 0 else 0.0})
+    if per_shard:
+        create_table_artifact(per_shard, key="stylize-bucket-shards", description="per-shard counts")
+    counts = summary["counts"]
+    create_markdown_artifact(
+        f"## Stylised {source}\n\n"
+        f"- images: {images} in {len(shards)} shards, {len(failed)} failed\n"
+        f"- rows: ok {counts['ok']}, skipped {counts['skipped']}, error {counts['error']}\n"
+        f"- throughput: {summary['images_per_second']} images/s over {seconds:.1f} s\n"
+        f"- outputs: `{destination}`, manifest `{summary['manifest_uri']}`\n",
+        key="stylize-bucket-summary",
+    )
+    logger.info("stylize-bucket: %s", summary)
+    if failed:
+        raise ShardsFailed(f"{len(failed)} of {len(shards)} shards failed ({failed[0]}); "
+                           "run the flow again to redo only the missing images")
+    return summary

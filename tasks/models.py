@@ -1,0 +1,69 @@
+"""Style models and primed checkpoints in a model store at any fsspec URL.
+
+Same layout as the local store (``stylecore.store``): ``<store>/models/<name>/`` and ``<store>/primed/<key>/``,
+each holding ``model.safetensors`` and ``model.json``. The JSON is written last, so its presence means the
+checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+
+from stylecore.checkpoint import METADATA_FILE, WEIGHTS_FILE, CheckpointError, model_from_bytes, serialize_model
+from stylecore.model import UNet
+
+from .storage import Location, exists, read_bytes, write_bytes
+
+_cache: dict[tuple[str, str, str], UNet] = {}
+_cache_lock = threading.Lock()
+
+
+def model_location(reference: str, store: Location | None) -> Location:
+    """A model by URL or path (anything with a '/'), or by name in ``store``."""
+    if "/" in reference or "://" in reference:
+        return Location(reference.removesuffix("/" + WEIGHTS_FILE), store.options if store else {})
+    if store is None:
+        raise CheckpointError(f"model {reference!r} is a name, but no model store was given")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", reference):
+        raise CheckpointError(f"invalid model name {reference!r}")
+    return store.child(f"models/{reference}")
+
+
+def read_model_metadata(location: Location) -> dict:
+    try:
+        return json.loads(read_bytes(location.child(METADATA_FILE)))
+    except FileNotFoundError:
+        raise CheckpointError(f"no model at {location.url} ({METADATA_FILE} not found)") from None
+    except ValueError as error:
+        raise CheckpointError(f"{location.url}/{METADATA_FILE} is not valid JSON: {error}") from None
+
+
+def load_model_from(location: Location, device: str = "cpu") -> tuple[UNet, dict]:
+    """Load (and keep for this process, per device) the model at ``location``; its checksum is verified on
+    first load. The model is shared between threads, which is safe for inference."""
+    metadata = read_model_metadata(location)
+    key = (location.url, str(metadata.get("weights_sha256")), str(device))
+    with _cache_lock:
+        cached = _cache.get(key)
+    if cached is None:
+        try:
+            weights = read_bytes(location.child(WEIGHTS_FILE))
+        except FileNotFoundError:
+            raise CheckpointError(f"no weights at {location.url}/{WEIGHTS_FILE}") from None
+        cached = model_from_bytes(weights, metadata, where=location.url).to(device).eval()
+        with _cache_lock:
+            _cache[key] = cached
+    return cached, metadata
+
+
+def save_model_to(location: Location, model: UNet, metadata: dict) -> dict:
+    weights, document = serialize_model(model, metadata)
+    write_bytes(location.child(WEIGHTS_FILE), weights)
+    write_bytes(location.child(METADATA_FILE), (json.dumps(document, indent=2) + "\n").encode())
+    return document
+
+
+def is_complete(location: Location) -> bool:
+    return exists(location.child(METADATA_FILE)) and exists(location.child(WEIGHTS_FILE))

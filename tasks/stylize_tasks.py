@@ -1,0 +1,66 @@
+"""Prefect tasks for mass stylisation: ingest a bucket into shards, stylise a shard, combine the manifest.
+
+Tasks exchange URLs, shard descriptions and small summaries, never tensors or images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import torch
+from prefect import get_run_logger, task
+from prefect.runtime import flow_run
+
+from . import manifest
+from .bucket import MANIFEST_NAME, PARTS_FOLDER, Shard, ShardOptions, list_shards, part_location, stylize_shard
+from .models import load_model_from, model_location
+from .storage import Location
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@task(name="ingest")
+def ingest(source: str, shard_size: int = 256, storage_options: dict | None = None,
+           exclude: str | None = None) -> list[Shard]:
+    """List the images under ``source`` (recursive, by extension, sorted) and split them into stable shards."""
+    options = storage_options or {}
+    shards = list_shards(Location(source, options), shard_size,
+                         exclude=Location(exclude, options) if exclude else None)
+    get_run_logger().info("%s: %d images in %d shards of up to %d", source, sum(len(s) for s in shards),
+                          len(shards), shard_size)
+    return shards
+
+
+@task(name="stylize-shard", task_run_name="stylize-shard-{shard.shard_id}")
+def stylize_shard_task(shard: Shard, source: str, destination: str, models: list[str], model_store: str | None,
+                       options: dict, storage_options: dict | None = None) -> dict:
+    """Stylise one shard with every model; storage failures raise (and are retried), bad images become rows."""
+    storage = storage_options or {}
+    device = pick_device()
+    store = Location(model_store, storage) if model_store else None
+    loaded = {}
+    for reference in models:
+        location = model_location(reference, store)
+        model, metadata = load_model_from(location, device)
+        loaded[metadata.get("name") or location.url.rstrip("/").rsplit("/", 1)[-1]] = model
+    shard_options = ShardOptions(**options, flow_run_id=str(flow_run.id) if flow_run.id else None)
+    result = stylize_shard(shard, Location(source, storage), Location(destination, storage), loaded, shard_options)
+    get_run_logger().info("shard %s: %s in %.1fs", shard.shard_id, result.counts, result.seconds)
+    return asdict(result)
+
+
+@task(name="combine-manifest")
+def combine_manifest(destination: str, shard_ids: list[str], storage_options: dict | None = None) -> dict:
+    """Combine the shard parts that exist into ``<destination>/manifest.parquet`` (written atomically)."""
+    location = Location(destination, storage_options or {})
+    tables = [t for t in (manifest.read_table(part_location(location, sid)) for sid in shard_ids) if t is not None]
+    table = manifest.combine(tables)
+    target = location.child(MANIFEST_NAME)
+    manifest.write_table(target, table)
+    return {"manifest_uri": target.url, "rows": table.num_rows, "shards_with_parts": len(tables),
+            "counts": manifest.counts(table)}
+
+
+__all__ = ["ingest", "stylize_shard_task", "combine_manifest", "PARTS_FOLDER"]

@@ -1,0 +1,114 @@
+"""The stylize-bucket flow on a real (temporary) Prefect server: outputs, manifest, retries, failed shards, rerun."""
+
+import io
+import uuid
+
+import duckdb
+import fsspec
+import pyarrow.parquet as pq
+import pytest
+import torch
+from fsspec.implementations.memory import MemoryFileSystem
+from PIL import Image
+
+from flows.stylize_bucket import ShardsFailed, stylize_bucket
+from stylecore.model import UNet, UNetConfig
+from tasks import manifest
+from tasks.models import save_model_to
+from tasks.storage import Location
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def jpeg(color, size=(24, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def model_store(tmp_path) -> str:
+    torch.manual_seed(0)
+    store = Location(str(tmp_path / "store"))
+    save_model_to(store.child("models/tiny"), UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "tiny"})
+    return store.url
+
+
+def make_bucket(root, count: int, broken: int = 0) -> None:
+    fs, path = Location(str(root)).filesystem()
+    for index in range(count):
+        fs.makedirs(f"{path}/part{index % 3}", exist_ok=True)
+        fs.pipe_file(f"{path}/part{index % 3}/img{index:03}.jpg", jpeg((index * 20 % 255, 80, 160)))
+    for index in range(broken):
+        fs.pipe_file(f"{path}/broken{index}.jpg", b"definitely not a jpeg")
+
+
+def test_a_bucket_is_stylised_with_a_typed_manifest_readable_by_pyarrow_and_duckdb(tmp_path, model_store):
+    make_bucket(tmp_path / "in", 7, broken=2)
+    destination = tmp_path / "out"
+    summary = stylize_bucket(str(tmp_path / "in"), str(destination), ["tiny"], model_store=model_store, shard_size=3)
+    assert summary["images"] == 9 and summary["shards"] == 3 and summary["failed_shards"] == 0
+    assert summary["counts"] == {"ok": 7, "skipped": 0, "error": 2}
+
+    table = pq.read_table(destination / "manifest.parquet")
+    assert table.schema.equals(manifest.SCHEMA, check_metadata=False)
+    assert table.num_rows == 9 and len(set(table.column("input_uri").to_pylist())) == 9
+    assert len(set(table.column("flow_run_id").to_pylist())) == 1
+    errors = duckdb.sql(f"select count(*), min(error) from '{destination / 'manifest.parquet'}' where status = 'error'").fetchone()
+    assert errors[0] == 2 and "not a recognised image format" in errors[1]
+    ok = duckdb.sql(f"select output_uri from '{destination / 'manifest.parquet'}' where status = 'ok'").fetchall()
+    for (uri,) in ok:
+        assert Image.open(uri).size == (24, 16)
+
+    again = stylize_bucket(str(tmp_path / "in"), str(destination), ["tiny"], model_store=model_store, shard_size=3)
+    assert again["counts"] == {"ok": 0, "skipped": 7, "error": 2}
+
+
+class FlakyStore(MemoryFileSystem):
+    """A real in-memory filesystem whose writes fail: the first ``failures`` ones, and any whose path
+    contains ``broken_marker``."""
+
+    protocol = "flaky"
+    failures = 0
+    broken_marker: str | None = None
+
+    def pipe_file(self, path, value, **kwargs):
+        if FlakyStore.broken_marker and FlakyStore.broken_marker in path:
+            raise OSError(f"simulated outage writing {path}")
+        if FlakyStore.failures > 0:
+            FlakyStore.failures -= 1
+            raise OSError("simulated transient write failure")
+        return super().pipe_file(path, value, **kwargs)
+
+
+@pytest.fixture
+def flaky_destination():
+    fsspec.register_implementation("flaky", FlakyStore, clobber=True)
+    FlakyStore.failures, FlakyStore.broken_marker = 0, None
+    yield f"flaky://{uuid.uuid4().hex[:8]}/out"
+    FlakyStore.failures, FlakyStore.broken_marker = 0, None
+
+
+def test_transient_write_failures_are_retried_and_the_run_completes(tmp_path, model_store, flaky_destination):
+    make_bucket(tmp_path / "in", 6)
+    FlakyStore.failures = 2
+    summary = stylize_bucket(str(tmp_path / "in"), flaky_destination, ["tiny"], model_store=model_store,
+                             shard_size=3, retries=3, retry_delay_seconds=0)
+    assert summary["counts"]["ok"] == 6 and summary["failed_shards"] == 0
+    assert FlakyStore.failures == 0
+
+
+def test_shards_failing_after_retries_fail_the_run_and_a_rerun_redoes_only_them(tmp_path, model_store,
+                                                                                flaky_destination):
+    make_bucket(tmp_path / "in", 9)  # shards: part0/*, part1/*, part2/* (3 images each)
+    FlakyStore.broken_marker = "/out/part1/"
+    with pytest.raises(ShardsFailed, match="1 of 3 shards failed"):
+        stylize_bucket(str(tmp_path / "in"), flaky_destination, ["tiny"], model_store=model_store, shard_size=3,
+                       retries=1, retry_delay_seconds=0)
+    first = manifest.read_table(Location(flaky_destination + "/manifest.parquet"))
+    assert manifest.counts(first) == {"ok": 6, "skipped": 0, "error": 0}  # the other shards' rows are intact
+
+    FlakyStore.broken_marker = None
+    summary = stylize_bucket(str(tmp_path / "in"), flaky_destination, ["tiny"], model_store=model_store, shard_size=3)
+    assert summary["counts"] == {"ok": 3, "skipped": 6, "error": 0}
+    assert summary["rows"] == 9
