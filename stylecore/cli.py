@@ -15,8 +15,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
-from datetime import datetime, timezone
-from importlib import metadata as package_metadata
 from importlib import resources
 from pathlib import Path
 from typing import Iterator
@@ -30,9 +28,10 @@ from .checkpoint import CheckpointError, load_model, read_metadata, save_model
 from .evaluate import contact_sheet, evaluate
 from .losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
 from .model import NORMS, UNet, UNetConfig
-from .store import HOME_VARIABLE, ModelStore, default_home, fingerprint, priming_key
+from .recipes import content_term, photos_fingerprint, priming_key, run_priming, run_style_training
+from .store import HOME_VARIABLE, ModelStore, default_home
 from .stylize import stylize_images
-from .train import PRESETS, Preset, TrainConfig, TrainResult, prime_autoencoder, train_style, with_overrides
+from .train import PRESETS, Preset, TrainConfig, with_overrides
 from .vgg import VGGFeatures, VGGWeightsError, load_vgg
 
 VGG_VARIABLE = "STYLIZE_VGG_WEIGHTS"
@@ -77,10 +76,10 @@ def read_photos(folder: Path, limit: int | None, quiet: bool) -> tuple[list[Imag
         items.append((path.relative_to(folder).as_posix(), data))
     if not photos:
         raise UserError(f"no readable images in {folder}")
-    return photos, fingerprint(items)
+    return photos, photos_fingerprint(items)
 
 
-def read_style_image(path: Path, long_side: int) -> tuple[Image.Image, str]:
+def read_style_image(path: Path) -> tuple[Image.Image, str]:
     if not path.is_file():
         raise UserError(f"style image not found: {path}")
     data = path.read_bytes()
@@ -88,7 +87,7 @@ def read_style_image(path: Path, long_side: int) -> tuple[Image.Image, str]:
         image = image_io.decode_image(data)
     except image_io.ImageDecodeError as error:
         raise UserError(f"cannot read style image {path}: {error}") from None
-    return image_io.resize_long_side(image, long_side), hashlib.sha256(data).hexdigest()
+    return image, hashlib.sha256(data).hexdigest()
 
 
 def pick_device(name: str) -> torch.device:
@@ -186,20 +185,6 @@ def progress(description: str, quiet: bool, keys: tuple[str, ...]):
     return on_step
 
 
-def versions() -> dict:
-    import torchvision
-
-    try:
-        own = package_metadata.version("stylize")
-    except package_metadata.PackageNotFoundError:
-        own = "unknown"
-    return {"stylize": own, "torch": torch.__version__, "torchvision": torchvision.__version__}
-
-
-def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
 # ---------------------------------------------------------------- priming
 
 
@@ -207,7 +192,7 @@ def obtain_primed(
     args: argparse.Namespace,
     store: ModelStore,
     photos: list[Image.Image],
-    photos_fingerprint: str,
+    fingerprint: str,
     model_config: UNetConfig,
     prime_config: TrainConfig,
     device: torch.device,
@@ -216,10 +201,7 @@ def obtain_primed(
     content_weight: float = 0.0,
 ) -> tuple[UNet, dict, Path]:
     """The primed UNet for these photos and configs: from the cache if it is there, trained otherwise."""
-    content = None
-    if content_vgg is not None and content_weight > 0:
-        content = {"weight": content_weight, "layer": content_vgg.layers[-1], "vgg": content_vgg.source.describe()}
-    key = priming_key(photos_fingerprint, model=model_config.to_dict(), train=prime_config.to_dict(), content=content)
+    key = priming_key(fingerprint, model_config, prime_config, content_term(content_vgg, content_weight))
     cached = store.primed_dir(key)
     if (cached / "model.json").is_file():
         model, metadata = load_model(cached, expected=model_config)
@@ -227,31 +209,15 @@ def obtain_primed(
     else:
         print(f"priming: training the autoencoder on {len(photos)} photos "
               f"({prime_config.total_steps(len(photos))} steps at {prime_config.image_size}px)", file=sys.stderr)
-        result = prime_autoencoder(
-            photos, model_config, prime_config, device, content_vgg=content_vgg, content_weight=content_weight,
-            on_step=progress("priming", args.quiet, ("reconstruction",)),
-            state_dir=store.run_dir("prime", key),
+        model, metadata = run_priming(
+            photos, fingerprint, model_config, prime_config, device, content_vgg, content_weight,
+            on_step=progress("priming", args.quiet, ("reconstruction",)), state_dir=store.run_dir("prime", key),
         )
-        metadata = {
-            "kind": "primed-autoencoder",
-            "cache_key": key,
-            "photos_fingerprint": photos_fingerprint,
-            "num_photos": len(photos),
-            "train_config": prime_config.to_dict(),
-            "content_term": content,
-            "steps": result.steps,
-            "training_seconds": round(result.seconds, 2),
-            "final_reconstruction_l1": result.history[-1]["reconstruction"] if result.history else None,
-            "history": result.history,
-            "versions": versions(),
-            "created_at": now(),
-        }
-        save_model(cached, result.model.cpu(), metadata)
+        save_model(cached, model, metadata)
         metadata = read_metadata(cached)
         shutil.rmtree(store.run_dir("prime", key), ignore_errors=True)
-        model = result.model
-        print(f"priming: done in {result.seconds:.1f}s, reconstruction L1 {metadata['final_reconstruction_l1']:.4f}",
-              file=sys.stderr)
+        print(f"priming: done in {metadata['training_seconds']:.1f}s, "
+              f"reconstruction L1 {metadata['final_reconstruction_l1']:.4f}", file=sys.stderr)
     if out is not None and out.resolve() != cached.resolve():
         out.mkdir(parents=True, exist_ok=True)
         for file in ("model.safetensors", "model.json"):
@@ -268,7 +234,7 @@ def cmd_prime(args: argparse.Namespace) -> int:
     _, preset = pick_preset(args, device)
     prime_config = train_config_from(preset.prime, args)
     model_config = model_config_from(args)
-    photos, photos_fingerprint = read_photos(args.photos, args.limit, args.quiet)
+    photos, fingerprint = read_photos(args.photos, args.limit, args.quiet)
     content_vgg = None
     if args.content_weight:
         features, source = load_vgg_source(args)
@@ -276,13 +242,13 @@ def cmd_prime(args: argparse.Namespace) -> int:
             content_vgg = VGGFeatures(features, source, [args.content_layer or source.default_layers()[1]])
         except VGGWeightsError as error:
             raise UserError(str(error)) from None
-    _, _, cached = obtain_primed(args, store, photos, photos_fingerprint, model_config, prime_config, device,
+    _, _, cached = obtain_primed(args, store, photos, fingerprint, model_config, prime_config, device,
                                  args.out, content_vgg, args.content_weight)
     print(f"primed checkpoint: {args.out or cached}")
     return 0
 
 
-def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photos_dir: Path) -> tuple[Path, TrainResult]:
+def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photos_dir: Path) -> Path:
     store = ModelStore(args.home)
     try:
         destination = store.model_dir(name)
@@ -293,14 +259,10 @@ def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photo
     device = pick_device(args.device)
     preset_name, preset = pick_preset(args, device)
     style_size = args.style_size or preset.style_size
-    style_image, style_sha256 = read_style_image(style_path, style_size)
-    photos, photos_fingerprint = read_photos(photos_dir, args.limit, args.quiet)
+    style_image, style_sha256 = read_style_image(style_path)
+    photos, fingerprint = read_photos(photos_dir, args.limit, args.quiet)
     loss_config = loss_config_from(args)
     vgg = load_vgg_for(args, loss_config)
-    try:
-        style_layers, content_layer = resolve_layers(vgg.source, loss_config)
-    except VGGWeightsError as error:
-        raise UserError(str(error)) from None
 
     if args.primed:
         primed_path = store.resolve(str(args.primed))
@@ -312,58 +274,35 @@ def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photo
     else:
         prime_config = train_config_from(preset.prime, args, prefix="prime_")
         primed, primed_metadata, primed_path = obtain_primed(
-            args, store, photos, photos_fingerprint, model_config_from(args), prime_config, device
+            args, store, photos, fingerprint, model_config_from(args), prime_config, device
         )
 
     style_config = train_config_from(preset.style, args)
-    style_target = StyleTarget.from_image(vgg, image_io.image_to_tensor(style_image).float().div(255), style_layers)
-    loss = PerceptualLoss(vgg, loss_config, style_target)
     run_dir = store.run_dir("train", name)
     total = style_config.total_steps(len(photos))
     print(f"training style {name!r} from {style_path} on {len(photos)} photos "
           f"({total} steps at {style_config.image_size}px, preset {preset_name}, device {device})", file=sys.stderr)
-    result = train_style(
-        photos, primed, loss, style_config, device,
-        on_step=progress(f"style {name}", args.quiet, ("style", "content")),
-        state_dir=run_dir,
+    model, metadata, used_style = run_style_training(
+        name, photos, fingerprint, style_image, style_path.name, style_sha256, style_size, primed,
+        {"path": str(primed_path), "weights_sha256": primed_metadata.get("weights_sha256")},
+        vgg, loss_config, style_config, device, preset_name,
+        on_step=progress(f"style {name}", args.quiet, ("style", "content")), state_dir=run_dir,
     )
-    if result.resumed_from:
-        print(f"resumed from step {result.resumed_from}", file=sys.stderr)
-    last = result.history[-1] if result.history else {}
-    metadata = {
-        "kind": "style-model",
-        "name": name,
-        "style_image": style_path.name,
-        "style_sha256": style_sha256,
-        "style_size": style_size,
-        "preset": preset_name,
-        "vgg": vgg.source.describe(),
-        "style_layers": style_layers,
-        "content_layer": content_layer,
-        "loss": loss_config.to_dict(),
-        "train_config": style_config.to_dict(),
-        "primed_from": {"path": str(primed_path), "weights_sha256": primed_metadata.get("weights_sha256")},
-        "num_photos": len(photos),
-        "photos_fingerprint": photos_fingerprint,
-        "steps": result.steps,
-        "training_seconds": round(result.seconds, 2),
-        "final_losses": {k: v for k, v in last.items() if k not in ("step", "seconds")},
-        "history": result.history,
-        "versions": versions(),
-        "created_at": now(),
-    }
+    if metadata["resumed_from_step"]:
+        print(f"resumed from step {metadata['resumed_from_step']}", file=sys.stderr)
     if destination.exists():
         shutil.rmtree(destination)
-    save_model(destination, result.model.cpu(), metadata)
-    style_image.save(destination / "style.jpg", "JPEG", quality=95)
+    save_model(destination, model, metadata)
+    used_style.save(destination / "style.jpg", "JPEG", quality=95)
     shutil.rmtree(run_dir, ignore_errors=True)
-    print(f"trained in {result.seconds:.1f}s: style {last.get('style', float('nan')):.4f}, "
-          f"content {last.get('content', float('nan')):.4f}", file=sys.stderr)
-    return destination, result
+    losses = metadata["final_losses"]
+    print(f"trained in {metadata['training_seconds']:.1f}s: style {losses.get('style', float('nan')):.4f}, "
+          f"content {losses.get('content', float('nan')):.4f}", file=sys.stderr)
+    return destination
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    destination, _ = train_one_style(args, args.style_image, args.name, args.photos)
+    destination = train_one_style(args, args.style_image, args.name, args.photos)
     print(f"model: {destination}")
     return 0
 
@@ -561,7 +500,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     style_path = args.style or assets / "style_swirls.jpg"
     args.force = True
     args.primed = None
-    destination, result = train_one_style(args, style_path, args.name, photos_dir)
+    destination = train_one_style(args, style_path, args.name, photos_dir)
     device = pick_device(args.device)
     model, metadata, path = load_style_model(ModelStore(args.home), str(destination), device)
     out = args.out

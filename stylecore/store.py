@@ -7,8 +7,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -70,17 +68,3 @@ class ModelStore:
                 except CheckpointError as error:
                     found.append((folder.name, {"error": str(error)}))
         return found
-
-
-def fingerprint(items: list[tuple[str, bytes]]) -> str:
-    """Stable digest of a photo set: names and contents, order-independent."""
-    digest = hashlib.sha256()
-    for name, data in sorted(items):
-        digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
-    return digest.hexdigest()
-
-
-def priming_key(photos_fingerprint: str, **configs: object) -> str:
-    """Cache key of a priming run: the photo set and every config that changes its result."""
-    document = json.dumps({"photos": photos_fingerprint, **configs}, sort_keys=True, default=str)
-    return hashlib.sha256(document.encode()).hexdigest()[:24]
