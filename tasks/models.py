@@ -20,15 +20,16 @@ _cache: dict[tuple[str, str, str], UNet] = {}
 _cache_lock = threading.Lock()
 
 
-def model_location(reference: str, store: Location | None) -> Location:
-    """A model by URL or path (anything with a '/'), or by name in ``store``."""
+def model_location(reference: str, store: str | None, options: dict | None = None) -> Location:
+    """A model by URL or path (anything with a '/'), or by name in the model store ``store``."""
+    options = options or {}
     if "/" in reference or "://" in reference:
-        return Location(reference.removesuffix("/" + WEIGHTS_FILE), store.options if store else {})
+        return Location(reference.removesuffix("/" + WEIGHTS_FILE), options)
     if store is None:
         raise CheckpointError(f"model {reference!r} is a name, but no model store was given")
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", reference):
         raise CheckpointError(f"invalid model name {reference!r}")
-    return store.child(f"models/{reference}")
+    return Location(store, options).child(f"models/{reference}")
 
 
 def read_model_metadata(location: Location) -> dict:

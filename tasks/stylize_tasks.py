@@ -39,10 +39,9 @@ def stylize_shard_task(shard: Shard, source: str, destination: str, models: list
     """Stylise one shard with every model; storage failures raise (and are retried), bad images become rows."""
     storage = storage_options or {}
     device = pick_device()
-    store = Location(model_store, storage) if model_store else None
     loaded = {}
     for reference in models:
-        location = model_location(reference, store)
+        location = model_location(reference, model_store, storage)
         model, metadata = load_model_from(location, device)
         loaded[metadata.get("name") or location.url.rstrip("/").rsplit("/", 1)[-1]] = model
     shard_options = ShardOptions(**options, flow_run_id=str(flow_run.id) if flow_run.id else None)

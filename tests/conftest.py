@@ -9,8 +9,14 @@ from __future__ import annotations
 
 import os
 
+import tempfile
+
 # gcsfs's default filesystem cannot talk to a plain-HTTP emulator; this must be set before gcsfs is imported.
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# Prefect writes its database and results under PREFECT_HOME: never the user's ~/.prefect in tests.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="stylize-tests-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 import json
 from importlib import resources

@@ -1,0 +1,69 @@
+"""Training: prime once (cached), then train one model per style image from the primed weights.
+
+    prime the autoencoder on the photos (cached) -> train each style (one GPU slot each) -> model URLs
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import PurePosixPath
+
+from prefect import flow, get_run_logger
+
+from stylecore.losses import LossConfig
+from stylecore.model import UNetConfig
+from stylecore.train import PRESETS, with_overrides
+from tasks.training_tasks import ensure_gpu_limit, prime_autoencoder_task, train_style_task
+
+
+def training_plan(preset: str, steps: int | None, prime_steps: int | None, image_size: int | None,
+                  batch_size: int | None) -> tuple[dict, dict, int]:
+    """Priming and style TrainConfigs (as dicts) and the style size, from a preset plus overrides."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
+    chosen = PRESETS[preset]
+    prime = with_overrides(chosen.prime, steps=prime_steps, image_size=image_size, batch_size=batch_size)
+    style = with_overrides(chosen.style, steps=steps, image_size=image_size, batch_size=batch_size)
+    return prime.to_dict(), style.to_dict(), chosen.style_size
+
+
+@flow(name="train-style")
+def train_style(
+    styles: list[str],
+    photos: str,
+    model_store: str,
+    names: list[str] | None = None,
+    preset: str = "fast",
+    steps: int | None = None,
+    prime_steps: int | None = None,
+    image_size: int | None = None,
+    batch_size: int | None = None,
+    style_size: int | None = None,
+    style_weight: float | None = None,
+    content_weight: float | None = None,
+    tv_weight: float | None = None,
+    style_layers: list[str] | None = None,
+    content_layer: str | None = None,
+    vgg_weights: str | None = None,
+    storage_options: dict | None = None,
+) -> list[str]:
+    """Train one style model per image in ``styles`` on the photos under ``photos``; returns the model URLs."""
+    names = names or [PurePosixPath(style).stem for style in styles]
+    if len(names) != len(styles):
+        raise ValueError(f"{len(names)} names given for {len(styles)} styles")
+    prime_config, style_config, default_style_size = training_plan(preset, steps, prime_steps, image_size, batch_size)
+    loss = LossConfig()
+    for field, value in {"style_weight": style_weight, "content_weight": content_weight, "tv_weight": tv_weight,
+                         "style_layers": style_layers, "content_layer": content_layer}.items():
+        if value is not None:
+            setattr(loss, field, value)
+    ensure_gpu_limit()
+    primed = prime_autoencoder_task(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)
+    futures = [
+        train_style_task.submit(style, name, photos, primed, model_store, style_config, asdict(loss),
+                                style_size or default_style_size, vgg_weights, storage_options, preset)
+        for style, name in zip(styles, names)
+    ]
+    models = [future.result() for future in futures]
+    get_run_logger().info("trained %d style models: %s", len(models), ", ".join(models))
+    return models

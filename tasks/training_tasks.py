@@ -1,0 +1,166 @@
+"""Prefect tasks for training: cached autoencoder priming and per-style training, reading photos and style
+images from any fsspec URL and writing checkpoints to a model store URL.
+
+Priming is cached by Prefect (persisted result = the primed checkpoint's URL) under a key made of the photo
+set's listing (keys, sizes and etags/mtimes), the architecture and the training settings, so a new run with
+the same inputs, in any process, does not train again. The checkpoint's own location is derived from the
+same key, so even without Prefect's cache an existing priming is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from PIL import Image
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency.sync import concurrency
+from prefect.context import TaskRunContext
+from prefect.exceptions import ObjectNotFound
+
+from stylecore.images import ImageDecodeError, decode_image
+from stylecore.losses import LossConfig, layers_needed
+from stylecore.model import UNetConfig
+from stylecore.recipes import photos_fingerprint, priming_key, run_priming, run_style_training
+from stylecore.train import TrainConfig
+from stylecore.vgg import VGGFeatures, load_vgg
+
+from .models import is_complete, load_model_from, read_model_metadata, save_model_to
+from .storage import IMAGE_EXTENSIONS, Location, list_files, read_bytes, write_bytes
+
+GPU_LIMIT = "stylize-gpu"
+
+
+def pick_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def listing_fingerprint(photos: Location) -> str:
+    return photos_fingerprint([(key, f"{size}:{tag}") for key, size, tag in list_files(photos, IMAGE_EXTENSIONS)])
+
+
+def read_photo_set(photos: Location) -> list[Image.Image]:
+    """Decode every image under ``photos``; undecodable files are logged and left out."""
+    logger = get_run_logger()
+    keys = [key for key, _, _ in list_files(photos, IMAGE_EXTENSIONS)]
+
+    def load(key: str) -> Image.Image | None:
+        try:
+            return decode_image(read_bytes(photos.child(key)))
+        except ImageDecodeError as error:
+            logger.warning("skipping %s: %s", photos.child(key).url, error)
+            return None
+
+    with ThreadPoolExecutor(8) as pool:
+        images = [image for image in pool.map(load, keys) if image is not None]
+    if not images:
+        raise ValueError(f"no readable images under {photos.url}")
+    return images
+
+
+def _priming_key(parameters: dict) -> str:
+    photos = Location(parameters["photos"], parameters.get("storage_options") or {})
+    return priming_key(listing_fingerprint(photos), UNetConfig(**parameters["model_config"]),
+                       TrainConfig(**parameters["train_config"]), None)
+
+
+def priming_cache_key(context: TaskRunContext, parameters: dict) -> str:
+    return f"stylize-prime-{_priming_key(parameters)}-{parameters['model_store']}"
+
+
+@task(name="prime-autoencoder", cache_key_fn=priming_cache_key, persist_result=True, result_serializer="json")
+def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, train_config: dict,
+                           storage_options: dict | None = None) -> str:
+    """Prime the UNet as an autoencoder on the photos; returns the primed checkpoint's URL."""
+    logger = get_run_logger()
+    options = storage_options or {}
+    key = _priming_key({"photos": photos, "model_config": model_config, "train_config": train_config,
+                        "storage_options": options})
+    target = Location(model_store, options).child(f"primed/{key}")
+    if is_complete(target):
+        logger.info("reusing primed checkpoint %s", target.url)
+        return target.url
+    images = read_photo_set(Location(photos, options))
+    config = TrainConfig(**train_config)
+    logger.info("priming on %d photos (%d steps at %d px)", len(images), config.total_steps(len(images)),
+                config.image_size)
+    with concurrency(GPU_LIMIT, occupy=1):
+        model, metadata = run_priming(images, listing_fingerprint(Location(photos, options)),
+                                      UNetConfig(**model_config), config, pick_device())
+    save_model_to(target, model, metadata)
+    logger.info("primed in %.1fs: %s", metadata["training_seconds"], target.url)
+    return target.url
+
+
+@task(name="train-style", task_run_name="train-style-{name}", cache_policy=NO_CACHE)
+def train_style_task(style: str, name: str, photos: str, primed: str, model_store: str, train_config: dict,
+                     loss_config: dict, style_size: int, vgg_weights: str | None = None,
+                     storage_options: dict | None = None, preset: str = "custom") -> str:
+    """Train one style from the primed checkpoint; writes ``<model_store>/models/<name>`` and returns its URL."""
+    logger = get_run_logger()
+    options = storage_options or {}
+    style_location = Location(style, options)
+    style_bytes = read_bytes(style_location)
+    style_image = decode_image(style_bytes)
+    images = read_photo_set(Location(photos, options))
+    primed_model, primed_metadata = load_model_from(Location(primed, options))
+    losses = LossConfig(**loss_config)
+    vgg = _load_vgg(vgg_weights, losses, options)
+    config = TrainConfig(**train_config)
+    logger.info("training %r on %d photos (%d steps at %d px)", name, len(images), config.total_steps(len(images)),
+                config.image_size)
+    with concurrency(GPU_LIMIT, occupy=1):
+        model, metadata, used_style = run_style_training(
+            name, images, listing_fingerprint(Location(photos, options)), style_image, style,
+            hashlib.sha256(style_bytes).hexdigest(), style_size, primed_model,
+            {"uri": primed, "weights_sha256": primed_metadata.get("weights_sha256")},
+            vgg, losses, config, pick_device(), preset,
+        )
+    target = Location(model_store, options).child(f"models/{name}")
+    buffer = io.BytesIO()
+    used_style.save(buffer, "JPEG", quality=95)
+    write_bytes(target.child("style.jpg"), buffer.getvalue())
+    save_model_to(target, model, metadata)
+    logger.info("trained %r in %.1fs: %s", name, metadata["training_seconds"], metadata["final_losses"])
+    return target.url
+
+
+def _load_vgg(weights: str | None, losses: LossConfig, options: dict) -> VGGFeatures:
+    path = None
+    if weights is not None:
+        location = Location(weights, options)
+        fs, local = location.filesystem()
+        if isinstance(fs, LocalFileSystem):
+            path = Path(local)
+        else:  # fetch a remote weights file (and its JSON description) into a temporary folder
+            folder = Path(tempfile.mkdtemp(prefix="stylize-vgg-"))
+            path = folder / Path(local).name
+            path.write_bytes(read_bytes(location))
+            description = Location(weights.rsplit(".", 1)[0] + ".json", options)
+            try:
+                path.with_suffix(".json").write_bytes(read_bytes(description))
+            except FileNotFoundError:
+                pass
+    features, source = load_vgg(path)
+    return VGGFeatures(features, source, layers_needed(source, losses))
+
+
+def ensure_gpu_limit(limit: int = 1) -> None:
+    """Create the global concurrency limit that training tasks take a slot of, if it does not exist yet."""
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_global_concurrency_limit_by_name(GPU_LIMIT)
+        except ObjectNotFound:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=limit))
+
+
+def model_metadata(url: str, storage_options: dict | None = None) -> dict:
+    return read_model_metadata(Location(url, storage_options or {}))

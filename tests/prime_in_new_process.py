@@ -1,0 +1,17 @@
+"""Runs the cached priming task once in a fresh process and prints its final state's name (used by the tests)."""
+
+import json
+import sys
+
+from prefect import flow
+
+from tasks.training_tasks import prime_autoencoder_task
+
+
+@flow
+def prime_once(arguments: dict) -> str:
+    return prime_autoencoder_task(**arguments, return_state=True).name
+
+
+if __name__ == "__main__":
+    print("STATE", prime_once(json.loads(sys.argv[1])))

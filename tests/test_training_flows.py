@@ -1,0 +1,96 @@
+"""Training flows against a GCS emulator and a Prefect test server: cached priming (also across processes),
+per-style training into a model store, and the whole pipeline in one run."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from prefect import flow
+from prefect.settings import PREFECT_API_URL
+
+from flows.style_pipeline import style_pipeline
+from flows.train_style import train_style
+from tasks.models import read_model_metadata
+from tasks.storage import Location
+from tasks.training_tasks import prime_autoencoder_task
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+REPO = Path(__file__).resolve().parent.parent
+TINY = {"steps": 2, "prime_steps": 2, "image_size": 32}
+PRIME_ARGS = {"model_config": {"base_channels": 4, "depth": 2, "norm": "instance", "max_channels": 256},
+              "train_config": {"image_size": 32, "batch_size": 2, "steps": 2, "epochs": None, "learning_rate": 1e-3,
+                               "final_learning_rate_fraction": 0.1, "seed": 0, "log_every": 1, "checkpoint_every": 100}}
+
+
+@pytest.fixture
+def bucket(gcs_emulator, bundled_photos, style_image):
+    """A fresh prefix in the emulated bucket with small photos, a style image and a model store."""
+    root = Location(f"gs://photos/{uuid.uuid4().hex[:8]}", gcs_emulator)
+    fs, path = root.filesystem()
+    for source in bundled_photos:
+        image = Image.open(source).convert("RGB")
+        image.thumbnail((48, 48))
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG")
+        fs.pipe_file(f"{path}/train/{source.name}", buffer.getvalue())
+    fs.pipe_file(f"{path}/styles/swirls.jpg", style_image.read_bytes())
+    return root
+
+
+def prime_state(arguments: dict) -> str:
+    @flow
+    def prime_once() -> str:
+        return prime_autoencoder_task(**arguments, return_state=True).name
+
+    return prime_once()
+
+
+def test_priming_is_cached_across_processes_and_invalidated_by_any_input_change(bucket, gcs_emulator):
+    arguments = {"photos": bucket.child("train").url, "model_store": bucket.child("store").url,
+                 "storage_options": gcs_emulator, **PRIME_ARGS}
+    assert prime_state(arguments) == "Completed"
+    assert prime_state(arguments) == "Cached"
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PYTHONPATH": str(REPO)}
+    result = subprocess.run([sys.executable, str(REPO / "tests" / "prime_in_new_process.py"), json.dumps(arguments)],
+                            capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert "STATE Cached" in result.stdout, result.stderr[-2000:]
+
+    changed_config = json.loads(json.dumps(arguments))
+    changed_config["train_config"]["learning_rate"] = 2e-3
+    assert prime_state(changed_config) == "Completed"
+
+    fs, path = bucket.child("train").filesystem()
+    fs.pipe_file(f"{path}/extra.jpg", (REPO / "stylecore/assets/photos/rocket.jpg").read_bytes())
+    assert prime_state(arguments) == "Completed"
+
+
+def test_train_style_writes_one_model_per_style_into_the_store(bucket, gcs_emulator, vgg_weights):
+    fs, path = bucket.filesystem()
+    fs.pipe_file(f"{path}/styles/second.jpg", fs.cat_file(f"{path}/styles/swirls.jpg"))
+    models = train_style([bucket.child("styles/swirls.jpg").url, bucket.child("styles/second.jpg").url],
+                         bucket.child("train").url, bucket.child("store").url, vgg_weights=str(vgg_weights),
+                         storage_options=gcs_emulator, **TINY)
+    assert models == [bucket.child("store/models/swirls").url, bucket.child("store/models/second").url]
+    for url in models:
+        metadata = read_model_metadata(Location(url, gcs_emulator))
+        assert metadata["kind"] == "style-model" and metadata["steps"] == 2
+        assert metadata["primed_from"]["uri"].startswith(bucket.child("store/primed/").url)
+        assert fs.exists(Location(url + "/style.jpg", gcs_emulator).filesystem()[1])
+
+
+def test_the_whole_pipeline_runs_in_one_flow(bucket, gcs_emulator, vgg_weights):
+    summary = style_pipeline([bucket.child("styles/swirls.jpg").url], bucket.child("train").url,
+                             bucket.child("store").url, source=bucket.child("train").url,
+                             destination=bucket.child("out").url, vgg_weights=str(vgg_weights),
+                             storage_options=gcs_emulator, shard_size=2, **TINY)
+    assert summary["counts"] == {"ok": 5, "skipped": 0, "error": 0}
+    assert summary["shards"] == 3
+    fs, path = bucket.child("out").filesystem()
+    assert fs.exists(f"{path}/manifest.parquet")
