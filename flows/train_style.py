@@ -67,3 +67,19 @@ def train_style(
     models = [future.result() for future in futures]
     get_run_logger().info("trained %d style models: %s", len(models), ", ".join(models))
     return models
+
+
+@flow(name="prime-autoencoder")
+def prime_photos(
+    photos: str,
+    model_store: str,
+    preset: str = "fast",
+    steps: int | None = None,
+    image_size: int | None = None,
+    batch_size: int | None = None,
+    storage_options: dict | None = None,
+) -> str:
+    """Prime the UNet as an autoencoder on ``photos`` (cached); returns the primed checkpoint's URL."""
+    prime_config, _, _ = training_plan(preset, None, steps, image_size, batch_size)
+    ensure_gpu_limit()
+    return prime_autoencoder_task(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from stylecore.cli import main
+from stylize.cli import main
 
 TINY = ["--steps", "3", "--prime-steps", "3", "--image-size", "32", "--batch-size", "2", "--style-size", "64", "--quiet"]
 STYLIZE = Path(sys.executable).parent / "stylize"

@@ -23,16 +23,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from . import images as image_io
-from .checkpoint import CheckpointError, load_model, read_metadata, save_model
-from .evaluate import contact_sheet, evaluate
-from .losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
-from .model import NORMS, UNet, UNetConfig
-from .recipes import content_term, photos_fingerprint, priming_key, run_priming, run_style_training
-from .store import HOME_VARIABLE, ModelStore, default_home
-from .stylize import stylize_images
-from .train import PRESETS, Preset, TrainConfig, with_overrides
-from .vgg import VGGFeatures, VGGWeightsError, load_vgg
+from stylecore import images as image_io
+from stylecore.checkpoint import CheckpointError, load_model, read_metadata, save_model
+from stylecore.evaluate import contact_sheet, evaluate
+from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
+from stylecore.model import NORMS, UNet, UNetConfig
+from stylecore.recipes import content_term, photos_fingerprint, priming_key, run_priming, run_style_training
+from stylecore.store import HOME_VARIABLE, ModelStore, default_home
+from stylecore.stylize import stylize_images
+from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
+from stylecore.vgg import VGGFeatures, VGGWeightsError, load_vgg
 
 VGG_VARIABLE = "STYLIZE_VGG_WEIGHTS"
 
@@ -88,6 +88,24 @@ def read_style_image(path: Path) -> tuple[Image.Image, str]:
     except image_io.ImageDecodeError as error:
         raise UserError(f"cannot read style image {path}: {error}") from None
     return image, hashlib.sha256(data).hexdigest()
+
+
+def is_url(text: str | None) -> bool:
+    return text is not None and "://" in str(text)
+
+
+def storage_options_from(args: argparse.Namespace) -> dict:
+    options = {}
+    for item in getattr(args, "storage_option", None) or []:
+        key, separator, value = item.partition("=")
+        if not separator or not key:
+            raise UserError(f"--storage-option must look like KEY=VALUE, not {item!r}")
+        options[key.strip()] = value
+    return options
+
+
+def model_store_for(args: argparse.Namespace) -> str:
+    return str(getattr(args, "model_store", None) or args.home)
 
 
 def pick_device(name: str) -> torch.device:
@@ -229,6 +247,17 @@ def obtain_primed(
 
 
 def cmd_prime(args: argparse.Namespace) -> int:
+    if is_url(args.photos) or is_url(getattr(args, "model_store", None)):
+        from flows.train_style import prime_photos
+
+        device = pick_device(args.device)
+        preset_name, _ = pick_preset(args, device)
+        url = prime_photos(args.photos, model_store_for(args), preset_name, steps=args.steps,
+                           image_size=args.image_size, batch_size=args.batch_size,
+                           storage_options=storage_options_from(args))
+        print(f"primed checkpoint: {url}")
+        return 0
+    args.photos = Path(args.photos)
     device = pick_device(args.device)
     store = ModelStore(args.home)
     _, preset = pick_preset(args, device)
@@ -302,7 +331,22 @@ def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photo
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    destination = train_one_style(args, args.style_image, args.name, args.photos)
+    if is_url(args.style_image) or is_url(args.photos) or is_url(getattr(args, "model_store", None)):
+        from flows.train_style import train_style
+
+        device = pick_device(args.device)
+        preset_name, _ = pick_preset(args, device)
+        loss = loss_config_from(args)
+        [url] = train_style(
+            [args.style_image], args.photos, model_store_for(args), names=[args.name], preset=preset_name,
+            steps=args.steps, prime_steps=args.prime_steps, image_size=args.image_size, batch_size=args.batch_size,
+            style_size=args.style_size, style_weight=args.style_weight, content_weight=args.content_weight,
+            tv_weight=args.tv_weight, style_layers=loss.style_layers, content_layer=args.content_layer,
+            vgg_weights=vgg_weights_path(args), storage_options=storage_options_from(args),
+        )
+        print(f"model: {url}")
+        return 0
+    destination = train_one_style(args, Path(args.style_image), args.name, Path(args.photos))
     print(f"model: {destination}")
     return 0
 
@@ -399,6 +443,9 @@ def _bounded_map(pool: ThreadPoolExecutor, function, items: list, ahead: int) ->
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if is_url(args.source) or is_url(args.destination) or is_url(args.model):
+        return run_bucket_flow(args)
+    args.source, args.destination = Path(args.source), Path(args.destination)
     device = pick_device(args.device)
     if not args.source.is_dir():
         raise UserError(f"source folder not found: {args.source}")
@@ -415,6 +462,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{counts['written']} written to {args.destination}, {counts['failed']} skipped (not decodable), "
           f"{counts['skipped_existing']} already there; {seconds:.1f}s, {rate:.1f} img/s with {metadata.get('name', path)}")
     return 0
+
+
+def run_bucket_flow(args: argparse.Namespace) -> int:
+    """Stylise a bucket with the stylize-bucket Prefect flow: manifest, skip-if-done, retried shards."""
+    from flows.stylize_bucket import stylize_bucket
+
+    if args.format == "same":
+        raise UserError("--format same is only for local folders; choose jpeg, png or webp for buckets")
+    model = args.model
+    if not is_url(model) and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    state = stylize_bucket(
+        args.source, args.destination, [model], model_store=model_store_for(args),
+        storage_options=storage_options_from(args), shard_size=args.shard_size, batch_size=args.batch_size,
+        output_format=args.format, quality=args.quality, max_pixels=args.max_pixels, retries=args.retries,
+        return_state=True,
+    )
+    if state.is_completed():
+        summary = state.result()
+        counts = summary["counts"]
+        print(f"{counts['ok']} written, {counts['skipped']} already done, {counts['error']} not decodable "
+              f"({summary['images']} images, {summary['shards']} shards, {summary['images_per_second']} img/s); "
+              f"manifest: {summary['manifest_uri']}")
+        return 0
+    message = state.message or "the flow run failed"
+    print(f"stylize: error: {message.splitlines()[0]}; run the same command again to retry "
+          "(only missing and failed images are redone)", file=sys.stderr)
+    return 1
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -548,6 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to compute (default: auto = cuda if available)")
     common.add_argument("--quiet", action="store_true", help="no progress bars")
+    common.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                        help="fsspec storage option for URLs, repeatable (e.g. project=my-project, "
+                             "endpoint_url=http://127.0.0.1:9023, token=anon)")
+    common.add_argument("--model-store", metavar="URL",
+                        help="model store for the Prefect flows (default: the --home folder)")
 
     vgg = argparse.ArgumentParser(add_help=False)
     vgg.add_argument("--vgg-weights", metavar="PATH",
@@ -586,7 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train the UNet to reconstruct photos. The result is cached under "
                                             "$STYLIZE_HOME/primed by photo set and configuration, and reused by "
                                             "every style trained from the same photos.")
-    prime.add_argument("photos", type=Path, metavar="PHOTOS", help="folder of photos (searched recursively)")
+    prime.add_argument("photos", metavar="PHOTOS", help="folder or URL of photos (searched recursively)")
     prime.add_argument("--out", type=Path, help="also copy the primed checkpoint into this folder")
     prime.add_argument("--content-weight", type=non_negative_float, default=0.0,
                        help="add this much VGG content distance to the pixel loss (default 0: pixels only; "
@@ -599,8 +679,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Train a style model, starting from a primed autoencoder (primed "
                                             "first, or taken from the cache, if --primed is not given). An "
                                             "interrupted run resumes when the same command is run again.")
-    train.add_argument("style_image", type=Path, metavar="STYLE_IMAGE", help="the painting whose style to learn")
-    train.add_argument("--photos", type=Path, required=True, help="folder of training photos (recursive)")
+    train.add_argument("style_image", metavar="STYLE_IMAGE", help="the painting whose style to learn (path or URL)")
+    train.add_argument("--photos", required=True, help="folder or URL of training photos (recursive)")
     train.add_argument("--name", required=True, help="model name in the store")
     train.add_argument("--primed", help="primed checkpoint (folder or .safetensors) to start from")
     train.add_argument("--force", action="store_true", help="replace an existing model of the same name")
@@ -611,8 +691,8 @@ def build_parser() -> argparse.ArgumentParser:
                               help="stylise every image under a folder into another folder",
                               description="Stylise every image under SRC (recursive) into DST with the same "
                                           "relative paths. Files that cannot be decoded are reported and skipped.")
-    run.add_argument("source", type=Path, metavar="SRC", help="folder of input images")
-    run.add_argument("destination", type=Path, metavar="DST", help="output folder (created)")
+    run.add_argument("source", metavar="SRC", help="folder or URL (gs://, file://, ...) of input images")
+    run.add_argument("destination", metavar="DST", help="output folder or URL (created)")
     run.add_argument("--model", required=True, help="model name in the store, or a model folder / .safetensors path")
     run.add_argument("--format", default="jpeg", help="output format: jpeg, png, webp or same (default jpeg)")
     run.add_argument("--quality", type=quality, default=90, help="JPEG/WebP quality (default 90)")
@@ -620,6 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--max-pixels", type=positive_int, default=image_io.DEFAULT_MAX_PIXELS,
                      help=f"refuse images with more pixels (default {image_io.DEFAULT_MAX_PIXELS:,})")
     run.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist alone")
+    run.add_argument("--shard-size", type=positive_int, default=256, help="images per shard task, for URLs (default 256)")
+    run.add_argument("--retries", type=int, default=3, help="retries of a failed shard, for URLs (default 3)")
     run.set_defaults(func=cmd_run)
 
     evaluate_parser = commands.add_parser("eval", parents=[common, vgg],

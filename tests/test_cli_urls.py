@@ -1,0 +1,72 @@
+"""The CLI on URLs runs the Prefect flows: a GCS bucket in and out, a summary, and a non-zero exit naming the
+retry when shards fail."""
+
+import io
+import uuid
+
+import fsspec
+import pytest
+from PIL import Image
+
+from stylize.cli import main
+from tasks import manifest
+from tasks.storage import Location
+from tests.test_cli import TINY
+from tests.test_stylize_bucket_flow import FlakyStore
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, vgg_weights):
+    monkeypatch.setenv("STYLIZE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STYLIZE_VGG_WEIGHTS", str(vgg_weights))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def gcs_bucket(gcs_emulator, photo_dir, style_image):
+    root = Location(f"gs://photos/{uuid.uuid4().hex[:8]}", gcs_emulator)
+    fs, path = root.filesystem()
+    for photo in sorted(photo_dir.rglob("*.jpg")):
+        fs.pipe_file(f"{path}/in/{photo.relative_to(photo_dir).as_posix()}", photo.read_bytes())
+    fs.pipe_file(f"{path}/in/broken.jpg", b"not an image")
+    fs.pipe_file(f"{path}/style.jpg", style_image.read_bytes())
+    options = [arg for key, value in gcs_emulator.items() for arg in ("--storage-option", f"{key}={value}")]
+    return root, options
+
+
+def test_train_and_run_on_a_gcs_bucket(home, gcs_bucket, capsys):
+    root, options = gcs_bucket
+    assert main(["train", root.child("style.jpg").url, "--photos", root.child("in").url, "--name", "g",
+                 *options, *TINY]) == 0
+    assert (home / "models" / "g" / "model.json").is_file()
+    capsys.readouterr()
+
+    assert main(["run", root.child("in").url, root.child("out").url, "--model", "g", "--shard-size", "2",
+                 *options, "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "5 written, 0 already done, 1 not decodable" in out and "manifest: gs://" in out
+    table = manifest.read_table(root.child("out/manifest.parquet"))
+    assert table.num_rows == 6
+
+    assert main(["run", root.child("in").url, root.child("out").url, "--model", "g", "--shard-size", "2",
+                 *options, "--quiet"]) == 0
+    assert "0 written, 5 already done" in capsys.readouterr().out
+
+
+def test_failed_shards_exit_non_zero_and_name_the_retry(home, photo_dir, style_image, tmp_path, capsys):
+    assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "m", *TINY]) == 0
+    fsspec.register_implementation("flaky", FlakyStore, clobber=True)
+    destination = f"flaky://{uuid.uuid4().hex[:8]}/out"
+    FlakyStore.broken_marker = "/out/sub/"
+    try:
+        code = main(["run", str(photo_dir), destination, "--model", "m", "--shard-size", "2", "--retries", "0",
+                     "--quiet"])
+    finally:
+        FlakyStore.broken_marker = None
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "shards failed" in captured.err and "run the same command again" in captured.err
+    assert main(["run", str(photo_dir), destination, "--model", "m", "--shard-size", "2", "--quiet"]) == 0
+    assert "already done" in capsys.readouterr().out
