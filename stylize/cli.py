@@ -33,6 +33,7 @@ from stylecore.store import HOME_VARIABLE, ModelStore, default_home
 from stylecore.stylize import stylize_images
 from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
 from stylecore.vgg import VGGFeatures, VGGWeightsError, load_vgg
+from tasks.bucket import bounded_map
 
 VGG_VARIABLE = "STYLIZE_VGG_WEIGHTS"
 
@@ -399,7 +400,7 @@ def stylize_folder(
     workers = max(2, min(8, os.cpu_count() or 2))
     progress_bar = bar(len(todo), "stylizing", quiet, "img")
     with ThreadPoolExecutor(workers) as decoders, ThreadPoolExecutor(workers) as writers:
-        decoded = _bounded_map(decoders, decode, todo, ahead=batch_size * 4)
+        decoded = bounded_map(decoders, decode, todo, ahead=batch_size * 4)
         good: list[tuple[Path, Path]] = []
 
         def tensors() -> Iterator[torch.Tensor]:
@@ -424,22 +425,6 @@ def stylize_folder(
             future.result()
     progress_bar.close()
     return counts
-
-
-def _bounded_map(pool: ThreadPoolExecutor, function, items: list, ahead: int) -> Iterator:
-    """pool.map that keeps at most ``ahead`` results in flight, so memory does not grow with the input."""
-    futures = []
-    iterator = iter(items)
-    for item in iterator:
-        futures.append(pool.submit(function, item))
-        if len(futures) >= ahead:
-            break
-    while futures:
-        result = futures.pop(0).result()
-        nxt = next(iterator, None)
-        if nxt is not None:
-            futures.append(pool.submit(function, nxt))
-        yield result
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -167,7 +167,7 @@ def stylize_shard(
 
         pending: deque[tuple[Future, str]] = deque()
         window = max(options.batch_size * 4, 8)
-        for group in _windows(_bounded_map(readers, read_and_decode, todo, ahead=window), window):
+        for group in _windows(bounded_map(readers, read_and_decode, todo, ahead=window), window):
             for model_name, model in models.items():
                 wanted = [decoded for decoded, names in group if model_name in names]
                 for decoded in wanted:
@@ -253,10 +253,11 @@ def _windows(items: Iterable, size: int) -> Iterator[list]:
         yield window
 
 
-def _bounded_map(pool: ThreadPoolExecutor, function, items: list, ahead: int) -> Iterator:
+def bounded_map(pool: ThreadPoolExecutor, function, items: list, ahead: int) -> Iterator:
     """``pool.map`` that keeps at most ``ahead`` calls in flight, so memory does not grow with the input."""
     iterator = iter(items)
-    futures: deque[Future] = deque(pool.submit(function, item) for item, _ in zip(iterator, range(ahead)))
+    # range first: zip must not pull an item from the iterator that it then drops
+    futures: deque[Future] = deque(pool.submit(function, item) for _, item in zip(range(ahead), iterator))
     while futures:
         result = futures.popleft().result()
         for item in iterator:

@@ -155,3 +155,21 @@ def test_a_gcs_bucket_is_read_and_written_through_gcsfs(gcs_emulator):
     assert result.counts == {"ok": 2, "skipped": 0, "error": 1}
     assert set(read_outputs(destination)) == {"a.jpg", "sub/b.jpg"}
     assert result.part_uri.startswith("gs://photos/")
+
+
+def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {f"img{i:03}.jpg": jpeg((i * 5, 0, 0), (8, 8)) for i in range(45)})
+    [shard] = list_shards(source, 100)
+    result = stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions(batch_size=2))
+    assert result.counts["ok"] == 45
+    assert len(read_outputs(destination)) == 45
+
+
+def test_bounded_map_keeps_order_and_every_item():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.bucket import bounded_map
+
+    with ThreadPoolExecutor(3) as pool:
+        assert list(bounded_map(pool, lambda x: x * x, list(range(50)), ahead=4)) == [x * x for x in range(50)]

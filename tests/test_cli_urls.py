@@ -1,12 +1,10 @@
 """The CLI on URLs runs the Prefect flows: a GCS bucket in and out, a summary, and a non-zero exit naming the
 retry when shards fail."""
 
-import io
 import uuid
 
 import fsspec
 import pytest
-from PIL import Image
 
 from stylize.cli import main
 from tasks import manifest

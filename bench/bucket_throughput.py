@@ -1,0 +1,173 @@
+"""End-to-end bucket stylisation against the model alone, with and without Prefect, on local disk or a GCS
+emulator, with peak RSS per run (each run in its own process).
+
+    .venv/bin/python bench/bucket_throughput.py --images 1000 --size 128          # the matrix below
+    .venv/bin/python bench/bucket_throughput.py --images 1000 --size 128 --only flow-local
+
+Runs: model (forward only, batch of decoded tensors), loop-local (the shard function over every shard, no
+Prefect), flow-local and flow-gcs (the stylize-bucket flow). Prints a table and one JSON line per run.
+Input photos: ../shared/data/photos when present, else the bundled ones, centre-cropped to SIZE and
+re-encoded as JPEG. Not part of the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+
+REPO = Path(__file__).resolve().parent.parent
+RUNS = ("model", "loop-local", "flow-local", "flow-gcs")
+
+
+def make_images(folder: Path, count: int, size: int) -> None:
+    from PIL import Image, ImageOps
+
+    shared = REPO.parent / "shared" / "data" / "photos" / "train"
+    sources = sorted(shared.glob("*.jpg")) or sorted((REPO / "stylecore" / "assets" / "photos").glob("*.jpg"))
+    crops = [ImageOps.fit(Image.open(p).convert("RGB"), (size, size)) for p in sources[:64]]
+    encoded = []
+    for crop in crops:
+        buffer = io.BytesIO()
+        crop.save(buffer, "JPEG", quality=90)
+        encoded.append(buffer.getvalue())
+    for index in range(count):
+        path = folder / f"d{index // 1000:03}" / f"img{index:06}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encoded[index % len(encoded)])
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int) -> dict:
+    import torch
+
+    from stylecore.model import UNet, UNetConfig
+    from tasks.models import save_model_to
+    from tasks.storage import Location
+
+    torch.manual_seed(0)
+    store = Location(str(work / "store"))
+    if not (work / "store" / "models" / "bench" / "model.json").exists():
+        save_model_to(store.child("models/bench"), UNet(UNetConfig()).eval(), {"name": "bench"})
+    count = sum(1 for _ in images.rglob("*.jpg"))
+    started = time.perf_counter()
+
+    if kind == "model":
+        from stylecore.images import decode_image, image_to_tensor
+        from stylecore.stylize import stylize_batch
+        from tasks.models import load_model_from
+
+        model, _ = load_model_from(store.child("models/bench"))
+        sample = [image_to_tensor(decode_image(p.read_bytes())) for p in sorted(images.rglob("*.jpg"))[:batch]]
+        batch_tensor = torch.stack(sample)
+        stylize_batch(model, batch_tensor)  # warm-up
+        started = time.perf_counter()
+        done = 0
+        while done < count:
+            stylize_batch(model, batch_tensor)
+            done += batch
+        seconds = time.perf_counter() - started
+        return {"run": kind, "images": count, "seconds": round(seconds, 2), "img_per_s": round(done / seconds, 2),
+                "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+    if kind == "loop-local":
+        from tasks.bucket import ShardOptions, list_shards, stylize_shard
+        from tasks.models import load_model_from
+
+        model, _ = load_model_from(store.child("models/bench"))
+        source, destination = Location(str(images)), Location(str(work / "out-loop"))
+        for shard in list_shards(source, shard_size):
+            stylize_shard(shard, source, destination, {"bench": model}, ShardOptions(batch_size=batch))
+    else:
+        from flows.stylize_bucket import stylize_bucket
+
+        options = {}
+        source, destination = str(images), str(work / "out-flow")
+        server = None
+        if kind == "flow-gcs":
+            import socket
+
+            from gcp_storage_emulator.server import create_server
+
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = probe.getsockname()[1]
+            server = create_server("127.0.0.1", port, in_memory=True, default_bucket="bench")
+            server.start()
+            options = {"endpoint_url": f"http://127.0.0.1:{port}", "token": "anon", "project": "bench"}
+            fs, _ = Location("gs://bench/in", options).filesystem()
+            for path in sorted(images.rglob("*.jpg")):
+                fs.pipe_file(f"bench/in/{path.relative_to(images).as_posix()}", path.read_bytes())
+            source, destination = "gs://bench/in", "gs://bench/out"
+            started = time.perf_counter()
+        summary = stylize_bucket(source, destination, ["bench"], model_store=store.url, storage_options=options,
+                                 shard_size=shard_size, batch_size=batch)
+        if server is not None:
+            server.stop()
+        assert summary["counts"]["ok"] == count, summary
+        # The flow's own wall time: Prefect's one-off ephemeral server start (7-16 s per process) is left out,
+        # as it is when a server is running; it is reported separately.
+        process_seconds = time.perf_counter() - started
+        return {"run": kind, "images": count, "seconds": summary["seconds"],
+                "img_per_s": round(count / summary["seconds"], 2), "peak_rss_mb": round(peak_rss_mb(), 1),
+                "process_seconds": round(process_seconds, 2)}
+    seconds = time.perf_counter() - started
+    return {"run": kind, "images": count, "seconds": round(seconds, 2), "img_per_s": round(count / seconds, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--only", choices=RUNS)
+    parser.add_argument("--work", type=Path, help="(internal) working folder holding images/")
+    args = parser.parse_args()
+
+    if args.only and args.work:
+        print(json.dumps(run_one(args.only, args.work / "images", args.work, args.batch, args.shard_size)))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="stylize-bench-") as folder:
+        work = Path(folder)
+        make_images(work / "images", args.images, args.size)
+        env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PYTHONPATH": str(REPO)}
+        results = []
+        for kind in [args.only] if args.only else RUNS:
+            command = [sys.executable, __file__, "--only", kind, "--work", str(work), "--images", str(args.images),
+                       "--size", str(args.size), "--batch", str(args.batch), "--shard-size", str(args.shard_size)]
+            process = subprocess.run(command, capture_output=True, text=True, env=env)
+            if process.returncode != 0:
+                sys.exit(f"{kind} failed:\n{process.stderr[-3000:]}")
+            results.append(json.loads(process.stdout.strip().splitlines()[-1]))
+            print(json.dumps({**results[-1], "size": args.size, "batch": args.batch}), flush=True)
+    model = next((r["img_per_s"] for r in results if r["run"] == "model"), None)
+    loop = next((r["seconds"] for r in results if r["run"] == "loop-local"), None)
+    print(f"\n{args.images} images at {args.size}px, batch {args.batch}, shards of {args.shard_size}")
+    print(f"{'run':12}{'img/s':>9}{'x model':>9}{'seconds':>9}{'peak RSS MB':>13}")
+    for r in results:
+        ratio = f"{r['img_per_s'] / model:.2f}" if model else "-"
+        print(f"{r['run']:12}{r['img_per_s']:>9.1f}{ratio:>9}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}")
+    flow = next((r["seconds"] for r in results if r["run"] == "flow-local"), None)
+    if loop and flow:
+        print(f"Prefect overhead (flow-local vs loop-local): {100 * (flow - loop) / loop:+.1f}%")
+
+
+if __name__ == "__main__":
+    main()
