@@ -136,7 +136,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("--only", choices=RUNS)
+    parser.add_argument("--only", choices=RUNS, help="run just this one")
+    parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--work", type=Path, help="(internal) working folder holding images/")
     args = parser.parse_args()
 
@@ -149,7 +150,7 @@ def main() -> None:
         make_images(work / "images", args.images, args.size)
         env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PYTHONPATH": str(REPO)}
         results = []
-        for kind in [args.only] if args.only else RUNS:
+        for kind in [args.only] if args.only else args.runs.split(","):
             command = [sys.executable, __file__, "--only", kind, "--work", str(work), "--images", str(args.images),
                        "--size", str(args.size), "--batch", str(args.batch), "--shard-size", str(args.shard_size)]
             process = subprocess.run(command, capture_output=True, text=True, env=env)
