@@ -4,12 +4,15 @@ import io
 import uuid
 
 import duckdb
+import pandas
 import fsspec
 import pyarrow.parquet as pq
 import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
 from flows.stylize_bucket import ShardsFailed, stylize_bucket
 from stylecore.model import UNet, UNetConfig
@@ -56,12 +59,29 @@ def test_a_bucket_is_stylised_with_a_typed_manifest_readable_by_pyarrow_and_duck
     assert len(set(table.column("flow_run_id").to_pylist())) == 1
     errors = duckdb.sql(f"select count(*), min(error) from '{destination / 'manifest.parquet'}' where status = 'error'").fetchone()
     assert errors[0] == 2 and "not a recognised image format" in errors[1]
+    frame = pandas.read_parquet(destination / "manifest.parquet")
+    assert str(frame["width"].dtype) == "Int32" or str(frame["width"].dtype).startswith(("int", "float"))
+    assert str(frame["finished_at"].dtype).startswith("datetime64") and len(frame) == 9
     ok = duckdb.sql(f"select output_uri from '{destination / 'manifest.parquet'}' where status = 'ok'").fetchall()
     for (uri,) in ok:
         assert Image.open(uri).size == (24, 16)
 
     again = stylize_bucket(str(tmp_path / "in"), str(destination), ["tiny"], model_store=model_store, shard_size=3)
     assert again["counts"] == {"ok": 0, "skipped": 7, "error": 2}
+
+
+def test_a_run_leaves_progress_table_and_summary_artifacts(tmp_path, model_store):
+    make_bucket(tmp_path / "in", 4)
+    state = stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny"], model_store=model_store,
+                           shard_size=2, return_state=True)
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    by_type = {artifact.type: artifact for artifact in artifacts}
+    assert {"progress", "table", "markdown"} <= set(by_type)
+    assert float(by_type["progress"].data) == 100.0
+    assert "ok 4, skipped 0, error 0" in by_type["markdown"].data
 
 
 class FlakyStore(MemoryFileSystem):
