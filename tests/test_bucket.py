@@ -68,10 +68,12 @@ def test_keys_never_climb_out_of_the_destination():
     assert output_key("a/b.png", "m", True, "webp") == "m/a/b.webp"
 
 
-@pytest.mark.parametrize("scheme", ["local", "memory"])
+@pytest.mark.parametrize("scheme", ["local", "file", "memory"])
 def test_a_shard_writes_outputs_and_one_manifest_row_per_image(scheme, tmp_path):
     if scheme == "local":
         source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    elif scheme == "file":
+        source, destination = Location(f"file://{tmp_path}/in"), Location(f"file://{tmp_path}/out")
     else:
         run = uuid.uuid4().hex[:8]
         source, destination = Location(f"memory://{run}/in"), Location(f"memory://{run}/out")
