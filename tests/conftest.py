@@ -111,3 +111,11 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch, vgg_weights):
+    """A fresh $STYLIZE_HOME, with $STYLIZE_VGG_WEIGHTS pointing at the session's VGG weights."""
+    monkeypatch.setenv("STYLIZE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("STYLIZE_VGG_WEIGHTS", str(vgg_weights))
+    return tmp_path / "home"

@@ -18,13 +18,6 @@ STYLIZE = Path(sys.executable).parent / "stylize"
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch, vgg_weights):
-    monkeypatch.setenv("STYLIZE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("STYLIZE_VGG_WEIGHTS", str(vgg_weights))
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def trained(home, photo_dir, style_image, capsys):
     assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "swirls", *TINY]) == 0
     capsys.readouterr()

@@ -16,13 +16,6 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 @pytest.fixture
-def home(tmp_path, monkeypatch, vgg_weights):
-    monkeypatch.setenv("STYLIZE_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("STYLIZE_VGG_WEIGHTS", str(vgg_weights))
-    return tmp_path / "home"
-
-
-@pytest.fixture
 def gcs_bucket(gcs_emulator, photo_dir, style_image):
     root = Location(f"gs://photos/{uuid.uuid4().hex[:8]}", gcs_emulator)
     fs, path = root.filesystem()
