@@ -13,7 +13,7 @@ from prefect import flow, get_run_logger
 from stylecore.losses import LossConfig
 from stylecore.model import UNetConfig
 from stylecore.train import PRESETS, with_overrides
-from tasks.training_tasks import ensure_gpu_limit, prime_autoencoder_task, train_style_task
+from tasks.training_tasks import ensure_gpu_limit, primed_checkpoint, train_style_task
 
 
 def training_plan(preset: str, steps: int | None, prime_steps: int | None, image_size: int | None,
@@ -58,7 +58,7 @@ def train_style(
         if value is not None:
             setattr(loss, field, value)
     ensure_gpu_limit()
-    primed = prime_autoencoder_task(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)
+    primed = primed_checkpoint(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)
     futures = [
         train_style_task.submit(style, name, photos, primed, model_store, style_config, asdict(loss),
                                 style_size or default_style_size, vgg_weights, storage_options, preset)
@@ -82,4 +82,4 @@ def prime_photos(
     """Prime the UNet as an autoencoder on ``photos`` (cached); returns the primed checkpoint's URL."""
     prime_config, _, _ = training_plan(preset, None, steps, image_size, batch_size)
     ensure_gpu_limit()
-    return prime_autoencoder_task(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)
+    return primed_checkpoint(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)

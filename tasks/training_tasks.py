@@ -76,6 +76,22 @@ def priming_cache_key(context: TaskRunContext, parameters: dict) -> str:
     return f"stylize-prime-{_priming_key(parameters)}-{parameters['model_store']}"
 
 
+def primed_checkpoint(photos: str, model_store: str, model_config: dict, train_config: dict,
+                      storage_options: dict | None = None, return_state: bool = False):
+    """Run the cached priming task, refreshing its cache when the checkpoint a cached result would point to
+    is gone from the model store (deleted, or never finished)."""
+    parameters = {"photos": photos, "model_store": model_store, "model_config": model_config,
+                  "train_config": train_config, "storage_options": storage_options}
+    task_ = prime_autoencoder_task.with_options(refresh_cache=priming_is_missing(parameters))
+    return task_(photos, model_store, model_config, train_config, storage_options, return_state=return_state)
+
+
+def priming_is_missing(parameters: dict) -> bool:
+    """Whether the primed checkpoint for these priming-task parameters is absent from the model store."""
+    store = Location(parameters["model_store"], parameters.get("storage_options") or {})
+    return not is_complete(store.child(f"primed/{_priming_key(parameters)}"))
+
+
 @task(name="prime-autoencoder", cache_key_fn=priming_cache_key, persist_result=True, result_serializer="json")
 def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, train_config: dict,
                            storage_options: dict | None = None) -> str:

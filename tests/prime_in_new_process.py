@@ -1,16 +1,16 @@
-"""Runs the cached priming task once in a fresh process and prints its final state's name (used by the tests)."""
+"""Runs the cached priming (as the flows call it) once in a fresh process and prints its final state's name (used by the tests)."""
 
 import json
 import sys
 
 from prefect import flow
 
-from tasks.training_tasks import prime_autoencoder_task
+from tasks.training_tasks import primed_checkpoint
 
 
 @flow
 def prime_once(arguments: dict) -> str:
-    return prime_autoencoder_task(**arguments, return_state=True).name
+    return primed_checkpoint(**arguments, return_state=True).name
 
 
 if __name__ == "__main__":

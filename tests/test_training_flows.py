@@ -18,7 +18,7 @@ from flows.style_pipeline import style_pipeline
 from flows.train_style import train_style
 from tasks.models import read_model_metadata
 from tasks.storage import Location
-from tasks.training_tasks import prime_autoencoder_task
+from tasks.training_tasks import primed_checkpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 REPO = Path(__file__).resolve().parent.parent
@@ -46,7 +46,7 @@ def bucket(gcs_emulator, bundled_photos, style_image):
 def prime_state(arguments: dict) -> str:
     @flow
     def prime_once() -> str:
-        return prime_autoencoder_task(**arguments, return_state=True).name
+        return primed_checkpoint(**arguments, return_state=True).name
 
     return prime_once()
 
@@ -61,6 +61,12 @@ def test_priming_is_cached_across_processes_and_invalidated_by_any_input_change(
     result = subprocess.run([sys.executable, str(REPO / "tests" / "prime_in_new_process.py"), json.dumps(arguments)],
                             capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
     assert "STATE Cached" in result.stdout, result.stderr[-2000:]
+
+    # A cached result whose checkpoint was deleted from the store is not trusted: priming runs again.
+    fs, primed = bucket.child("store/primed").filesystem()
+    fs.rm(primed, recursive=True)
+    assert prime_state(arguments) == "Completed"
+    assert prime_state(arguments) == "Cached"
 
     changed_config = json.loads(json.dumps(arguments))
     changed_config["train_config"]["learning_rate"] = 2e-3
