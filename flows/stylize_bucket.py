@@ -16,7 +16,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from stylecore.images import DEFAULT_MAX_PIXELS
-from tasks.stylize_tasks import combine_manifest, ingest, stylize_shard_task
+from tasks.stylize_tasks import combine_manifest, ingest, record_run, stylize_shard_task
 
 
 class ShardsFailed(RuntimeError):
@@ -44,6 +44,9 @@ def stylize_bucket(
     started = time.perf_counter()
     shards = ingest(source, shard_size, storage_options, exclude=destination)
     options = {"output_format": output_format, "quality": quality, "batch_size": batch_size, "max_pixels": max_pixels}
+    # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.
+    record_run(destination, {"source": source, "models": models, "model_store": model_store,
+                             "shard_size": shard_size, **options}, storage_options)
     delays = [retry_delay_seconds * 2**attempt for attempt in range(retries)]  # exponential backoff
     shard_task = stylize_shard_task.with_options(retries=retries, retry_delay_seconds=delays)
     futures = [shard_task.submit(shard, source, destination, models, model_store, options, storage_options)

@@ -5,6 +5,7 @@ Tasks exchange URLs, shard descriptions and small summaries, never tensors or im
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 import torch
@@ -14,7 +15,7 @@ from prefect.runtime import flow_run
 from . import manifest
 from .bucket import MANIFEST_NAME, PARTS_FOLDER, Shard, ShardOptions, list_shards, part_location, stylize_shard
 from .models import load_model_from, model_location
-from .storage import Location
+from .storage import Location, read_bytes, write_bytes
 
 
 def pick_device() -> str:
@@ -62,4 +63,19 @@ def combine_manifest(destination: str, shard_ids: list[str], storage_options: di
             "counts": manifest.counts(table)}
 
 
-__all__ = ["ingest", "stylize_shard_task", "combine_manifest", "PARTS_FOLDER"]
+RUN_RECORD = f"{PARTS_FOLDER}/run.json"
+
+
+@task(name="record-run", retries=3, retry_delay_seconds=1)
+def record_run(destination: str, parameters: dict, storage_options: dict | None = None) -> None:
+    """Remember the parameters of the last run into ``destination`` (without storage options)."""
+    write_bytes(Location(destination, storage_options or {}).child(RUN_RECORD),
+                (json.dumps(parameters, indent=2) + "\n").encode())
+
+
+def recorded_run(destination: str, storage_options: dict | None = None) -> dict:
+    try:
+        return json.loads(read_bytes(Location(destination, storage_options or {}).child(RUN_RECORD)))
+    except FileNotFoundError:
+        raise ValueError(f"{destination} has no record of a stylize-bucket run ({RUN_RECORD} not found)") from None
+

@@ -14,6 +14,7 @@ from PIL import Image
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
+from flows.retry_failed import retry_failed
 from flows.stylize_bucket import ShardsFailed, stylize_bucket
 from stylecore.model import UNet, UNetConfig
 from tasks import manifest
@@ -85,17 +86,18 @@ def test_a_run_leaves_progress_table_and_summary_artifacts(tmp_path, model_store
 
 
 class FlakyStore(MemoryFileSystem):
-    """A real in-memory filesystem whose writes fail: the first ``failures`` ones, and any whose path
-    contains ``broken_marker``."""
+    """A real in-memory filesystem whose writes fail: the first ``failures`` image outputs, and any write whose
+    path contains ``broken_marker``."""
 
     protocol = "flaky"
     failures = 0
+    failure_marker = "/out/part"  # transient failures hit image outputs only
     broken_marker: str | None = None
 
     def pipe_file(self, path, value, **kwargs):
         if FlakyStore.broken_marker and FlakyStore.broken_marker in path:
             raise OSError(f"simulated outage writing {path}")
-        if FlakyStore.failures > 0:
+        if FlakyStore.failures > 0 and FlakyStore.failure_marker in path:
             FlakyStore.failures -= 1
             raise OSError("simulated transient write failure")
         return super().pipe_file(path, value, **kwargs)
@@ -132,3 +134,24 @@ def test_shards_failing_after_retries_fail_the_run_and_a_rerun_redoes_only_them(
     summary = stylize_bucket(str(tmp_path / "in"), flaky_destination, ["tiny"], model_store=model_store, shard_size=3)
     assert summary["counts"] == {"ok": 3, "skipped": 6, "error": 0}
     assert summary["rows"] == 9
+
+
+@pytest.mark.parametrize("by", ["destination", "flow_run_id"])
+def test_retry_failed_redoes_only_the_failed_shards(by, tmp_path, model_store, flaky_destination):
+    make_bucket(tmp_path / "in", 9)
+    FlakyStore.broken_marker = "/out/part2/"
+    state = stylize_bucket(str(tmp_path / "in"), flaky_destination, ["tiny"], model_store=model_store, shard_size=3,
+                           retries=0, return_state=True)
+    assert state.is_failed()
+    FlakyStore.broken_marker = None
+    if by == "destination":
+        summary = retry_failed(destination=flaky_destination)
+    else:
+        summary = retry_failed(flow_run_id=str(state.state_details.flow_run_id))
+    assert summary["counts"] == {"ok": 3, "skipped": 6, "error": 0}
+    assert manifest.read_table(Location(flaky_destination + "/manifest.parquet")).num_rows == 9
+
+
+def test_retry_failed_without_an_earlier_run_says_so(tmp_path):
+    with pytest.raises(ValueError, match="has no record of a stylize-bucket run"):
+        retry_failed(destination=str(tmp_path / "never-written"))
