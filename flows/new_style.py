@@ -1,0 +1,79 @@
+"""Train a new style from a form: the parameters are one pydantic model, so the Prefect UI renders a form
+with titles, descriptions, defaults and validation, and bad values are refused before any training starts.
+
+    check the inputs -> train-style (priming cached) -> the new model's URL
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.train_style import train_style
+from stylecore.images import ImageDecodeError, decode_image
+from stylecore.store import default_home
+from tasks.storage import IMAGE_EXTENSIONS, Location, StorageError, list_files, read_bytes
+
+
+class TrainStyleRequest(BaseModel):
+    """A new style model: which painting, which photos, how long to train."""
+
+    model_config = ConfigDict(title="New style model", extra="forbid")
+
+    style_image_url: str = Field(title="Style image URL", min_length=1,
+                                 description="The painting whose style to learn: a path or URL (gs://, file://, ...).")
+    model_name: str = Field(title="Model name", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+                            description="Name of the new model in the model store: letters, digits, '.', '_', '-'.")
+    photos_url: str = Field(title="Photo set URL", min_length=1,
+                            description="Folder or bucket prefix of training photos, searched recursively.")
+    preset: Literal["fast", "full"] = Field("fast", title="Training preset",
+                                            description="fast: minutes on a CPU; full: the original budget "
+                                                        "(60 priming + 120 style epochs at 256 px), for a GPU.")
+    style_weight: float = Field(1.0, gt=0, le=1e6, title="Style weight",
+                                description="Weight of the style (Gram) loss.")
+    content_weight: float = Field(0.25, ge=0, le=1e6, title="Content weight",
+                                  description="Weight of the content (feature) loss; higher keeps more of the photo.")
+    tv_weight: float = Field(0.0, ge=0, le=1e6, title="Total-variation weight",
+                             description="Smoothness term; 0 turns it off.")
+    steps: int | None = Field(None, ge=1, le=10_000_000, title="Style steps (optional)",
+                              description="Override the preset's number of style-training steps.")
+    prime_steps: int | None = Field(None, ge=1, le=10_000_000, title="Priming steps (optional)",
+                                    description="Override the preset's number of priming steps.")
+    image_size: int | None = Field(None, ge=16, le=2048, title="Crop size (optional)",
+                                   description="Override the preset's training crop size in pixels.")
+    model_store: str | None = Field(None, title="Model store URL (optional)",
+                                    description="Where models are kept; default: the worker's $STYLIZE_HOME.")
+
+
+@flow(name="train-new-style")
+def train_new_style(request: TrainStyleRequest, storage_options: dict | None = None) -> str:
+    """Train one new style model from the form's values; returns the model's URL."""
+    check_inputs(request, storage_options or {})
+    [model] = train_style(
+        [request.style_image_url], request.photos_url, request.model_store or str(default_home()),
+        names=[request.model_name], preset=request.preset, steps=request.steps, prime_steps=request.prime_steps,
+        image_size=request.image_size, style_weight=request.style_weight, content_weight=request.content_weight,
+        tv_weight=request.tv_weight, vgg_weights=os.environ.get("STYLIZE_VGG_WEIGHTS"),
+        storage_options=storage_options,
+    )
+    get_run_logger().info("new style model %r: %s", request.model_name, model)
+    return model
+
+
+def check_inputs(request: TrainStyleRequest, storage_options: dict) -> None:
+    """Refuse unreadable inputs with one clear sentence, before any priming or training."""
+    try:
+        decode_image(read_bytes(Location(request.style_image_url, storage_options)))
+    except FileNotFoundError:
+        raise ValueError(f"style image not found: {request.style_image_url}") from None
+    except ImageDecodeError as error:
+        raise ValueError(f"style image {request.style_image_url} is not a readable image: {error}") from None
+    try:
+        photos = list_files(Location(request.photos_url, storage_options), IMAGE_EXTENSIONS)
+    except StorageError as error:
+        raise ValueError(f"photo set: {error}") from None
+    if not photos:
+        raise ValueError(f"no images under {request.photos_url}")
