@@ -1,0 +1,156 @@
+"""End to end on a real Prefect server: `prefect server start` on a free loopback port, the deployments served
+by `python -m deployments.serve`, and each deployment triggered with run_deployment: train-style, stylize-bucket,
+a bucket run that fails on one shard healed by retry-failed and, separately, by retrying the flow run."""
+
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.states import Scheduled
+
+from tasks import manifest
+from tasks.storage import Location
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_for(check, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, vgg_weights):
+    """A real Prefect server and a serve() process with the deployments; both stopped by their own ids."""
+    root = tmp_path_factory.mktemp("e2e")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+           "STYLIZE_HOME": str(root / "stylize-home"), "STYLIZE_VGG_WEIGHTS": str(vgg_weights),
+           "TORCH_HOME": str(root / "torch-home"), "PYTHONPATH": str(REPO)}
+    logs = root / "logs"
+    logs.mkdir()
+    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                              env=env, cwd=root, stdout=open(logs / "server.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    worker = None
+    try:
+        wait_for(lambda: healthy(api), 120, "the Prefect server")
+        worker = subprocess.Popen([sys.executable, "-m", "deployments.serve"], env=env, cwd=REPO,
+                                  stdout=open(logs / "serve.log", "w"), stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+        with temporary_settings({PREFECT_API_URL: api}):
+            def registered():
+                with get_client(sync_client=True) as client:
+                    return len(client.read_deployments()) >= 3
+            wait_for(registered, 120, "the served deployments")
+            yield {"root": root, "api": api, "logs": logs}
+    finally:
+        if worker is not None:
+            stop(worker)
+        stop(server)
+
+
+def photos(folder: Path, count: int) -> None:
+    for index in range(count):
+        path = folder / f"part{index % 3}" / f"img{index:02}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (24, 16), (index * 25 % 255, 90, 160)).save(path, "JPEG")
+
+
+def run(name: str, parameters: dict, timeout: float = 600):
+    started = time.perf_counter()
+    flow_run = run_deployment(name, parameters=parameters, timeout=timeout)
+    return flow_run, time.perf_counter() - started
+
+
+def test_each_deployment_runs_for_real_and_failed_batches_heal(served, photo_dir, style_image):
+    root = served["root"]
+    store = root / "stylize-home"
+    with temporary_settings({PREFECT_API_URL: served["api"]}):
+        # train-style, from the form's parameters
+        request = {"style_image_url": str(style_image), "model_name": "e2e", "photos_url": str(photo_dir),
+                   "steps": 2, "prime_steps": 2, "image_size": 32}
+        flow_run, seconds = run("train-new-style/train-style", {"request": request})
+        assert flow_run.state.is_completed(), flow_run.state
+        assert (store / "models" / "e2e" / "model.json").is_file()
+        print(f"train-style: {seconds:.1f}s from run_deployment to Completed")
+
+        # stylize-bucket
+        photos(root / "bucket", 9)
+        bucket = {"source": str(root / "bucket"), "destination": str(root / "out"), "models": ["e2e"],
+                  "model_store": str(store), "shard_size": 3}
+        flow_run, seconds = run("stylize-bucket/stylize-bucket", bucket)
+        assert flow_run.state.is_completed(), flow_run.state
+        assert manifest.counts(manifest.read_table(Location(str(root / "out" / "manifest.parquet"))))["ok"] == 9
+        print(f"stylize-bucket: {seconds:.1f}s from run_deployment to Completed")
+
+        # A run that fails on one shard: a file stands where its output folder must go (a storage failure).
+        for destination in ("heal-by-retry-failed", "heal-by-flow-retry"):
+            target = root / destination
+            target.mkdir()
+            (target / "part1").write_text("in the way")
+            failed, _ = run("stylize-bucket/stylize-bucket", {**bucket, "destination": str(target), "retries": 0})
+            assert failed.state.is_failed()
+            counts = manifest.counts(manifest.read_table(Location(str(target / "manifest.parquet"))))
+            assert counts == {"ok": 6, "skipped": 0, "error": 0}
+            (target / "part1").unlink()
+
+        flow_run, seconds = run("retry-failed/retry-failed", {"destination": str(root / "heal-by-retry-failed")})
+        assert flow_run.state.is_completed(), flow_run.state
+        healed = manifest.read_table(Location(str(root / "heal-by-retry-failed" / "manifest.parquet")))
+        assert manifest.counts(healed) == {"ok": 3, "skipped": 6, "error": 0}
+        print(f"retry-failed: {seconds:.1f}s from run_deployment to Completed")
+
+        # Prefect's own retry of the failed flow run (what the UI's "Retry" does): schedule it again.
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(failed.id, Scheduled(), force=True)
+            final = wait_for(lambda: (lambda r: r if r.state.is_final() else None)(client.read_flow_run(failed.id)),
+                             300, "the retried flow run")
+        assert final.state.is_completed(), final.state
+        healed = manifest.read_table(Location(str(root / "heal-by-flow-retry" / "manifest.parquet")))
+        assert manifest.counts(healed) == {"ok": 3, "skipped": 6, "error": 0}
