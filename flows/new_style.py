@@ -38,13 +38,13 @@ class TrainStyleRequest(BaseModel):
                                   description="Weight of the content (feature) loss; higher keeps more of the photo.")
     tv_weight: float = Field(0.0, ge=0, le=1e6, title="Total-variation weight",
                              description="Smoothness term; 0 turns it off.")
-    steps: int | None = Field(None, ge=1, le=10_000_000, title="Style steps (optional)",
+    steps: int | None = Field(None, ge=1, le=10_000_000, title="Style steps",
                               description="Override the preset's number of style-training steps.")
-    prime_steps: int | None = Field(None, ge=1, le=10_000_000, title="Priming steps (optional)",
+    prime_steps: int | None = Field(None, ge=1, le=10_000_000, title="Priming steps",
                                     description="Override the preset's number of priming steps.")
-    image_size: int | None = Field(None, ge=16, le=2048, title="Crop size (optional)",
+    image_size: int | None = Field(None, ge=16, le=2048, title="Crop size",
                                    description="Override the preset's training crop size in pixels.")
-    model_store: str | None = Field(None, title="Model store URL (optional)",
+    model_store: str | None = Field(None, title="Model store URL",
                                     description="Where models are kept; default: the worker's $STYLIZE_HOME.")
 
 

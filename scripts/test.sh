@@ -4,6 +4,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 
+# The browser test drives Debian's chromium (Playwright's own browser download is not possible offline).
+if [ ! -x /usr/bin/chromium ]; then
+    echo "test.sh: installing chromium for the browser test" >&2
+    if [ "$(id -u)" -eq 0 ]; then apt_get=(apt-get); else apt_get=(sudo apt-get); fi
+    DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" update -qq \
+        && DEBIAN_FRONTEND=noninteractive "${apt_get[@]}" install -y -qq chromium >/dev/null \
+        || echo "test.sh: could not install chromium; the browser test will fail and say so" >&2
+fi
+
 scratch="$(mktemp -d)"
 trap 'rm -rf "$scratch"' EXIT
 export STYLIZE_HOME="$scratch/stylize-home"          # never touch the user's ~/.stylize

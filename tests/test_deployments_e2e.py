@@ -3,6 +3,7 @@ by `python -m deployments.serve`, and each deployment triggered with run_deploym
 a bucket run that fails on one shard healed by retry-failed and, separately, by retrying the flow run."""
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -69,6 +70,7 @@ def served(tmp_path_factory, vgg_weights):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_HOME": str(root / "prefect-home"), "PREFECT_API_URL": api,
+           "PREFECT_UI_API_URL": api,
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_RUNNER_POLL_FREQUENCY": "1",
            "STYLIZE_HOME": str(root / "stylize-home"), "STYLIZE_VGG_WEIGHTS": str(vgg_weights),
            "TORCH_HOME": str(root / "torch-home"), "PYTHONPATH": str(REPO)}
@@ -88,7 +90,7 @@ def served(tmp_path_factory, vgg_weights):
                 with get_client(sync_client=True) as client:
                     return len(client.read_deployments()) >= 3
             wait_for(registered, 120, "the served deployments")
-            yield {"root": root, "api": api, "logs": logs}
+            yield {"root": root, "api": api, "ui": f"http://127.0.0.1:{port}", "logs": logs}
     finally:
         if worker is not None:
             stop(worker)
@@ -154,3 +156,62 @@ def test_each_deployment_runs_for_real_and_failed_batches_heal(served, photo_dir
         assert final.state.is_completed(), final.state
         healed = manifest.read_table(Location(str(root / "heal-by-flow-retry" / "manifest.parquet")))
         assert manifest.counts(healed) == {"ok": 3, "skipped": 6, "error": 0}
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--no-first-run", "--disable-dev-shm-usage"]
+
+
+def test_a_new_style_is_trained_from_the_prefect_ui_form(served, photo_dir, style_image, tmp_path):
+    if not CHROMIUM.exists():
+        pytest.fail("Debian's chromium is not installed (scripts/test.sh installs it with apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    store = served["root"] / "stylize-home"
+    with temporary_settings({PREFECT_API_URL: served["api"]}):
+        with get_client(sync_client=True) as client:
+            deployment = client.read_deployment_by_name("train-new-style/train-style")
+            before = {run.id for run in client.read_flow_runs()}
+        started = time.perf_counter()
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 1000})
+                page.goto(f"{served['ui']}/deployments/deployment/{deployment.id}", wait_until="networkidle")
+                page.get_by_role("button", name="Run", exact=True).click()
+                page.get_by_text("Custom run", exact=True).click()
+                page.wait_for_url("**/run**")
+
+                def field(title: str, kind: str = "textarea"):
+                    return page.get_by_text(title, exact=True).locator(f"xpath=following::{kind}[1]")
+
+                field("Style image URL").fill(str(style_image))
+                field("Model name").fill("from-the-ui")
+                field("Photo set URL").fill(str(photo_dir))
+                for title, value in [("Style steps (Optional)", "2"), ("Priming steps (Optional)", "2"),
+                                     ("Crop size (Optional)", "32")]:
+                    page.get_by_text(title, exact=True).locator("xpath=following::button[normalize-space()='int'][1]").click()
+                    field(title, "input[@type='number']").fill(value)
+                screenshot = tmp_path / "train-style-form.png"
+                page.screenshot(path=str(screenshot))
+                page.get_by_text("Style image URL", exact=True).scroll_into_view_if_needed()
+                page.screenshot(path=str(tmp_path / "train-style-form-top.png"))
+                page.get_by_role("button", name="Submit").click()
+                with get_client(sync_client=True) as client:
+                    [new_run] = wait_for(lambda: [r for r in client.read_flow_runs() if r.id not in before], 60,
+                                         "the flow run submitted from the form")
+            finally:
+                browser.close()
+        print(f"form screenshot: {screenshot}")
+
+        assert new_run.deployment_id == deployment.id
+        with get_client(sync_client=True) as client:
+            final = wait_for(lambda: (lambda r: r if r.state.is_final() else None)(client.read_flow_run(new_run.id)),
+                             300, "the flow run started from the UI")
+        assert final.state.is_completed(), final.state
+        print(f"UI form run: {time.perf_counter() - started:.1f}s from opening the form to Completed")
+        assert (store / "models" / "from-the-ui" / "model.safetensors").is_file()
+        metadata = json.loads((store / "models" / "from-the-ui" / "model.json").read_text())
+        assert metadata["preset"] == "fast" and metadata["steps"] == 2
+        assert screenshot.stat().st_size > 10_000
