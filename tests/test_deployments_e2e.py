@@ -53,6 +53,20 @@ def healthy(url: str) -> bool:
         return False
 
 
+def group_rss_mb(group: int) -> float:
+    """Resident memory of every process in a process group (Linux /proc)."""
+    total_kb = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == group:  # the process group id
+                status = (stat.parent / "status").read_text()
+                total_kb += int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS")))
+        except (OSError, StopIteration, ValueError, IndexError):
+            continue
+    return total_kb / 1024
+
+
 def stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)
@@ -91,6 +105,8 @@ def served(tmp_path_factory, vgg_weights):
                     return len(client.read_deployments()) >= 3
             wait_for(registered, 120, "the served deployments")
             yield {"root": root, "api": api, "ui": f"http://127.0.0.1:{port}", "logs": logs}
+            print(f"Prefect server RSS after the tests: {group_rss_mb(server.pid):.0f} MB; "
+                  f"serve process: {group_rss_mb(worker.pid):.0f} MB")
     finally:
         if worker is not None:
             stop(worker)
@@ -175,7 +191,11 @@ def test_a_new_style_is_trained_from_the_prefect_ui_form(served, photo_dir, styl
             before = {run.id for run in client.read_flow_runs()}
         started = time.perf_counter()
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS)
+            home = tmp_path / "browser-home"  # chromium's crash reports and caches stay in the test's folder
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_FLAGS,
+                env={**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / "config"),
+                     "XDG_CACHE_HOME": str(home / "cache")})
             try:
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
                 page.goto(f"{served['ui']}/deployments/deployment/{deployment.id}", wait_until="networkidle")
