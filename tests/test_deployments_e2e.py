@@ -202,6 +202,8 @@ def test_a_new_style_is_trained_from_the_prefect_ui_form(served, photo_dir, styl
                 page.get_by_role("button", name="Run", exact=True).click()
                 page.get_by_text("Custom run", exact=True).click()
                 page.wait_for_url("**/run**")
+                page.wait_for_load_state("networkidle")
+                page.get_by_text("Style image URL", exact=True).wait_for()
 
                 def field(title: str, kind: str = "textarea"):
                     return page.get_by_text(title, exact=True).locator(f"xpath=following::{kind}[1]")
@@ -218,8 +220,14 @@ def test_a_new_style_is_trained_from_the_prefect_ui_form(served, photo_dir, styl
                 page.get_by_text("Style image URL", exact=True).scroll_into_view_if_needed()
                 page.screenshot(path=str(tmp_path / "train-style-form-top.png"))
                 page.get_by_role("button", name="Submit").click()
+                try:  # the UI leaves the form once the run is created
+                    page.wait_for_url(lambda url: not url.split("?")[0].endswith("/run"), timeout=90_000)
+                except Exception:
+                    page.screenshot(path=str(tmp_path / "after-submit.png"), full_page=True)
+                    raise AssertionError(f"the form did not submit; screenshot {tmp_path / 'after-submit.png'}; "
+                                         f"page says: {page.locator('body').inner_text()[-1500:]}") from None
                 with get_client(sync_client=True) as client:
-                    [new_run] = wait_for(lambda: [r for r in client.read_flow_runs() if r.id not in before], 60,
+                    [new_run] = wait_for(lambda: [r for r in client.read_flow_runs() if r.id not in before], 120,
                                          "the flow run submitted from the form")
             finally:
                 browser.close()
