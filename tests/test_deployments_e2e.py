@@ -2,10 +2,8 @@
 by `python -m deployments.serve`, and each deployment triggered with run_deployment: train-style, stylize-bucket,
 a bucket run that fails on one shard healed by retry-failed and, separately, by retrying the flow run."""
 
-import io
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
