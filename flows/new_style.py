@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from flows.train_style import train_style
 from stylecore.images import ImageDecodeError, decode_image
-from stylecore.store import default_home
+from stylecore.store import MODEL_NAME_PATTERN, default_home
 from tasks.storage import IMAGE_EXTENSIONS, Location, StorageError, list_files, read_bytes
 
 
@@ -25,7 +25,7 @@ class TrainStyleRequest(BaseModel):
 
     style_image_url: str = Field(title="Style image URL", min_length=1,
                                  description="The painting whose style to learn: a path or URL (gs://, file://, ...).")
-    model_name: str = Field(title="Model name", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$",
+    model_name: str = Field(title="Model name", pattern=MODEL_NAME_PATTERN,
                             description="Name of the new model in the model store: letters, digits, '.', '_', '-'.")
     photos_url: str = Field(title="Photo set URL", min_length=1,
                             description="Folder or bucket prefix of training photos, searched recursively.")

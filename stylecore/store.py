@@ -15,7 +15,8 @@ from pathlib import Path
 from .checkpoint import METADATA_FILE, CheckpointError, read_metadata
 
 HOME_VARIABLE = "STYLIZE_HOME"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
+_NAME = re.compile(MODEL_NAME_PATTERN)
 
 
 def default_home() -> Path:

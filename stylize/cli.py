@@ -34,6 +34,7 @@ from stylecore.stylize import stylize_images
 from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
 from stylecore.vgg import VGGFeatures, VGGWeightsError, load_vgg
 from tasks.bucket import bounded_map
+from tasks.storage import Location, write_bytes
 
 VGG_VARIABLE = "STYLIZE_VGG_WEIGHTS"
 
@@ -392,10 +393,7 @@ def stylize_folder(
     def write(target: Path, output: torch.Tensor, source_path: Path) -> None:
         out_fmt = fmt if fmt != "same" else target.suffix
         data = image_io.encode_image(image_io.tensor_to_image(output), out_fmt, quality)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.partial")
-        partial.write_bytes(data)
-        os.replace(partial, target)  # never a half-written file under the final name
+        write_bytes(Location(str(target)), data)  # never a half-written file under the final name
 
     workers = max(2, min(8, os.cpu_count() or 2))
     progress_bar = bar(len(todo), "stylizing", quiet, "img")

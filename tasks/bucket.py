@@ -15,7 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
@@ -123,7 +123,6 @@ def stylize_shard(
     destination: Location,
     models: dict[str, UNet],
     options: ShardOptions,
-    on_image: Callable[[], None] | None = None,
 ) -> ShardResult:
     """Stylise every image of ``shard`` with every model, write outputs and the shard's manifest part."""
     started = time.perf_counter()
@@ -179,9 +178,9 @@ def stylize_shard(
                     target = output_location(decoded.key, model_name)
                     pending.append((writers.submit(_encode_and_write, target, output, options, decoded), model_name))
                     while len(pending) > window:
-                        rows.append(_finish(*pending.popleft(), source, shard, options, on_image))
+                        rows.append(_finish(*pending.popleft(), source, shard, options))
         while pending:
-            rows.append(_finish(*pending.popleft(), source, shard, options, on_image))
+            rows.append(_finish(*pending.popleft(), source, shard, options))
 
     table = manifest.to_table(rows)
     part = part_location(destination, shard.shard_id)
@@ -203,11 +202,8 @@ def _encode_and_write(target: Location, output: torch.Tensor, options: ShardOpti
     return decoded, target, len(data), time.perf_counter() - began
 
 
-def _finish(future: Future, model_name: str, source: Location, shard: Shard, options: ShardOptions,
-            on_image: Callable[[], None] | None) -> dict:
+def _finish(future: Future, model_name: str, source: Location, shard: Shard, options: ShardOptions) -> dict:
     decoded, target, size, seconds = future.result()
-    if on_image is not None:
-        on_image()
     return _row(source, decoded, model_name, shard, options, "ok", output_uri=target.url, output_bytes=size,
                 extra_seconds=seconds)
 

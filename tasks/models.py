@@ -8,13 +8,19 @@ checkpoint is complete.
 from __future__ import annotations
 
 import json
-import re
 import threading
+
+import torch
 
 from stylecore.checkpoint import METADATA_FILE, WEIGHTS_FILE, CheckpointError, model_from_bytes, serialize_model
 from stylecore.model import UNet
+from stylecore.store import check_model_name
 
 from .storage import Location, exists, read_bytes, write_bytes
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
 
 _cache: dict[tuple[str, str, str], UNet] = {}
 _cache_lock = threading.Lock()
@@ -27,8 +33,10 @@ def model_location(reference: str, store: str | None, options: dict | None = Non
         return Location(reference.removesuffix("/" + WEIGHTS_FILE), options)
     if store is None:
         raise CheckpointError(f"model {reference!r} is a name, but no model store was given")
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", reference):
-        raise CheckpointError(f"invalid model name {reference!r}")
+    try:
+        check_model_name(reference)
+    except ValueError as error:
+        raise CheckpointError(str(error)) from None
     return Location(store, options).child(f"models/{reference}")
 
 

@@ -17,7 +17,8 @@ import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+from stylecore.images import INPUT_EXTENSIONS as IMAGE_EXTENSIONS
+
 
 
 class StorageError(Exception):

@@ -8,18 +8,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 
-import torch
 from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
 from . import manifest
 from .bucket import MANIFEST_NAME, PARTS_FOLDER, Shard, ShardOptions, list_shards, part_location, stylize_shard
-from .models import load_model_from, model_location
+from .models import default_device, load_model_from, model_location
 from .storage import Location, read_bytes, write_bytes
-
-
-def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @task(name="ingest")
@@ -39,7 +34,7 @@ def stylize_shard_task(shard: Shard, source: str, destination: str, models: list
                        options: dict, storage_options: dict | None = None) -> dict:
     """Stylise one shard with every model; storage failures raise (and are retried), bad images become rows."""
     storage = storage_options or {}
-    device = pick_device()
+    device = default_device()
     loaded = {}
     for reference in models:
         location = model_location(reference, model_store, storage)

@@ -15,7 +15,6 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import torch
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
 from prefect import get_run_logger, task
@@ -33,14 +32,10 @@ from stylecore.recipes import photos_fingerprint, priming_key, run_priming, run_
 from stylecore.train import TrainConfig
 from stylecore.vgg import VGGFeatures, load_vgg
 
-from .models import is_complete, load_model_from, read_model_metadata, save_model_to
+from .models import default_device, is_complete, load_model_from, save_model_to
 from .storage import IMAGE_EXTENSIONS, Location, list_files, read_bytes, write_bytes
 
 GPU_LIMIT = "stylize-gpu"
-
-
-def pick_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def listing_fingerprint(photos: Location) -> str:
@@ -110,7 +105,7 @@ def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, tr
                 config.image_size)
     with concurrency(GPU_LIMIT, occupy=1):
         model, metadata = run_priming(images, listing_fingerprint(Location(photos, options)),
-                                      UNetConfig(**model_config), config, pick_device())
+                                      UNetConfig(**model_config), config, default_device())
     save_model_to(target, model, metadata)
     logger.info("primed in %.1fs: %s", metadata["training_seconds"], target.url)
     return target.url
@@ -138,7 +133,7 @@ def train_style_task(style: str, name: str, photos: str, primed: str, model_stor
             name, images, listing_fingerprint(Location(photos, options)), style_image, style,
             hashlib.sha256(style_bytes).hexdigest(), style_size, primed_model,
             {"uri": primed, "weights_sha256": primed_metadata.get("weights_sha256")},
-            vgg, losses, config, pick_device(), preset,
+            vgg, losses, config, default_device(), preset,
         )
     target = Location(model_store, options).child(f"models/{name}")
     buffer = io.BytesIO()
@@ -177,6 +172,3 @@ def ensure_gpu_limit(limit: int = 1) -> None:
         except ObjectNotFound:
             client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=GPU_LIMIT, limit=limit))
 
-
-def model_metadata(url: str, storage_options: dict | None = None) -> dict:
-    return read_model_metadata(Location(url, storage_options or {}))
