@@ -170,8 +170,20 @@ def train_style(
     return _train(model, loss, TrainingPhotos(photos, config.image_size), config, device, on_step, state_dir)
 
 
+def train_network(
+    model: torch.nn.Module,
+    objective: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
+    photos: list[Image.Image],
+    config: TrainConfig,
+    device: str | torch.device = "cpu",
+    on_step: StepCallback | None = None,
+) -> TrainResult:
+    """Train any image-to-image network against ``objective`` with the same loop (benchmarks train peer models)."""
+    return _train(model, objective, TrainingPhotos(photos, config.image_size), config, device, on_step, None)
+
+
 def _train(
-    model: UNet,
+    model: torch.nn.Module,
     objective: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]],
     photos: TrainingPhotos,
     config: TrainConfig,

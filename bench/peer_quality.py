@@ -1,0 +1,170 @@
+"""Quality at equal training time: this project's UNet against the Johnson TransformerNet peer.
+
+Every model gets the same photos, the same perceptual loss, the same crop size and batch size, and the same
+wall-clock budget. Step counts are set from a short timing of each model's training step, so every run
+completes its full learning-rate schedule inside the budget. The UNet pays for its autoencoder priming out of
+its own budget (``--priming-share``), although in production one priming serves every style. Distances are
+measured on held-out photos (every ``--held-out-every``-th file, sorted by name) that no model trained on.
+
+    .venv/bin/python bench/peer_quality.py --photos DIR --style FILE [--vgg-weights FILE] [--budget-s 120]
+        [--unets 16x4,32x3] [--size 256] [--batch 8] [--out result.json] [--sheet sheet.jpg]
+
+Prints one JSON line per model and a table; writes a contact sheet (photo | each model) of held-out photos.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from transformer_net import TransformerNet  # noqa: E402
+
+from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
+from stylecore.images import decode_image, image_to_tensor, resize_long_side, tensor_to_image  # noqa: E402
+from stylecore.losses import (  # noqa: E402
+    LossConfig, PerceptualLoss, StyleTarget, layers_needed, reconstruction_loss, resolve_layers,
+)
+from stylecore.model import UNet, UNetConfig  # noqa: E402
+from stylecore.stylize import autocast_for  # noqa: E402
+from stylecore.train import TrainConfig, prime_autoencoder, train_network  # noqa: E402
+from stylecore.vgg import VGGFeatures, load_vgg  # noqa: E402
+
+
+def read_split(folder: Path, every: int, limit: int | None) -> tuple[list, list]:
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
+    images = [decode_image(p.read_bytes()) for p in paths]
+    held = [image for i, image in enumerate(images) if i % every == 0]
+    train = [image for i, image in enumerate(images) if i % every != 0]
+    return train, held
+
+
+def seconds_per_step(make_model, objective, photos, config: TrainConfig, device, steps: int = 6) -> float:
+    """Seconds per step from steps 3..N of a short run (the first steps pay for allocation and autotuning)."""
+    stamps: list[float] = []
+    probe = TrainConfig(**{**config.to_dict(), "steps": steps, "epochs": None})
+    train_network(make_model(), objective, photos[:64], probe, device,
+                  on_step=lambda step, total, losses: stamps.append(time.perf_counter()))
+    return (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+
+
+def pixel_objective(outputs: torch.Tensor, photos: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {"loss": reconstruction_loss(outputs, photos)}
+
+
+@torch.inference_mode()
+def stylize_whole(model: torch.nn.Module, image, device) -> "Image":
+    batch = image_to_tensor(image).unsqueeze(0).to(device).float().div_(255)
+    height, width = batch.shape[-2:]
+    padded = F.pad(batch, (0, (-width) % 16, 0, (-height) % 16), mode="reflect")
+    with autocast_for(device):
+        output = model(padded)[..., :height, :width]
+    return tensor_to_image(output.float().clamp(0, 1).mul(255).round().to(torch.uint8)[0].cpu())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--photos", type=Path, required=True)
+    parser.add_argument("--style", type=Path, required=True)
+    parser.add_argument("--vgg-weights", default=None, help="VGG weights file; torchvision's ImageNet VGG16 if left out")
+    parser.add_argument("--budget-s", type=float, default=120.0, help="training wall time per model, priming included")
+    parser.add_argument("--priming-share", type=float, default=0.25)
+    parser.add_argument("--unets", default="16x4,32x3", help="UNet variants as BASExDEPTH, comma separated")
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--style-size", type=int, default=512)
+    parser.add_argument("--held-out-every", type=int, default=10)
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N photos")
+    parser.add_argument("--eval-size", type=int, default=256)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--sheet", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    train_photos, held_photos = read_split(args.photos, args.held_out_every, args.limit)
+    features, source = load_vgg(args.vgg_weights)
+    loss_config = LossConfig()
+    vgg = VGGFeatures(features, source, layers_needed(source, loss_config)).to(device)
+    style_layers, _ = resolve_layers(source, loss_config)
+    style = resize_long_side(decode_image(args.style.read_bytes()), args.style_size)
+    target = StyleTarget.from_image(vgg, image_to_tensor(style).float().div(255).to(device), style_layers)
+    loss = PerceptualLoss(vgg, loss_config, target).to(device)
+    style_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=1e-3)
+    prime_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=2e-3)
+    print(f"{len(train_photos)} training photos, {len(held_photos)} held out; budget {args.budget_s:.0f} s per model "
+          f"on {device}", flush=True)
+
+    candidates: dict[str, tuple] = {}
+    for spec in filter(None, args.unets.split(",")):
+        base, depth = (int(part) for part in spec.split("x"))
+        candidates[f"unet_{spec}"] = ("unet", UNetConfig(base_channels=base, depth=depth))
+    if not args.no_peer:
+        candidates["transformer_net"] = ("peer", None)
+
+    results, trained = [], {}
+    for name, (kind, unet_config) in candidates.items():
+        began = time.perf_counter()
+        if kind == "unet":
+            style_step = seconds_per_step(lambda: UNet(unet_config), loss, train_photos, style_config, device)
+            prime_step = seconds_per_step(lambda: UNet(unet_config), pixel_objective, train_photos, prime_config, device)
+            prime_steps = max(1, int(args.budget_s * args.priming_share / prime_step))
+            style_steps = max(1, int(args.budget_s * (1 - args.priming_share) / style_step))
+            calibration = time.perf_counter() - began
+            primed = prime_autoencoder(train_photos, unet_config,
+                                       TrainConfig(**{**prime_config.to_dict(), "steps": prime_steps}), device)
+            start = UNet(unet_config)
+            start.load_state_dict(primed.model.state_dict())
+            result = train_network(start, loss, train_photos,
+                                   TrainConfig(**{**style_config.to_dict(), "steps": style_steps}), device)
+            seconds = primed.seconds + result.seconds
+            steps = {"priming_steps": prime_steps, "style_steps": style_steps,
+                     "priming_s": round(primed.seconds, 1), "style_s": round(result.seconds, 1),
+                     "style_step_ms": round(style_step * 1000, 1)}
+        else:
+            torch.manual_seed(0)
+            style_step = seconds_per_step(TransformerNet, loss, train_photos, style_config, device)
+            style_steps = max(1, int(args.budget_s / style_step))
+            calibration = time.perf_counter() - began
+            torch.manual_seed(0)
+            result = train_network(TransformerNet(), loss, train_photos,
+                                   TrainConfig(**{**style_config.to_dict(), "steps": style_steps}), device)
+            seconds = result.seconds
+            steps = {"style_steps": style_steps, "style_s": round(result.seconds, 1),
+                     "style_step_ms": round(style_step * 1000, 1)}
+        model = result.model.to(device).eval()
+        trained[name] = model
+        scores = evaluate(model, loss, held_photos, image_size=args.eval_size)
+        row = {"model": name, "device": str(device), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+               "budget_s": args.budget_s, "trained_s": round(seconds, 1), "calibration_s": round(calibration, 1),
+               **steps, "style_distance": round(scores.model.style, 4), "content_distance": round(scores.model.content, 4),
+               "identity_style_distance": round(scores.identity.style, 4), "held_out": scores.images,
+               "eval_size": scores.image_size, "train_size": args.size, "batch": args.batch}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+
+    if args.sheet is not None:
+        rows = [[photo] + [stylize_whole(m, photo, device) for m in trained.values()] for photo in held_photos[:6]]
+        args.sheet.parent.mkdir(parents=True, exist_ok=True)
+        contact_sheet(rows).save(args.sheet, quality=92)
+        print(f"contact sheet (photo | {' | '.join(trained)}): {args.sheet}")
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=1))
+    print(f"\n{'model':<18}{'params M':>9}{'steps':>12}{'trained s':>10}{'style':>9}{'content':>9}")
+    for row in results:
+        steps = f"{row.get('priming_steps', 0)}+{row['style_steps']}"
+        print(f"{row['model']:<18}{row['params_m']:>9}{steps:>12}{row['trained_s']:>10}"
+              f"{row['style_distance']:>9.4f}{row['content_distance']:>9.4f}")
+
+
+if __name__ == "__main__":
+    main()
