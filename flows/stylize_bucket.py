@@ -31,19 +31,24 @@ def stylize_bucket(
     model_store: str | None = None,
     storage_options: dict | None = None,
     shard_size: int = 256,
-    batch_size: int = 8,
+    batch_size: int = 0,
     output_format: str = "jpeg",
     quality: int = 90,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    gpu_codec: bool = True,
+    compile: bool = False,
     retries: int = 3,
     retry_delay_seconds: float = 5.0,
 ) -> dict:
     """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
-    ``model_store`` or model URLs), writing ``destination/manifest.parquet``."""
+    ``model_store`` or model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it
+    (64 on a GPU within its free memory, 8 on a CPU); ``gpu_codec`` decodes and encodes JPEGs on the GPU;
+    ``compile`` runs the model through torch.compile."""
     logger = get_run_logger()
     started = time.perf_counter()
     shards = ingest(source, shard_size, storage_options, exclude=destination)
-    options = {"output_format": output_format, "quality": quality, "batch_size": batch_size, "max_pixels": max_pixels}
+    options = {"output_format": output_format, "quality": quality, "batch_size": batch_size, "max_pixels": max_pixels,
+               "gpu_codec": gpu_codec, "compile": compile}
     # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.
     record_run(destination, {"source": source, "models": models, "model_store": model_store,
                              "shard_size": shard_size, **options}, storage_options)

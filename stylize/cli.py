@@ -13,11 +13,11 @@ import os
 import shutil
 import sys
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from PIL import Image
@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from stylecore import images as image_io
 from stylecore.checkpoint import CheckpointError, load_model, read_metadata, save_model
+from stylecore.engine import EngineConfig, Job, StylizeEngine
 from stylecore.evaluate import contact_sheet, evaluate
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
 from stylecore.model import NORMS, UNet, UNetConfig
@@ -369,8 +370,8 @@ def output_path(source: Path, source_root: Path, destination: Path, fmt: str) ->
 
 
 def stylize_folder(
-    model: UNet, source: Path, destination: Path, fmt: str, quality: int, batch_size: int,
-    max_pixels: int, skip_existing: bool, quiet: bool,
+    model: UNet, source: Path, destination: Path, fmt: str, quality: int, engine_config: EngineConfig,
+    skip_existing: bool, quiet: bool,
 ) -> dict[str, int]:
     """Stylise every image under ``source`` into ``destination``; undecodable files are reported and skipped."""
     paths = list_images(source, exclude=destination if destination.resolve().is_relative_to(source.resolve()) else None)
@@ -383,41 +384,27 @@ def stylize_folder(
         else:
             todo.append((path, target))
 
-    def decode(item: tuple[Path, Path]) -> tuple[Path, Path, torch.Tensor | str]:
+    def read(item: tuple[Path, Path]) -> Job:
         path, target = item
-        try:
-            return path, target, image_io.image_to_tensor(image_io.decode_image(path.read_bytes(), max_pixels))
-        except image_io.ImageDecodeError as error:
-            return path, target, str(error)
+        return Job(item, path.read_bytes(), ("model",), output_format=target.suffix if fmt == "same" else None)
 
-    def write(target: Path, output: torch.Tensor, source_path: Path) -> None:
-        out_fmt = fmt if fmt != "same" else target.suffix
-        data = image_io.encode_image(image_io.tensor_to_image(output), out_fmt, quality)
-        write_bytes(Location(str(target)), data)  # never a half-written file under the final name
-
-    workers = max(2, min(8, os.cpu_count() or 2))
+    device = next(model.parameters()).device
     progress_bar = bar(len(todo), "stylizing", quiet, "img")
-    with ThreadPoolExecutor(workers) as decoders, ThreadPoolExecutor(workers) as writers:
-        decoded = bounded_map(decoders, decode, todo, ahead=batch_size * 4)
-        good: list[tuple[Path, Path]] = []
-
-        def tensors() -> Iterator[torch.Tensor]:
-            for path, target, result in decoded:
-                if isinstance(result, str):
-                    print(f"stylize: warning: skipping {path}: {result}", file=sys.stderr)
-                    counts["failed"] += 1
-                    progress_bar.update(1)
-                    continue
-                good.append((path, target))
-                yield result
-
-        pending = []
-        for index, output in enumerate(stylize_images(model, tensors(), batch_size=batch_size)):
-            path, target = good[index]
-            pending.append(writers.submit(write, target, output, path))
-            if len(pending) > batch_size * 4:
-                pending.pop(0).result()
-            counts["written"] += 1
+    with StylizeEngine({"model": model}, device, engine_config) as engine, \
+            ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
+        window = max(engine.batch_size * 2, 16)
+        pending: deque = deque()
+        for outcome in engine.run(bounded_map(pool, read, todo, ahead=window)):
+            path, target = outcome.tag
+            if outcome.error is not None:
+                print(f"stylize: warning: skipping {path}: {outcome.error}", file=sys.stderr)
+                counts["failed"] += 1
+            else:
+                # through the storage layer: never a half-written file under the final name
+                pending.append(pool.submit(write_bytes, Location(str(target)), outcome.outputs["model"]))
+                counts["written"] += 1
+            while len(pending) > window:
+                pending.popleft().result()
             progress_bar.update(1)
         for future in pending:
             future.result()
@@ -438,8 +425,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(str(error)) from None
     model, metadata, path = load_style_model(ModelStore(args.home), args.model, device)
     started = time.perf_counter()
-    counts = stylize_folder(model, args.source, args.destination, args.format, args.quality, args.batch_size,
-                            args.max_pixels, args.skip_existing, args.quiet)
+    engine_config = EngineConfig(batch_size=args.batch_size or 0, output_format="jpeg" if args.format == "same"
+                                 else args.format, quality=args.quality, max_pixels=args.max_pixels,
+                                 gpu_codec=not args.no_gpu_codec, compile=args.compile)
+    counts = stylize_folder(model, args.source, args.destination, args.format, args.quality, engine_config,
+                            args.skip_existing, args.quiet)
     seconds = time.perf_counter() - started
     rate = counts["written"] / seconds if seconds > 0 else 0.0
     print(f"{counts['written']} written to {args.destination}, {counts['failed']} skipped (not decodable), "
@@ -458,9 +448,9 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
         model = str(Path(model).expanduser().resolve())
     state = stylize_bucket(
         args.source, args.destination, [model], model_store=model_store_for(args),
-        storage_options=storage_options_from(args), shard_size=args.shard_size, batch_size=args.batch_size,
+        storage_options=storage_options_from(args), shard_size=args.shard_size, batch_size=args.batch_size or 0,
         output_format=args.format, quality=args.quality, max_pixels=args.max_pixels, retries=args.retries,
-        return_state=True,
+        gpu_codec=not args.no_gpu_codec, compile=args.compile, return_state=True,
     )
     if state.is_completed():
         summary = state.result()
@@ -562,7 +552,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model, metadata, path = load_style_model(ModelStore(args.home), str(destination), device)
     out = args.out
-    counts = stylize_folder(model, photos_dir, out / "stylized", "jpeg", 92, 4, image_io.DEFAULT_MAX_PIXELS,
+    counts = stylize_folder(model, photos_dir, out / "stylized", "jpeg", 92, EngineConfig(batch_size=4, quality=92),
                             False, args.quiet)
     evaluation, photos, _ = evaluate_model(args, model, metadata, path, photos_dir, device)
     write_contact_sheet(model, photos[:6], out / "contact_sheet.png")
@@ -679,7 +669,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", required=True, help="model name in the store, or a model folder / .safetensors path")
     run.add_argument("--format", default="jpeg", help="output format: jpeg, png, webp or same (default jpeg)")
     run.add_argument("--quality", type=quality, default=90, help="JPEG/WebP quality (default 90)")
-    run.add_argument("--batch-size", type=positive_int, default=8, help="images per forward pass (default 8)")
+    run.add_argument("--batch-size", type=positive_int,
+                     help="images per forward pass (default: 64 on a GPU, within its free memory; 8 on a CPU)")
+    run.add_argument("--compile", action="store_true",
+                     help="torch.compile the model: slower start, faster on long runs of few image sizes")
+    run.add_argument("--no-gpu-codec", action="store_true",
+                     help="decode and encode JPEGs with PIL on the CPU even on a GPU (default: nvjpeg on the GPU)")
     run.add_argument("--max-pixels", type=positive_int, default=image_io.DEFAULT_MAX_PIXELS,
                      help=f"refuse images with more pixels (default {image_io.DEFAULT_MAX_PIXELS:,})")
     run.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist alone")

@@ -1,8 +1,8 @@
 """Stylising a bucket: listing it into stable shards, and streaming one shard through the models.
 
-Inside a shard, reading and decoding run ahead in background threads, the models run in mini-batches,
-and encoding and writing run behind in background threads, with bounded queues so memory does not grow
-with the shard. A bad image becomes an ``error`` row; a storage failure raises, failing the shard (its
+Inside a shard, reading runs ahead in background threads, the stylisation engine (stylecore.engine) decodes,
+stylises and encodes in overlapped batches, and writing runs behind in background threads, every queue
+bounded so memory does not grow with the shard. A bad image becomes an ``error`` row; a storage failure raises, failing the shard (its
 task is retried by Prefect). Each shard's manifest part is written last, so a part means "shard done".
 """
 
@@ -11,26 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Iterator
 
-import torch
-
-from stylecore.images import (
-    DEFAULT_MAX_PIXELS,
-    EXTENSIONS,
-    ImageDecodeError,
-    decode_image,
-    encode_image,
-    image_to_tensor,
-    output_format,
-    tensor_to_image,
-)
+from stylecore.engine import EngineConfig, Job, Outcome, StylizeEngine
+from stylecore.images import DEFAULT_MAX_PIXELS, EXTENSIONS, output_format
 from stylecore.model import UNet
-from stylecore.stylize import stylize_images
 
 from . import manifest
 from .storage import IMAGE_EXTENSIONS, Location, exists, list_files, read_bytes, write_bytes
@@ -93,10 +83,18 @@ def part_location(destination: Location, shard_id: str) -> Location:
 class ShardOptions:
     output_format: str = "jpeg"
     quality: int = 90
-    batch_size: int = 8
+    batch_size: int = 0  # 0: automatic (64 on a GPU, 8 on a CPU)
     max_pixels: int = DEFAULT_MAX_PIXELS
+    max_batch_pixels: int = 0  # 0: automatic (from free GPU memory)
+    gpu_codec: bool = True
+    compile: bool = False
     io_threads: int = 8
     flow_run_id: str | None = None
+
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels,
+                            output_format=self.output_format, quality=self.quality, max_pixels=self.max_pixels,
+                            gpu_codec=self.gpu_codec, compile=self.compile)
 
 
 @dataclass
@@ -108,13 +106,27 @@ class ShardResult:
     part_uri: str = ""
 
 
-@dataclass
-class _Decoded:
+@dataclass(frozen=True)
+class _Input:
     key: str
-    data_size: int = 0
-    tensor: torch.Tensor | None = None
-    error: str | None = None
-    seconds: float = 0.0
+    models: tuple[str, ...]
+    size: int = 0
+    read_seconds: float = 0.0
+
+
+_engines: dict[tuple, StylizeEngine] = {}
+_engines_lock = threading.Lock()
+
+
+def engine_for(models: dict[str, UNet], options: ShardOptions) -> StylizeEngine:
+    """One engine per set of models and settings, kept for the process: it holds the compiled models and the
+    measured batch budget, which later shards reuse."""
+    device = next(next(iter(models.values())).parameters()).device
+    key = (tuple((name, id(model)) for name, model in models.items()), str(device), options.engine_config())
+    with _engines_lock:
+        if key not in _engines:
+            _engines[key] = StylizeEngine(models, device, options.engine_config())
+        return _engines[key]
 
 
 def stylize_shard(
@@ -129,6 +141,7 @@ def stylize_shard(
     several = len(models) > 1
     previous = _previous_rows(destination, shard.shard_id)
     rows: list[dict] = []
+    engine = engine_for(models, options)
 
     def output_location(key: str, model: str) -> Location:
         return destination.child(output_key(key, model, several, options.output_format))
@@ -142,43 +155,34 @@ def stylize_shard(
                 if (input_uri, name) in previous and exists(output_location(key, name))
             ]
 
-        todo: list[tuple[str, list[str]]] = []
+        todo: list[_Input] = []
         for key, done in zip(shard.keys, readers.map(done_models, shard.keys)):
             for name in done:
                 rows.append({**previous[(source.child(key).url, name)], "status": "skipped", "error": None,
                              "shard_id": shard.shard_id, "duration_ms": 0.0, "flow_run_id": options.flow_run_id,
                              "finished_at": manifest.now()})
-            remaining = [name for name in models if name not in done]
+            remaining = tuple(name for name in models if name not in done)
             if remaining:
-                todo.append((key, remaining))
+                todo.append(_Input(key, remaining))
 
-        def read_and_decode(item: tuple[str, list[str]]) -> tuple[_Decoded, list[str]]:
-            key, names = item
+        def read(item: _Input) -> Job:
             began = time.perf_counter()
-            data = read_bytes(source.child(key))  # a storage error propagates: the shard fails and is retried
-            decoded = _Decoded(key, len(data))
-            try:
-                decoded.tensor = image_to_tensor(decode_image(data, options.max_pixels))
-            except ImageDecodeError as error:
-                decoded.error = str(error)
-            decoded.seconds = time.perf_counter() - began
-            return decoded, names
+            data = read_bytes(source.child(item.key))  # a storage error propagates: the shard fails and is retried
+            return Job(_Input(item.key, item.models, len(data), time.perf_counter() - began), data, item.models)
 
-        pending: deque[tuple[Future, str]] = deque()
-        window = max(options.batch_size * 4, 8)
-        for group in _windows(bounded_map(readers, read_and_decode, todo, ahead=window), window):
-            for model_name, model in models.items():
-                wanted = [decoded for decoded, names in group if model_name in names]
-                for decoded in wanted:
-                    if decoded.error is not None:
-                        rows.append(_row(source, decoded, model_name, shard, options, "error", error=decoded.error))
-                good = [decoded for decoded in wanted if decoded.tensor is not None]
-                outputs = stylize_images(model, (decoded.tensor for decoded in good), batch_size=options.batch_size)
-                for decoded, output in zip(good, outputs):
-                    target = output_location(decoded.key, model_name)
-                    pending.append((writers.submit(_encode_and_write, target, output, options, decoded), model_name))
-                    while len(pending) > window:
-                        rows.append(_finish(*pending.popleft(), source, shard, options))
+        pending: deque[tuple[Future, _Input, Outcome, str, Location]] = deque()
+        window = max(engine.batch_size * 2, 16)
+        for outcome in engine.run(bounded_map(readers, read, todo, ahead=window)):
+            item: _Input = outcome.tag
+            if outcome.error is not None:
+                rows.extend(_row(source, item, outcome, name, shard, options, "error", error=outcome.error)
+                            for name in item.models)
+                continue
+            for name, data in outcome.outputs.items():
+                target = output_location(item.key, name)
+                pending.append((writers.submit(_write, target, data), item, outcome, name, target))
+            while len(pending) > window:
+                rows.append(_finish(*pending.popleft(), source, shard, options))
         while pending:
             rows.append(_finish(*pending.popleft(), source, shard, options))
 
@@ -194,38 +198,34 @@ def stylize_shard(
     )
 
 
-def _encode_and_write(target: Location, output: torch.Tensor, options: ShardOptions,
-                      decoded: _Decoded) -> tuple[_Decoded, Location, int, float]:
+def _write(target: Location, data: bytes) -> float:
     began = time.perf_counter()
-    data = encode_image(tensor_to_image(output), options.output_format, options.quality)
     write_bytes(target, data)  # a storage error propagates to the shard
-    return decoded, target, len(data), time.perf_counter() - began
+    return time.perf_counter() - began
 
 
-def _finish(future: Future, model_name: str, source: Location, shard: Shard, options: ShardOptions) -> dict:
-    decoded, target, size, seconds = future.result()
-    return _row(source, decoded, model_name, shard, options, "ok", output_uri=target.url, output_bytes=size,
-                extra_seconds=seconds)
+def _finish(future: Future, item: _Input, outcome: Outcome, name: str, target: Location, source: Location,
+            shard: Shard, options: ShardOptions) -> dict:
+    seconds = future.result()
+    return _row(source, item, outcome, name, shard, options, "ok", output_uri=target.url,
+                output_bytes=len(outcome.outputs[name]), extra_seconds=seconds)
 
 
-def _row(source: Location, decoded: _Decoded, model: str, shard: Shard, options: ShardOptions, status: str,
-         error: str | None = None, output_uri: str | None = None, output_bytes: int | None = None,
+def _row(source: Location, item: _Input, outcome: Outcome, model: str, shard: Shard, options: ShardOptions,
+         status: str, error: str | None = None, output_uri: str | None = None, output_bytes: int | None = None,
          extra_seconds: float = 0.0) -> dict:
-    width = height = None
-    if decoded.tensor is not None:
-        height, width = (int(side) for side in decoded.tensor.shape[-2:])
     return {
-        "input_uri": source.child(decoded.key).url,
+        "input_uri": source.child(item.key).url,
         "output_uri": output_uri,
         "model": model,
         "status": status,
         "error": error,
-        "width": width,
-        "height": height,
-        "input_bytes": decoded.data_size,
+        "width": outcome.width,
+        "height": outcome.height,
+        "input_bytes": item.size,
         "output_bytes": output_bytes,
         "shard_id": shard.shard_id,
-        "duration_ms": round((decoded.seconds + extra_seconds) * 1000, 3),
+        "duration_ms": round((item.read_seconds + outcome.seconds + extra_seconds) * 1000, 3),
         "flow_run_id": options.flow_run_id,
         "finished_at": manifest.now(),
     }
@@ -236,17 +236,6 @@ def _previous_rows(destination: Location, shard_id: str) -> dict[tuple[str, str]
     if table is None:
         return {}
     return {(row["input_uri"], row["model"]): row for row in table.to_pylist() if row["status"] in ("ok", "skipped")}
-
-
-def _windows(items: Iterable, size: int) -> Iterator[list]:
-    window = []
-    for item in items:
-        window.append(item)
-        if len(window) == size:
-            yield window
-            window = []
-    if window:
-        yield window
 
 
 def bounded_map(pool: ThreadPoolExecutor, function, items: list, ahead: int) -> Iterator:

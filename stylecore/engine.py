@@ -1,0 +1,382 @@
+"""The stylisation engine: encoded image bytes in, encoded stylised bytes out, in batches, stages overlapped.
+
+Three stages joined by bounded queues, each in its own thread, so the next batch decodes and the last one
+encodes while the models run on this one:
+
+    decode  ->  stylise (every model)  ->  encode
+
+On CUDA each stage has its own stream. Plain RGB JPEGs are decoded on the GPU (nvjpeg, batched) and JPEG outputs
+are encoded there; everything else (PNG, WebP, CMYK or EXIF-rotated JPEGs, ...) and every error takes the CPU path
+through PIL in a thread pool, which gives the same pictures and the same error messages. A batch is cut by a
+pixel budget as well as by a count, so memory stays bounded whatever the image sizes: at most
+``queue_batches`` batches wait between two stages.
+
+Knows nothing of storage: callers pass (tag, bytes, model names) and get an ``Outcome`` per input, in order.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import queue
+import threading
+import time
+import warnings
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+import torch
+from PIL import Image
+
+from .images import (
+    DEFAULT_MAX_PIXELS,
+    ImageDecodeError,
+    decode_image,
+    encode_image,
+    image_to_tensor,
+    output_format,
+    tensor_to_image,
+)
+from .model import UNet
+from .stylize import autocast_for
+
+_EXIF_ORIENTATION = 0x0112
+_DONE = object()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    batch_size: int = 0  # images per batch; 0 = 64 on CUDA, 8 on CPU
+    max_batch_pixels: int = 0  # pixels per batch; 0 = from free GPU memory on CUDA, 8 Mpx on CPU
+    output_format: str = "jpeg"
+    quality: int = 90
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per image; larger ones become errors before they are decoded
+    gpu_codec: bool = True  # nvjpeg decode and encode on CUDA where the image allows it
+    compile: bool = False  # torch.compile the models (pays off for long runs of few distinct sizes)
+    channels_last: bool = True  # on CUDA
+    cpu_threads: int = 0  # PIL decode/encode threads; 0 = the number of cores
+    queue_batches: int = 2
+
+    def __post_init__(self) -> None:
+        output_format(self.output_format)  # raises ValueError for an unknown format
+        if not 1 <= self.quality <= 100:
+            raise ValueError("quality must be between 1 and 100")
+        if self.batch_size < 0 or self.max_batch_pixels < 0 or self.cpu_threads < 0:
+            raise ValueError("batch_size, max_batch_pixels and cpu_threads must not be negative")
+        if self.max_pixels < 1 or self.queue_batches < 1:
+            raise ValueError("max_pixels and queue_batches must be at least 1")
+
+
+@dataclass
+class Job:
+    tag: object
+    data: bytes
+    models: tuple[str, ...]
+    output_format: str | None = None  # this job's outputs' format; the engine's when None
+
+
+@dataclass
+class Outcome:
+    tag: object
+    width: int | None = None
+    height: int | None = None
+    outputs: dict[str, bytes] = field(default_factory=dict)
+    error: str | None = None
+    seconds: float = 0.0  # this image's share of its batch's decode, stylise and encode time
+
+
+@dataclass
+class _Batch:
+    jobs: list[Job]
+    outcomes: list[Outcome]
+    images: list[torch.Tensor | None]  # decoded (3, H, W) uint8 on the device, None for errors
+    results: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    ready: object = None  # CUDA event recorded when the stage that made this batch is done with it
+    began: float = 0.0
+
+
+class StylizeEngine:
+    def __init__(self, models: dict[str, UNet], device: torch.device | str, config: EngineConfig = EngineConfig()):
+        if not models:
+            raise ValueError("at least one model is needed")
+        self.device = torch.device(device)
+        self.config = config
+        self.cuda = self.device.type == "cuda"
+        self.models: dict[str, torch.nn.Module] = {}
+        for name, model in models.items():
+            model = model.to(self.device).eval()
+            if self.cuda and config.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self.models[name] = torch.compile(model) if config.compile else model
+        self.batch_size = config.batch_size or (64 if self.cuda else 8)
+        self.max_batch_pixels = config.max_batch_pixels or self._default_batch_pixels(models)
+        self.gpu_jpeg = self.cuda and config.gpu_codec
+        self._pool = ThreadPoolExecutor(config.cpu_threads or os.cpu_count() or 2, thread_name_prefix="codec")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "StylizeEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(self, jobs: Iterable[Job]) -> Iterator[Outcome]:
+        """Stylise every job with its models; one Outcome per job, in input order. Errors in the input
+        iterator (a storage failure, say) are raised here, after the outcomes finished before it."""
+        stop = threading.Event()
+        decoded: queue.Queue = queue.Queue(self.config.queue_batches)
+        stylized: queue.Queue = queue.Queue(self.config.queue_batches)
+        stages = [
+            threading.Thread(target=self._stage, args=(self._decode_batches(jobs), decoded, stop), daemon=True),
+            threading.Thread(target=self._stage, args=(self._stylize_batches(decoded, stop), stylized, stop),
+                             daemon=True),
+        ]
+        for thread in stages:
+            thread.start()
+        stream = torch.cuda.Stream(self.device) if self.cuda else None
+        try:
+            for batch in _drain(stylized, stop):
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    if batch.ready is not None:
+                        stream.wait_event(batch.ready)
+                        for output in batch.results.values():
+                            output.record_stream(stream)  # made on the stylise stream, last used here
+                    yield from self._encode(batch)
+        finally:
+            stop.set()
+            for thread in stages:
+                thread.join()
+
+    # --- stages -------------------------------------------------------------------------------------------
+
+    def _stage(self, produce: Iterator, out: queue.Queue, stop: threading.Event) -> None:
+        """Run one stage: put what ``produce`` yields on ``out``, then _DONE, or the exception that ended it."""
+        try:
+            for item in produce:
+                if not _put(out, item, stop):
+                    return
+            _put(out, _DONE, stop)
+        except BaseException as error:  # handed to the consumer, which raises it in the caller's thread
+            _put(out, error, stop)
+
+    def _decode_batches(self, jobs: Iterable[Job]) -> Iterator[_Batch]:
+        stream = torch.cuda.Stream(self.device) if self.cuda else None
+        for group in self._cut_batches(jobs):
+            began = time.perf_counter()
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                batch = self._decode(group, began)
+                if stream is not None:
+                    batch.ready = stream.record_event()
+            yield batch
+
+    def _cut_batches(self, jobs: Iterable[Job]) -> Iterator[list[tuple[Job, "_Header"]]]:
+        group: list[tuple[Job, _Header]] = []
+        pixels = 0
+        try:
+            for job in jobs:
+                header = _Header.read(job.data, self.config.max_pixels)
+                if group and (len(group) >= self.batch_size or pixels + header.pixels > self.max_batch_pixels):
+                    yield group
+                    group, pixels = [], 0
+                group.append((job, header))
+                pixels += header.pixels
+        except Exception:  # the input failed: what was read before the failure is still stylised
+            if group:
+                yield group
+            raise
+        if group:
+            yield group
+
+    def _decode(self, group: list[tuple[Job, "_Header"]], began: float) -> _Batch:
+        outcomes = [Outcome(job.tag) for job, _ in group]
+        images: list[torch.Tensor | None] = [None] * len(group)
+        on_gpu = [i for i, (_, header) in enumerate(group) if self.gpu_jpeg and header.gpu_decodable]
+        if on_gpu:
+            try:
+                decoded = _nvjpeg_decode([group[i][0].data for i in on_gpu], self.device)
+                for i, image in zip(on_gpu, decoded):
+                    images[i] = image
+            except RuntimeError:  # nvjpeg refuses the batch: let PIL decode each, with a precise error if bad
+                on_gpu = []
+        on_cpu = [i for i in range(len(group)) if images[i] is None]
+
+        def cpu_decode(index: int) -> torch.Tensor | str:
+            job, header = group[index]
+            if header.error is not None:
+                return header.error
+            try:
+                tensor = image_to_tensor(decode_image(job.data, self.config.max_pixels))
+            except ImageDecodeError as error:
+                return str(error)
+            return tensor.pin_memory() if self.cuda else tensor
+
+        for index, result in zip(on_cpu, self._pool.map(cpu_decode, on_cpu)):
+            if isinstance(result, str):
+                outcomes[index].error = result
+            else:
+                images[index] = result.to(self.device, non_blocking=True)
+        for outcome, image in zip(outcomes, images):
+            if image is not None:
+                outcome.height, outcome.width = (int(side) for side in image.shape[-2:])
+        return _Batch([job for job, _ in group], outcomes, images, began=began)
+
+    def _stylize_batches(self, decoded: queue.Queue, stop: threading.Event) -> Iterator[_Batch]:
+        stream = torch.cuda.Stream(self.device) if self.cuda else None
+        for batch in _drain(decoded, stop):
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                if batch.ready is not None:
+                    stream.wait_event(batch.ready)
+                self._stylize(batch)
+                if stream is not None:
+                    batch.ready = stream.record_event()
+                    for image in batch.images:
+                        if image is not None:
+                            image.record_stream(stream)  # made on the decode stream, last used here
+            yield batch
+
+    @torch.inference_mode()
+    def _stylize(self, batch: _Batch) -> None:
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for index, image in enumerate(batch.images):
+            if image is not None:
+                by_size[tuple(image.shape[-2:])].append(index)
+        for indices in by_size.values():
+            stacked = torch.stack([batch.images[i] for i in indices])
+            for name, model in self.models.items():
+                wanted = [n for n, i in enumerate(indices) if name in batch.jobs[i].models]
+                if not wanted:
+                    continue
+                inputs = stacked if len(wanted) == len(indices) else stacked[wanted]
+                for n, output in zip(wanted, self._forward(model, inputs)):
+                    batch.results[(indices[n], name)] = output
+
+    def _forward(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 3, H, W) on the device to uint8 outputs; a batch that runs out of GPU memory is halved."""
+        try:
+            inputs = images.float().div_(255)
+            if self.cuda and self.config.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with autocast_for(self.device):
+                outputs = model(inputs)
+            return outputs.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).contiguous()
+        except torch.cuda.OutOfMemoryError:
+            if len(images) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(images) // 2
+            return torch.cat([self._forward(model, images[:half]), self._forward(model, images[half:])])
+
+    def _encode(self, batch: _Batch) -> Iterator[Outcome]:
+        def format_of(key: tuple[int, str]) -> str:
+            return output_format(batch.jobs[key[0]].output_format or self.config.output_format)
+
+        keys = list(batch.results)
+        on_gpu = [key for key in keys if self.gpu_jpeg and format_of(key) == "JPEG"]
+        on_cpu = [key for key in keys if not (self.gpu_jpeg and format_of(key) == "JPEG")]
+        encoded = dict(zip(on_gpu, _nvjpeg_encode([batch.results[k] for k in on_gpu], self.config.quality)))
+
+        def cpu_encode(key: tuple[int, str]) -> bytes:
+            return encode_image(tensor_to_image(batch.results[key].cpu()), format_of(key), self.config.quality)
+
+        encoded.update(zip(on_cpu, self._pool.map(cpu_encode, on_cpu)))
+        share = (time.perf_counter() - batch.began) / max(len(batch.jobs), 1)
+        for index, (job, outcome) in enumerate(zip(batch.jobs, batch.outcomes)):
+            outcome.seconds = share
+            if outcome.error is None:
+                outcome.outputs = {name: encoded[(index, name)] for name in job.models if (index, name) in encoded}
+            yield outcome
+
+    def _default_batch_pixels(self, models: dict[str, UNet]) -> int:
+        if not self.cuda:
+            return 8 * 1024 * 1024
+        return batch_pixels_for_memory(next(iter(self.models.values())), self.device)
+
+
+def batch_pixels_for_memory(model: torch.nn.Module, device: torch.device, share: float = 0.4) -> int:
+    """How many pixels one forward pass may take: ``share`` of the free GPU memory over the memory one pixel
+    needs, measured with a probe batch."""
+    probe = torch.rand(2, 3, 256, 256, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode(), autocast_for(device):
+        model(probe)
+    torch.cuda.synchronize(device)
+    per_pixel = max((torch.cuda.max_memory_allocated(device) - before) / probe[:, 0].numel(), 1.0)
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(int(free * share / per_pixel), 256 * 256)
+
+
+@dataclass
+class _Header:
+    """What the image's header says, read without decoding its pixels."""
+
+    pixels: int = 0
+    gpu_decodable: bool = False
+    error: str | None = None  # set when the header alone shows the image cannot be used
+
+    @classmethod
+    def read(cls, data: bytes, max_pixels: int) -> "_Header":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                image = Image.open(io.BytesIO(data))
+                width, height = image.size
+                orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if image.format == "JPEG" else 1
+        except Exception:
+            return cls()  # the CPU decoder says what is wrong with it
+        pixels = width * height
+        if pixels > max_pixels:
+            return cls(error=f"{width}x{height} is {pixels:,} pixels, over the limit of {max_pixels:,}")
+        plain_jpeg = image.format == "JPEG" and image.mode == "RGB" and orientation in (0, 1)
+        return cls(pixels=pixels, gpu_decodable=plain_jpeg)
+
+
+def _nvjpeg_decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision >= 0.29 marks its image codecs deprecated
+        return decode_jpeg([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas],
+                           mode=ImageReadMode.RGB, device=device)
+
+
+def _nvjpeg_encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
+    if not images:
+        return []
+    from torchvision.io import encode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoded = encode_jpeg(images, quality=quality)
+    sizes = [int(e.numel()) for e in encoded]
+    flat = torch.cat(encoded).cpu()  # one copy back instead of one per image
+    return [bytes(chunk.numpy()) for chunk in torch.split(flat, sizes)]
+
+
+def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
+    while not stop.is_set():
+        try:
+            out.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
+
+
+def _drain(source: queue.Queue, stop: threading.Event) -> Iterator:
+    while not stop.is_set():
+        try:
+            item = source.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if item is _DONE:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item

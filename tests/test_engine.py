@@ -1,0 +1,137 @@
+"""The stylisation engine: every input gets exactly one outcome, in input order; bad bytes become errors with a
+reason; outputs are the model's pixels whatever the batching; on a GPU the nvjpeg path gives the same pictures."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from stylecore.engine import EngineConfig, Job, StylizeEngine
+from stylecore.images import decode_image, image_to_tensor
+from stylecore.model import UNet, UNetConfig
+from stylecore.stylize import stylize_batch
+
+
+def tiny_model(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(UNetConfig(base_channels=4, depth=2)).eval()
+
+
+def encoded(size: tuple[int, int], fmt: str = "JPEG", seed: int = 0, **save) -> bytes:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), dtype=torch.uint8, generator=generator)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buffer, fmt, **save)
+    return buffer.getvalue()
+
+
+def run(engine: StylizeEngine, datas: list[bytes], models=("m",)) -> list:
+    return list(engine.run(Job(index, data, tuple(models)) for index, data in enumerate(datas)))
+
+
+def test_every_input_gets_one_outcome_in_order_and_bad_bytes_say_why():
+    datas = [encoded((20, 14)), b"", b"<html>not an image</html>", encoded((33, 17), "PNG"),
+             encoded((20, 14))[:400], encoded((8, 8), "WEBP"), encoded((20, 14), seed=1)]
+    with StylizeEngine({"m": tiny_model()}, "cpu", EngineConfig(batch_size=2)) as engine:
+        outcomes = run(engine, datas)
+    assert [o.tag for o in outcomes] == list(range(len(datas)))
+    errors = {o.tag: o.error for o in outcomes if o.error}
+    assert set(errors) == {1, 2, 4}
+    assert "empty" in errors[1] and "not a recognised image" in errors[2] and "truncated" in errors[4].lower()
+    for outcome in outcomes:
+        if outcome.error is None:
+            assert decode_image(outcome.outputs["m"]).size == (outcome.width, outcome.height)
+
+
+def test_outputs_are_the_models_pixels_whatever_the_batching():
+    model = tiny_model()
+    datas = [encoded(size, "PNG", seed=i) for i, size in enumerate([(20, 14), (31, 9), (20, 14), (16, 16), (20, 14)])]
+    configs = [EngineConfig(batch_size=1, output_format="png"), EngineConfig(batch_size=4, output_format="png"),
+               EngineConfig(batch_size=64, max_batch_pixels=600, output_format="png")]
+    for config in configs:
+        with StylizeEngine({"m": model}, "cpu", config) as engine:
+            outcomes = run(engine, datas)
+        for data, outcome in zip(datas, outcomes):
+            expected = stylize_batch(model, image_to_tensor(decode_image(data)).unsqueeze(0))[0]
+            got = image_to_tensor(decode_image(outcome.outputs["m"]))
+            assert (got.int() - expected.int()).abs().max() <= 1, config
+
+
+def test_each_job_gets_only_the_models_it_asks_for():
+    with StylizeEngine({"a": tiny_model(0), "b": tiny_model(1)}, "cpu", EngineConfig(batch_size=3)) as engine:
+        outcomes = list(engine.run([Job(0, encoded((12, 12)), ("a",)), Job(1, encoded((12, 12)), ("a", "b")),
+                                    Job(2, encoded((12, 12)), ("b",))]))
+    assert [sorted(o.outputs) for o in outcomes] == [["a"], ["a", "b"], ["b"]]
+    assert outcomes[1].outputs["a"] != outcomes[1].outputs["b"]
+
+
+def test_a_job_can_choose_its_own_output_format():
+    with StylizeEngine({"m": tiny_model()}, "cpu", EngineConfig(output_format="jpeg")) as engine:
+        outcomes = list(engine.run([Job(0, encoded((12, 12)), ("m",)),
+                                    Job(1, encoded((12, 12)), ("m",), output_format="png")]))
+    assert Image.open(io.BytesIO(outcomes[0].outputs["m"])).format == "JPEG"
+    assert Image.open(io.BytesIO(outcomes[1].outputs["m"])).format == "PNG"
+
+
+def test_images_over_the_pixel_limit_are_refused_before_decoding():
+    with StylizeEngine({"m": tiny_model()}, "cpu", EngineConfig(max_pixels=500)) as engine:
+        small, large = run(engine, [encoded((20, 20)), encoded((30, 30))])
+    assert small.error is None
+    assert "900 pixels, over the limit of 500" in large.error
+
+
+def test_a_failing_input_stream_raises_after_the_outcomes_before_it():
+    def jobs():
+        for index in range(5):
+            yield Job(index, encoded((12, 12), seed=index), ("m",))
+        raise OSError("storage went away")
+
+    seen = []
+    with StylizeEngine({"m": tiny_model()}, "cpu", EngineConfig(batch_size=2)) as engine:
+        with pytest.raises(OSError, match="storage went away"):
+            for outcome in engine.run(jobs()):
+                seen.append(outcome.tag)
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_stopping_early_leaves_no_threads_running():
+    import threading
+
+    before = threading.active_count()
+    with StylizeEngine({"m": tiny_model()}, "cpu", EngineConfig(batch_size=1)) as engine:
+        outcomes = engine.run(Job(i, encoded((12, 12)), ("m",)) for i in range(50))
+        next(outcomes)
+        outcomes.close()
+    assert threading.active_count() == before
+
+
+def test_bad_settings_are_refused():
+    for bad in ({"output_format": "gif"}, {"quality": 0}, {"batch_size": -1}, {"max_pixels": 0}):
+        with pytest.raises(ValueError):
+            EngineConfig(**bad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_codec_gives_the_same_pictures_as_the_cpu_path():
+    model = tiny_model()
+    photo = Image.effect_mandelbrot((96, 64), (-2, -1, 1, 1), 60).convert("RGB")
+    buffer = io.BytesIO()
+    photo.save(buffer, "JPEG", quality=95)
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: must come out upright (the CPU path applies EXIF orientation)
+    photo.save(rotated, "JPEG", quality=95, exif=exif)
+    datas = [buffer.getvalue(), rotated.getvalue(), encoded((40, 24), "PNG"), b"garbage"]
+    results = {}
+    for gpu_codec in (False, True):
+        with StylizeEngine({"m": model}, "cuda", EngineConfig(gpu_codec=gpu_codec, output_format="png")) as engine:
+            results[gpu_codec] = run(engine, datas)
+    for cpu, gpu in zip(results[False], results[True]):
+        assert (cpu.error is None) == (gpu.error is None)
+        assert (cpu.width, cpu.height) == (gpu.width, gpu.height)
+        if cpu.error is None:
+            a = image_to_tensor(decode_image(cpu.outputs["m"])).float()
+            b = image_to_tensor(decode_image(gpu.outputs["m"])).float()
+            assert (a - b).abs().mean() < 3.0  # nvjpeg's IDCT and upsampling differ from libjpeg's by a little
+    assert (results[True][1].width, results[True][1].height) == (64, 96)
