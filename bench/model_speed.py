@@ -1,7 +1,8 @@
 """Model-only stylisation throughput: this project's default UNet against the Johnson TransformerNet peer,
 same device, same run, several sizes and batch sizes (fp32 on CPU; bf16 autocast on CUDA).
 
-    .venv/bin/python bench/model_speed.py [--sizes 256,512] [--batches 1,4] [--repeats 3]
+    .venv/bin/python bench/model_speed.py [--sizes 256,512] [--batches 1,4] [--repeats 3] [--unets 16x4,32x3]
+        [--compile]   # also torch.compile'd default UNet and peer, at the second size and the largest batch
 
 Untrained weights (speed does not depend on them). Prints a table and one JSON line per measurement.
 """
@@ -25,8 +26,11 @@ from stylecore.stylize import autocast_for  # noqa: E402
 
 def images_per_second(model: torch.nn.Module, size: int, batch: int, repeats: int, device: torch.device) -> float:
     images = torch.rand(batch, 3, size, size, device=device)
+    if device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), autocast_for(device):
-        model(images)  # warm-up
+        model(images)  # warm-up (and compilation)
+        model(images)
         best = float("inf")
         for _ in range(repeats):
             if device.type == "cuda":
@@ -44,27 +48,53 @@ def main() -> None:
     parser.add_argument("--sizes", default="256,512")
     parser.add_argument("--batches", default="1,4")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--unets", default=f"{UNetConfig.base_channels}x{UNetConfig.depth}",
+                        help="UNet variants BASExDEPTH; the first is the one compared with the peer")
+    parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
-    models = {"unet": UNet(UNetConfig()).eval().to(device), "transformer_net": TransformerNet().eval().to(device)}
-    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
+    models: dict[str, torch.nn.Module] = {}
+    for spec in args.unets.split(","):
+        base, depth = (int(part) for part in spec.split("x"))
+        models[f"unet_{spec}"] = UNet(UNetConfig(base_channels=base, depth=depth))
+    models["transformer_net"] = TransformerNet()
+    for name, model in models.items():
+        model.eval().to(device)
+        if device.type == "cuda":
+            model.to(memory_format=torch.channels_last)
+    first = next(iter(models))
+    params = {name: round(sum(p.numel() for p in m.parameters()) / 1e6, 2) for name, m in models.items()}
+    sizes, batches = [int(s) for s in args.sizes.split(",")], [int(b) for b in args.batches.split(",")]
+    runs = [(size, batch, False) for size in sizes for batch in batches]
+    if args.compile:
+        runs.append((sizes[-1] if len(sizes) < 2 else sizes[1], batches[-1], True))
     rows = []
-    for size in [int(s) for s in args.sizes.split(",")]:
-        for batch in [int(b) for b in args.batches.split(",")]:
-            rates = {name: images_per_second(m, size, batch, args.repeats, device) for name, m in models.items()}
-            row = {"device": str(device), "size": size, "batch": batch,
-                   **{f"{name}_img_per_s": round(rate, 2) for name, rate in rates.items()},
-                   "unet_over_peer": round(rates["unet"] / rates["transformer_net"], 2)}
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-    print(f"\nparams: UNet {params['unet'] / 1e6:.2f} M, TransformerNet {params['transformer_net'] / 1e6:.2f} M "
-          f"on {device}, {torch.get_num_threads()} threads")
-    print(f"{'size':>6}{'batch':>7}{'UNet img/s':>12}{'peer img/s':>12}{'ratio':>8}")
+    for size, batch, compiled in runs:
+        rates = {}
+        for name, model in models.items():
+            if compiled and name not in (first, "transformer_net"):
+                continue  # compiling takes long: only the default UNet and the peer
+            began = time.perf_counter()
+            rates[name] = images_per_second(torch.compile(model) if compiled else model, size, batch, args.repeats,
+                                            device)
+            if compiled:
+                print(f"{name} compiled and measured in {time.perf_counter() - began:.0f}s", file=sys.stderr)
+        row = {"bench": "model_speed", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "size": size, "batch": batch, "compiled": compiled,
+               **{f"{name}_img_per_s": round(rate, 1) for name, rate in rates.items()},
+               "default_over_peer": round(rates[first] / rates["transformer_net"], 2)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\nparams (M): {params} on {device}, {torch.get_num_threads()} threads")
+    names = list(models)
+    print(f"{'size':>6}{'batch':>6}{'compiled':>9}" + "".join(f"{n:>18}" for n in names) + f"{'ratio':>7}")
     for row in rows:
-        print(f"{row['size']:>6}{row['batch']:>7}{row['unet_img_per_s']:>12.2f}{row['transformer_net_img_per_s']:>12.2f}"
-              f"{row['unet_over_peer']:>8.2f}")
+        print(f"{row['size']:>6}{row['batch']:>6}{str(row['compiled']):>9}"
+              + "".join(f"{row.get(n + '_img_per_s', float('nan')):>18.1f}" for n in names) + f"{row['default_over_peer']:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -110,9 +110,11 @@ class StylizeEngine:
             model = model.to(self.device).eval()
             if self.cuda and config.channels_last:
                 model = model.to(memory_format=torch.channels_last)
-            self.models[name] = torch.compile(model) if config.compile else model
+            self.models[name] = model
         self.batch_size = config.batch_size or (64 if self.cuda else 8)
-        self.max_batch_pixels = config.max_batch_pixels or self._default_batch_pixels(models)
+        self.max_batch_pixels = config.max_batch_pixels or self._default_batch_pixels()
+        if config.compile:
+            self.models = {name: torch.compile(model) for name, model in self.models.items()}
         self.gpu_jpeg = self.cuda and config.gpu_codec
         self._pool = ThreadPoolExecutor(config.cpu_threads or os.cpu_count() or 2, thread_name_prefix="codec")
 
@@ -252,10 +254,11 @@ class StylizeEngine:
                 if not wanted:
                     continue
                 inputs = stacked if len(wanted) == len(indices) else stacked[wanted]
-                for n, output in zip(wanted, self._forward(model, inputs)):
+                for n, output in zip(wanted, self.forward(model, inputs)):
                     batch.results[(indices[n], name)] = output
 
-    def _forward(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    @torch.inference_mode()
+    def forward(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) on the device to uint8 outputs; a batch that runs out of GPU memory is halved."""
         try:
             inputs = images.float().div_(255)
@@ -269,7 +272,7 @@ class StylizeEngine:
                 raise
             torch.cuda.empty_cache()
             half = len(images) // 2
-            return torch.cat([self._forward(model, images[:half]), self._forward(model, images[half:])])
+            return torch.cat([self.forward(model, images[:half]), self.forward(model, images[half:])])
 
     def _encode(self, batch: _Batch) -> Iterator[Outcome]:
         def format_of(key: tuple[int, str]) -> str:
@@ -291,10 +294,10 @@ class StylizeEngine:
                 outcome.outputs = {name: encoded[(index, name)] for name in job.models if (index, name) in encoded}
             yield outcome
 
-    def _default_batch_pixels(self, models: dict[str, UNet]) -> int:
+    def _default_batch_pixels(self) -> int:
         if not self.cuda:
             return 8 * 1024 * 1024
-        return batch_pixels_for_memory(next(iter(self.models.values())), self.device)
+        return min(batch_pixels_for_memory(model, self.device) for model in self.models.values())
 
 
 def batch_pixels_for_memory(model: torch.nn.Module, device: torch.device, share: float = 0.4) -> int:

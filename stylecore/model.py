@@ -25,8 +25,8 @@ NORMS = ("batch", "instance", "group", "none")
 class UNetConfig:
     """Architecture of the UNet. Saved with every checkpoint, so a model can be rebuilt from it."""
 
-    base_channels: int = 32  # width of the full-resolution level; doubles at each level down
-    depth: int = 3  # number of 2x downsamplings; inputs are padded to a multiple of 2**depth
+    base_channels: int = 16  # width of the full-resolution level; doubles at each level down
+    depth: int = 4  # number of 2x downsamplings; inputs are padded to a multiple of 2**depth
     norm: str = "instance"
     max_channels: int = 256
 

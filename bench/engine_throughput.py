@@ -1,0 +1,136 @@
+"""End to end against model only, in one process, on whatever device is there (the GPU benchmark; the CPU one
+with Prefect is bucket_throughput.py).
+
+    python bench/engine_throughput.py --images 10000 --size 512 [--compile] [--no-gpu-codec] [--photos DIR]
+
+Writes N JPEGs of SIZE x SIZE (crops of the photos, re-encoded) to a temporary folder, builds the shard
+engine once, then times (1) model only: the engine's forward on a decoded uint8 batch already on the device
+(same model object, same compile, same autocast and memory format) and (2) end to end: every shard through
+tasks.bucket.stylize_shard from local disk to local disk with its manifest parts, no Prefect. Prints one JSON line
+with both rates, their ratio and the process's peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from stylecore.model import UNet, UNetConfig  # noqa: E402
+from tasks.bucket import ShardOptions, engine_for, list_shards, stylize_shard  # noqa: E402
+from tasks.storage import Location  # noqa: E402
+
+
+def _encode_crop(args: tuple[str, int]) -> bytes:
+    from PIL import Image, ImageOps
+
+    path, size = args
+    buffer = io.BytesIO()
+    ImageOps.fit(Image.open(path).convert("RGB"), (size, size)).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def make_images(folder: Path, photos: Path, count: int, size: int) -> None:
+    sources = sorted(str(p) for p in photos.glob("*.jpg"))[:200]
+    with ProcessPoolExecutor() as pool:
+        encoded = list(pool.map(_encode_crop, [(p, size) for p in sources]))
+    for index in range(count):
+        path = folder / f"d{index // 1000:03}" / f"img{index:06}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encoded[index % len(encoded)])
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=0, help="0: the engine's choice")
+    parser.add_argument("--shard-size", type=int, default=2500)
+    parser.add_argument("--base", type=int, default=UNetConfig.base_channels)
+    parser.add_argument("--depth", type=int, default=UNetConfig.depth)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--no-gpu-codec", action="store_true")
+    parser.add_argument("--photos", type=Path, default=REPO / "stylecore" / "assets" / "photos")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--work", type=Path, default=None, help="folder for the images (kept between runs)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="engine-bench-"))
+    images = work / f"images-{args.images}-{args.size}"
+    if not images.exists():
+        began = time.perf_counter()
+        make_images(images.with_suffix(".tmp"), args.photos, args.images, args.size)
+        images.with_suffix(".tmp").rename(images)
+        print(f"wrote {args.images} images in {time.perf_counter() - began:.1f}s", file=sys.stderr)
+    destination = work / "out"
+    shutil.rmtree(destination, ignore_errors=True)
+
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=args.base, depth=args.depth)).eval().to(device)
+    options = ShardOptions(batch_size=args.batch, compile=args.compile, gpu_codec=not args.no_gpu_codec)
+    engine = engine_for({"bench": model}, options)
+    batch = engine.batch_size
+
+    # Model only: a decoded batch on the device, the engine's own forward (compiled if asked).
+    inputs = torch.randint(0, 256, (batch, 3, args.size, args.size), dtype=torch.uint8, device=device)
+    net = engine.models["bench"]
+    began = time.perf_counter()
+    engine.forward(net, inputs)
+    synchronize(device)
+    warmup_s = time.perf_counter() - began
+    repeats = max(3, int(2 * 1e6 / (batch * args.size * args.size / 1e3) ** 0.5)) if device.type == "cuda" else 3
+    repeats = min(repeats, 50)
+    synchronize(device)
+    began = time.perf_counter()
+    for _ in range(repeats):
+        engine.forward(net, inputs)
+    synchronize(device)
+    model_rate = repeats * batch / (time.perf_counter() - began)
+
+    shards = list_shards(Location(str(images)), args.shard_size)
+    began = time.perf_counter()
+    counts: dict[str, int] = {}
+    for shard in shards:
+        result = stylize_shard(shard, Location(str(images)), Location(str(destination)), {"bench": model}, options)
+        for name, value in result.counts.items():
+            counts[name] = counts.get(name, 0) + value
+    synchronize(device)
+    seconds = time.perf_counter() - began
+    e2e_rate = args.images / seconds
+    row = {
+        "bench": "engine_throughput", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "images": args.images, "size": args.size, "batch": batch,
+        "batch_pixels": engine.max_batch_pixels, "unet": f"{args.base}x{args.depth}", "compile": args.compile,
+        "gpu_codec": engine.gpu_jpeg, "shard_size": args.shard_size, "warmup_s": round(warmup_s, 1),
+        "model_img_per_s": round(model_rate, 1), "e2e_img_per_s": round(e2e_rate, 1),
+        "e2e_over_model": round(e2e_rate / model_rate, 3), "e2e_seconds": round(seconds, 2), "counts": counts,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }
+    print(json.dumps(row), flush=True)
+    engine.close()
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
