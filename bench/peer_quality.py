@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformer_net import TransformerNet  # noqa: E402
@@ -59,7 +60,7 @@ def pixel_objective(outputs: torch.Tensor, photos: torch.Tensor) -> dict[str, to
 
 
 @torch.inference_mode()
-def stylize_whole(model: torch.nn.Module, image, device) -> "Image":
+def stylize_whole(model: torch.nn.Module, image, device) -> Image.Image:
     batch = image_to_tensor(image).unsqueeze(0).to(device).float().div_(255)
     height, width = batch.shape[-2:]
     padded = F.pad(batch, (0, (-width) % 16, 0, (-height) % 16), mode="reflect")
