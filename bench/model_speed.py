@@ -79,8 +79,12 @@ def main() -> None:
             if compiled and name not in (first, "transformer_net"):
                 continue  # compiling takes long: only the default UNet and the peer
             began = time.perf_counter()
-            rates[name] = images_per_second(torch.compile(model) if compiled else model, size, batch, args.repeats,
-                                            device)
+            try:
+                rates[name] = images_per_second(torch.compile(model) if compiled else model, size, batch,
+                                                args.repeats, device)
+            except RuntimeError as error:  # e.g. a tensor too large for 32-bit indexing in reflection padding
+                print(f"{name} at {size}px batch {batch}: {str(error).splitlines()[0]}", file=sys.stderr)
+                rates[name] = float("nan")
             if compiled:
                 print(f"{name} compiled and measured in {time.perf_counter() - began:.0f}s", file=sys.stderr)
         row = {"bench": "model_speed", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -260,19 +260,23 @@ class StylizeEngine:
     @torch.inference_mode()
     def forward(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) on the device to uint8 outputs; a batch that runs out of GPU memory is halved."""
+        count = len(images)
+        if self.config.compile and count < self.batch_size:
+            # a compiled model recompiles for every new shape: keep the batch dimension fixed
+            images = torch.cat([images, images[-1:].expand(self.batch_size - count, -1, -1, -1)])
         try:
             inputs = images.float().div_(255)
             if self.cuda and self.config.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             with autocast_for(self.device):
                 outputs = model(inputs)
-            return outputs.float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).contiguous()
+            return outputs[:count].float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).contiguous()
         except torch.cuda.OutOfMemoryError:
-            if len(images) == 1:
+            if count == 1:
                 raise
             torch.cuda.empty_cache()
-            half = len(images) // 2
-            return torch.cat([self.forward(model, images[:half]), self.forward(model, images[half:])])
+            half = count // 2
+            return torch.cat([self.forward(model, images[:half]), self.forward(model, images[half:count])])
 
     def _encode(self, batch: _Batch) -> Iterator[Outcome]:
         def format_of(key: tuple[int, str]) -> str:

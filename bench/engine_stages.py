@@ -1,0 +1,112 @@
+"""Where end-to-end time goes: each stage of a bucket run timed alone on the same images (the profile behind
+engine_throughput's ratio). One JSON line of img/s per stage.
+
+    python bench/engine_stages.py --images 2000 --size 512 [--photos DIR] [--work DIR]
+
+Stages: read (8 threads, storage layer), header (PIL header probe, one thread), decode on the GPU (nvjpeg,
+batches) and on the CPU (PIL, one thread per core), model (the engine's forward), encode on the GPU and on the
+CPU, write (8 threads, storage layer's atomic write), and the engine alone on bytes held in memory (decode,
+model and encode overlapped, no storage).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from engine_throughput import make_images  # noqa: E402
+
+from stylecore import engine as engine_module  # noqa: E402
+from stylecore.engine import EngineConfig, Job, StylizeEngine  # noqa: E402
+from stylecore.images import decode_image, encode_image, image_to_tensor, tensor_to_image  # noqa: E402
+from stylecore.model import UNet, UNetConfig  # noqa: E402
+from tasks.storage import Location, read_bytes, write_bytes  # noqa: E402
+
+
+def timed(function, count: int, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    function()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return round(count / (time.perf_counter() - began), 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--photos", type=Path, default=REPO / "stylecore" / "assets" / "photos")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/engine-stages"))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cores = os.cpu_count() or 2
+    images = args.work / f"images-{args.images}-{args.size}"
+    if not images.exists():
+        make_images(images.with_suffix(".tmp"), args.photos, args.images, args.size)
+        images.with_suffix(".tmp").rename(images)
+    paths = sorted(images.rglob("*.jpg"))
+    n, b = len(paths), args.batch
+    rates: dict[str, float] = {}
+
+    with ThreadPoolExecutor(8) as io_pool, ThreadPoolExecutor(cores) as cpu_pool:
+        datas: list[bytes] = []
+        rates["read_8_threads"] = timed(lambda: datas.extend(io_pool.map(lambda p: read_bytes(Location(str(p))), paths)),
+                                        n, device)
+        rates["header_1_thread"] = timed(lambda: [engine_module._Header.read(d, 10**9) for d in datas], n, device)
+        decoded: list[torch.Tensor] = []
+        rates[f"decode_cpu_{cores}_threads"] = timed(
+            lambda: decoded.extend(cpu_pool.map(lambda d: image_to_tensor(decode_image(d)), datas)), n, device)
+        if device.type == "cuda":
+            rates["decode_gpu_nvjpeg"] = timed(
+                lambda: [engine_module._nvjpeg_decode(datas[i:i + b], device) for i in range(0, n, b)], n, device)
+        model = UNet(UNetConfig()).eval().to(device)
+        engine = StylizeEngine({"m": model}, device, EngineConfig(batch_size=b))
+        batch = torch.stack(decoded[:b]).to(device)
+        engine.forward(engine.models["m"], batch)
+        rates["model_eager"] = timed(lambda: [engine.forward(engine.models["m"], batch) for _ in range(max(1, n // b))],
+                                     max(1, n // b) * b, device)
+        outputs = engine.forward(engine.models["m"], batch)
+        if device.type == "cuda":
+            rates["encode_gpu_nvjpeg"] = timed(
+                lambda: [engine_module._nvjpeg_encode(list(outputs), 90) for _ in range(max(1, n // b))],
+                max(1, n // b) * b, device)
+        cpu_outputs = outputs.cpu()
+        rates[f"encode_cpu_{cores}_threads"] = timed(
+            lambda: list(cpu_pool.map(lambda i: encode_image(tensor_to_image(cpu_outputs[i % b]), "jpeg", 90),
+                                      range(n))), n, device)
+        target = args.work / "written"
+        shutil.rmtree(target, ignore_errors=True)
+        rates["write_8_threads"] = timed(
+            lambda: list(io_pool.map(lambda i: write_bytes(Location(str(target / f"d{i // 1000}" / f"{i}.jpg")),
+                                                           datas[i]), range(n))), n, device)
+        for gpu_codec in ((True, False) if device.type == "cuda" else (False,)):
+            with StylizeEngine({"m": model}, device, EngineConfig(batch_size=b, gpu_codec=gpu_codec)) as run_engine:
+                list(run_engine.run(Job(i, datas[i], ("m",)) for i in range(min(n, 2 * b))))  # warm-up
+                rates[f"engine_in_memory_gpu_codec_{gpu_codec}"] = timed(
+                    lambda: list(run_engine.run(Job(i, d, ("m",)) for i, d in enumerate(datas))), n, device)
+        engine.close()
+    row = {"bench": "engine_stages", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "images": n, "size": args.size, "batch": b, "img_per_s": rates}
+    print(json.dumps(row), flush=True)
+    for name, rate in rates.items():
+        print(f"{name:<36}{rate:>10.1f} img/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
