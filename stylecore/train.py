@@ -93,6 +93,7 @@ class TrainResult:
     resumed_from: int = 0
 
 
+# Called after every step with (step, total steps, the losses averaged over the last logged interval).
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
 
@@ -107,6 +108,13 @@ class TrainingPhotos:
 
     def __len__(self) -> int:
         return len(self.tensors)
+
+    def to(self, device: torch.device, max_bytes: int = 2 * 1024**3) -> "TrainingPhotos":
+        """Keep the photos on ``device`` when they fit in ``max_bytes``, so crops are cut there with no copy
+        per step; a larger set stays in host memory."""
+        if sum(t.numel() for t in self.tensors) <= max_bytes:
+            self.tensors = [t.to(device) for t in self.tensors]
+        return self
 
     def sample(self, batch_size: int, generator: torch.Generator) -> torch.Tensor:
         """A float batch (N, 3, crop, crop) in [0, 1]."""
@@ -211,7 +219,11 @@ def _train(
     # bf16 autocast only on CUDA: on CPUs without bf16 units it is about 100x slower.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     started = time.perf_counter() - elapsed
-    running: dict[str, float] = {}
+    photos.to(device)
+    # Losses are summed on the device and read back once per log interval: reading a GPU value every step
+    # stalls the step, and small-batch steps are dominated by such waits.
+    running: dict[str, torch.Tensor] = {}
+    latest: dict[str, float] = {}
     while step < total_steps:
         batch = photos.sample(config.batch_size, generator).to(device, non_blocking=True)
         with autocast:
@@ -221,16 +233,15 @@ def _train(
         optimizer.step()
         schedule.step()
         step += 1
-        values = {name: float(value.detach()) for name, value in losses.items()}
-        for name, value in values.items():
-            running[name] = running.get(name, 0.0) + value
+        for name, value in losses.items():
+            running[name] = running[name] + value.detach().float() if name in running else value.detach().float()
         if step % config.log_every == 0 or step == total_steps:
             count = config.log_every if step % config.log_every == 0 else step % config.log_every
-            history.append({"step": step, "seconds": round(time.perf_counter() - started, 3),
-                            **{name: total / count for name, total in running.items()}})
+            latest = {name: float(total) / count for name, total in running.items()}
+            history.append({"step": step, "seconds": round(time.perf_counter() - started, 3), **latest})
             running = {}
         if on_step is not None:
-            on_step(step, total_steps, values)
+            on_step(step, total_steps, latest)
         if state_dir is not None and (step % config.checkpoint_every == 0) and step < total_steps:
             _checkpoint(state_dir, model, optimizer, schedule, generator, step, history,
                         time.perf_counter() - started, signature)
