@@ -116,7 +116,9 @@ class StylizeEngine:
         if config.compile:
             self.models = {name: torch.compile(model) for name, model in self.models.items()}
         self.gpu_jpeg = self.cuda and config.gpu_codec
-        self._pool = ThreadPoolExecutor(config.cpu_threads or os.cpu_count() or 2, thread_name_prefix="codec")
+        self._decode_split = _DecodeSplit()
+        self._threads = config.cpu_threads or os.cpu_count() or 2
+        self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="codec")
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -197,31 +199,46 @@ class StylizeEngine:
     def _decode(self, group: list[tuple[Job, "_Header"]], began: float) -> _Batch:
         outcomes = [Outcome(job.tag) for job, _ in group]
         images: list[torch.Tensor | None] = [None] * len(group)
-        on_gpu = [i for i, (_, header) in enumerate(group) if self.gpu_jpeg and header.gpu_decodable]
-        if on_gpu:
-            try:
-                decoded = _nvjpeg_decode([group[i][0].data for i in on_gpu], self.device)
-                for i, image in zip(on_gpu, decoded):
-                    images[i] = image
-            except RuntimeError:  # nvjpeg refuses the batch: let PIL decode each, with a precise error if bad
-                on_gpu = []
-        on_cpu = [i for i in range(len(group)) if images[i] is None]
+        candidates = [i for i, (_, header) in enumerate(group) if self.gpu_jpeg and header.gpu_decodable]
+        # nvjpeg and the PIL threads decode at the same time, each its share, so that both finish together.
+        on_gpu = candidates[: len(candidates) - round(len(candidates) * self._decode_split.cpu_share())]
+        gpu_set = set(on_gpu)
+        on_cpu = [i for i in range(len(group)) if i not in gpu_set]
+        cpu_seconds: list[float] = []
 
         def cpu_decode(index: int) -> torch.Tensor | str:
             job, header = group[index]
             if header.error is not None:
                 return header.error
+            decode_began = time.perf_counter()
             try:
                 tensor = image_to_tensor(decode_image(job.data, self.config.max_pixels))
             except ImageDecodeError as error:
                 return str(error)
+            if header.gpu_decodable:
+                cpu_seconds.append(time.perf_counter() - decode_began)
             return tensor.pin_memory() if self.cuda else tensor
 
-        for index, result in zip(on_cpu, self._pool.map(cpu_decode, on_cpu)):
+        cpu_futures = [self._pool.submit(cpu_decode, index) for index in on_cpu]
+        if on_gpu:
+            gpu_began = time.perf_counter()
+            try:
+                decoded = _nvjpeg_decode([group[i][0].data for i in on_gpu], self.device)
+                torch.cuda.current_stream(self.device).synchronize()  # this stage's own stream: times the decode
+                self._decode_split.record("gpu", len(on_gpu), time.perf_counter() - gpu_began)
+                for i, image in zip(on_gpu, decoded):
+                    images[i] = image
+            except RuntimeError:  # nvjpeg refuses the batch: let PIL decode each, with a precise error if bad
+                cpu_futures += [self._pool.submit(cpu_decode, index) for index in on_gpu]
+                on_cpu = on_cpu + on_gpu
+        for index, future in zip(on_cpu, cpu_futures):
+            result = future.result()
             if isinstance(result, str):
                 outcomes[index].error = result
             else:
                 images[index] = result.to(self.device, non_blocking=True)
+        if self.gpu_jpeg and cpu_seconds:  # the pool's capacity: its threads over one JPEG's decode time
+            self._decode_split.record("cpu", self._threads * len(cpu_seconds), sum(cpu_seconds))
         for outcome, image in zip(outcomes, images):
             if image is not None:
                 outcome.height, outcome.width = (int(side) for side in image.shape[-2:])
@@ -317,6 +334,30 @@ def batch_pixels_for_memory(model: torch.nn.Module, device: torch.device, share:
     per_pixel = max((torch.cuda.max_memory_allocated(device) - before) / probe[:, 0].numel(), 1.0)
     free, _ = torch.cuda.mem_get_info(device)
     return max(int(free * share / per_pixel), 256 * 256)
+
+
+class _DecodeSplit:
+    """Which share of the JPEGs the CPU threads decode while nvjpeg decodes the rest: the CPU's share of the
+    two measured rates (moving averages), so both finish a batch at about the same time on any machine."""
+
+    def __init__(self, initial_cpu_share: float = 0.25, smoothing: float = 0.3):
+        self.rates: dict[str, float] = {}
+        self.initial_cpu_share = initial_cpu_share
+        self.smoothing = smoothing
+        self.lock = threading.Lock()
+
+    def record(self, path: str, images: int, seconds: float) -> None:
+        rate = images / max(seconds, 1e-6)
+        with self.lock:
+            previous = self.rates.get(path)
+            self.rates[path] = rate if previous is None else previous + self.smoothing * (rate - previous)
+
+    def cpu_share(self) -> float:
+        with self.lock:
+            if "gpu" not in self.rates or "cpu" not in self.rates:
+                return self.initial_cpu_share
+            share = self.rates["cpu"] / (self.rates["cpu"] + self.rates["gpu"])
+        return min(max(share, 0.05), 0.95)  # keep measuring both paths
 
 
 @dataclass

@@ -135,3 +135,15 @@ def test_gpu_codec_gives_the_same_pictures_as_the_cpu_path():
             b = image_to_tensor(decode_image(gpu.outputs["m"])).float()
             assert (a - b).abs().mean() < 3.0  # nvjpeg's IDCT and upsampling differ from libjpeg's by a little
     assert (results[True][1].width, results[True][1].height) == (64, 96)
+
+
+def test_jpeg_decoding_is_shared_between_gpu_and_cpu_by_their_measured_rates():
+    from stylecore.engine import _DecodeSplit
+
+    split = _DecodeSplit(initial_cpu_share=0.25, smoothing=1.0)
+    assert split.cpu_share() == 0.25  # nothing measured yet
+    split.record("gpu", 64, 0.1)  # 640 img/s
+    split.record("cpu", 16 * 10, 1.0)  # 16 threads, 0.1 s an image: 160 img/s
+    assert split.cpu_share() == pytest.approx(160 / 800)
+    split.record("gpu", 64, 64.0)  # nvjpeg collapses: the CPU takes almost everything, never all
+    assert split.cpu_share() == 0.95
