@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--cached-priming-s", type=float, default=0.0,
                         help="also run each UNet as production does: priming (this long) done once beforehand and "
                              "cached, the whole budget for the style")
-    parser.add_argument("--unets", default="16x4,32x3", help="UNet variants as BASExDEPTH, comma separated")
+    parser.add_argument("--unets", default="16x4,32x3", help="UNet variants as BASExDEPTH or BASExDEPTHxNORMED_LEVELS, comma separated")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
@@ -112,10 +112,11 @@ def main() -> None:
 
     candidates: dict[str, tuple] = {}
     for spec in filter(None, args.unets.split(",")):
-        base, depth = (int(part) for part in spec.split("x"))
-        candidates[f"unet_{spec}"] = ("unet", UNetConfig(base_channels=base, depth=depth), args.priming_share)
+        base, depth, *norm_levels = (int(part) for part in spec.split("x"))  # BASExDEPTH[xNORM_LEVELS]
+        config = UNetConfig(base_channels=base, depth=depth, norm_levels=norm_levels[0] if norm_levels else None)
+        candidates[f"unet_{spec}"] = ("unet", config, args.priming_share)
         if args.cached_priming_s > 0:
-            candidates[f"unet_{spec}_cached_priming"] = ("unet", UNetConfig(base_channels=base, depth=depth), None)
+            candidates[f"unet_{spec}_cached_priming"] = ("unet", config, None)
     if not args.no_peer:
         candidates["transformer_net"] = ("peer", None, None)
 

@@ -29,6 +29,10 @@ class UNetConfig:
     depth: int = 4  # number of 2x downsamplings; inputs are padded to a multiple of 2**depth
     norm: str = "instance"
     max_channels: int = 256
+    norm_levels: int | None = None  # levels (from full resolution down) that are normalised; None = all
+
+    def norm_at(self, level: int) -> str:
+        return self.norm if self.norm_levels is None or level < self.norm_levels else "none"
 
     def __post_init__(self) -> None:
         if self.norm not in NORMS:
@@ -37,6 +41,8 @@ class UNetConfig:
             raise ValueError(f"depth must be between 1 and 6, not {self.depth}")
         if self.base_channels < 4:
             raise ValueError(f"base_channels must be at least 4, not {self.base_channels}")
+        if self.norm_levels is not None and not 0 <= self.norm_levels <= self.depth + 1:
+            raise ValueError(f"norm_levels must be between 0 and depth + 1 ({self.depth + 1}), not {self.norm_levels}")
 
     def channels(self, level: int) -> int:
         return min(self.base_channels * 2**level, self.max_channels)
@@ -103,14 +109,14 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         c = config.channels
-        self.stem = ConvBlock(3, c(0), config.norm)
+        self.stem = ConvBlock(3, c(0), config.norm_at(0))
         self.down = nn.ModuleList(
-            ConvBlock(c(level - 1), c(level), config.norm, stride=2) for level in range(1, config.depth + 1)
+            ConvBlock(c(level - 1), c(level), config.norm_at(level), stride=2) for level in range(1, config.depth + 1)
         )
         # up[i] brings level i+1 up to level i. Level 0 (full resolution) gets no skip: that is the
         # longest skip, removed by design.
         self.up = nn.ModuleList(
-            UpBlock(c(level + 1), c(level) if level > 0 else 0, c(level), config.norm)
+            UpBlock(c(level + 1), c(level) if level > 0 else 0, c(level), config.norm_at(level))
             for level in range(config.depth)
         )
         self.head = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c(0), 3, 3))
