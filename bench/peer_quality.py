@@ -35,7 +35,7 @@ from stylecore.losses import (  # noqa: E402
 )
 from stylecore.model import UNet, UNetConfig  # noqa: E402
 from stylecore.stylize import autocast_for  # noqa: E402
-from stylecore.train import TrainConfig, prime_autoencoder, train_network  # noqa: E402
+from stylecore.train import PRESETS, TrainConfig, prime_autoencoder, train_network  # noqa: E402
 from stylecore.vgg import VGGFeatures, load_vgg  # noqa: E402
 
 
@@ -83,6 +83,10 @@ def main() -> None:
                              "cached, the whole budget for the style")
     parser.add_argument("--unets", default="16x4,32x3", help="UNet variants as BASExDEPTH or BASExDEPTHxNORMED_LEVELS, comma separated")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--style-lr", type=float, default=PRESETS["fast"].style.learning_rate,
+                        help="the UNet's style-training learning rate (default: the fast preset's)")
+    parser.add_argument("--peer-lr", type=float, default=1e-3,
+                        help="the peer's learning rate (default 1e-3, Johnson et al.'s; it diverges at 3e-3)")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--style-size", type=int, default=512)
@@ -105,7 +109,7 @@ def main() -> None:
     style = resize_long_side(decode_image(args.style.read_bytes()), args.style_size)
     target = StyleTarget.from_image(vgg, image_to_tensor(style).float().div(255).to(device), style_layers)
     loss = PerceptualLoss(vgg, loss_config, target).to(device)
-    style_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=1e-3)
+    style_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=args.style_lr)
     prime_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=2e-3)
     print(f"{len(train_photos)} training photos, {len(held_photos)} held out; budget {args.budget_s:.0f} s per model "
           f"on {device}", flush=True)
@@ -113,7 +117,7 @@ def main() -> None:
     candidates: dict[str, tuple] = {}
     for spec in filter(None, args.unets.split(",")):
         base, depth, *norm_levels = (int(part) for part in spec.split("x"))  # BASExDEPTH[xNORM_LEVELS]
-        config = UNetConfig(base_channels=base, depth=depth, norm_levels=norm_levels[0] if norm_levels else None)
+        config = UNetConfig(base_channels=base, depth=depth, norm_levels=norm_levels[0] if norm_levels else 99)
         candidates[f"unet_{spec}"] = ("unet", config, args.priming_share)
         if args.cached_priming_s > 0:
             candidates[f"unet_{spec}_cached_priming"] = ("unet", config, None)
@@ -145,12 +149,13 @@ def main() -> None:
                      "style_step_ms": round(style_step * 1000, 1)}
         else:
             torch.manual_seed(0)
-            style_step = seconds_per_step(TransformerNet, loss, train_photos, style_config, device)
+            peer_config = TrainConfig(**{**style_config.to_dict(), "learning_rate": args.peer_lr})
+            style_step = seconds_per_step(TransformerNet, loss, train_photos, peer_config, device)
             style_steps = max(1, int(args.budget_s / style_step))
             calibration = time.perf_counter() - began
             torch.manual_seed(0)
             result = train_network(TransformerNet(), loss, train_photos,
-                                   TrainConfig(**{**style_config.to_dict(), "steps": style_steps}), device)
+                                   TrainConfig(**{**peer_config.to_dict(), "steps": style_steps}), device)
             seconds = result.seconds
             steps = {"style_steps": style_steps, "style_s": round(result.seconds, 1),
                      "style_step_ms": round(style_step * 1000, 1)}

@@ -72,7 +72,8 @@ PRESETS: dict[str, Preset] = {
     # A few minutes on 2 CPU cores: small crops, few steps. Good enough to see the style arrive.
     "fast": Preset(
         prime=TrainConfig(image_size=128, batch_size=4, steps=150, learning_rate=2e-3, checkpoint_every=50),
-        style=TrainConfig(image_size=128, batch_size=4, steps=300, learning_rate=1e-3, checkpoint_every=50),
+        # 3e-3 measured best of 1e-3 / 3e-3 / 1e-2 at this size and batch (style 0.159 / 0.126 / 0.163 on held-out photos)
+        style=TrainConfig(image_size=128, batch_size=4, steps=300, learning_rate=3e-3, checkpoint_every=50),
         style_size=256,
     ),
     # The original project's budget: ~60 epochs priming, ~120 epochs style, 256 px crops. Meant for a GPU.

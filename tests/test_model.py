@@ -79,9 +79,9 @@ def test_norm_levels_leaves_the_deeper_levels_unnormalised():
     def instance_norms(config: UNetConfig) -> int:
         return sum(isinstance(m, torch.nn.InstanceNorm2d) for m in UNet(config).modules())
 
-    everywhere = instance_norms(UNetConfig(base_channels=4, depth=3))
+    everywhere = instance_norms(UNetConfig(base_channels=4, depth=3, norm_levels=None))
     assert instance_norms(UNetConfig(base_channels=4, depth=3, norm_levels=4)) == everywhere
     assert 0 < instance_norms(UNetConfig(base_channels=4, depth=3, norm_levels=2)) < everywhere
     assert instance_norms(UNetConfig(base_channels=4, depth=3, norm_levels=0)) == 0
     with pytest.raises(ValueError):
-        UNetConfig(depth=3, norm_levels=5)
+        UNetConfig(depth=3, norm_levels=-1)
