@@ -2,7 +2,7 @@
 # One device run: the GPU tests, then every benchmark, most important first, each under its own time limit and
 # all under one deadline. JSON lines go to $OUT/results.jsonl, every part's output to $OUT/suite.log.
 #
-#   DATA=.gpu OUT=/tmp/suite DEADLINE_S=580 bash bench/gpu_suite.sh
+#   DATA=.gpu OUT=/tmp/suite DEADLINE_S=580 [ONLY="stages training"] bash bench/gpu_suite.sh
 #
 # DATA holds photos/ (the shared photos), vgg19_normalised_relu3_1.pth (+ .json) and style.jpg.
 set -u
@@ -10,12 +10,14 @@ OUT=${OUT:-/tmp/gpu-suite}
 DATA=${DATA:-.gpu}
 PY=${PY:-python3}
 DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-580} ))
+ONLY=${ONLY:-}  # space-separated part names to run (default: all)
 SCALE=${SCALE:-1}  # 0 for a quick dry run on a CPU
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
 mkdir -p "$OUT"
 
 part() {
   local name=$1 limit=$2; shift 2
+  if [[ -n "$ONLY" && " $ONLY " != *" $name "* ]]; then return; fi
   local left=$(( DEADLINE - $(date +%s) ))
   (( left < limit )) && limit=$left
   if (( limit < 10 )); then echo "== $name skipped: out of time" | tee -a "$OUT/suite.log"; return; fi
@@ -41,11 +43,12 @@ print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.
 
 part tests 45 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py
 part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES --unets 16x4,32x3 --repeats 5 --compile
+part stages 60 $PY bench/engine_stages.py --images $N1 --size $SIZE --photos $DATA/photos
 part e2e_10k_compiled 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --photos $DATA/photos --work /tmp/eb
 part e2e_1k 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --photos $DATA/photos --work /tmp/eb
 part e2e_10k 45 $PY bench/engine_throughput.py --images $N10 --size $SIZE --photos $DATA/photos --work /tmp/eb
-part training 170 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT
+part training 240 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT
 part peer_quality 90 $PY bench/peer_quality.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG \
-  --budget-s $BUDGET --size 256 --batch 8 --unets 16x4,32x3 --sheet "$OUT/peer_sheet.jpg"
+  --budget-s $BUDGET --size 256 --batch 8 --unets 16x4x3,16x4 --sheet "$OUT/peer_sheet.jpg"
 part e2e_1k_cpu_codec 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --no-gpu-codec --photos $DATA/photos --work /tmp/eb
 echo "== done; $(( DEADLINE - $(date +%s) ))s before the deadline" | tee -a "$OUT/suite.log"
