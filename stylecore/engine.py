@@ -276,7 +276,8 @@ class StylizeEngine:
 
     @torch.inference_mode()
     def forward(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (N, 3, H, W) on the device to uint8 outputs; a batch that runs out of GPU memory is halved."""
+        """uint8 (N, 3, H, W) on the device to uint8 outputs. A batch too large for the device (out of memory, or
+        a tensor past the 2**31 elements some kernels can index) is halved, and later batches are cut smaller."""
         count = len(images)
         if self.config.compile and count < self.batch_size:
             # a compiled model recompiles for every new shape: keep the batch dimension fixed
@@ -288,11 +289,15 @@ class StylizeEngine:
             with autocast_for(self.device):
                 outputs = model(inputs)
             return outputs[:count].float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).contiguous()
-        except torch.cuda.OutOfMemoryError:
-            if count == 1:
+        except RuntimeError as error:
+            if count == 1 or not _batch_too_large(error):
                 raise
-            torch.cuda.empty_cache()
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()
             half = count // 2
+            # Later batches are cut to what fits (also the fixed shape a compiled model is padded to).
+            self.batch_size = min(self.batch_size, half)
+            self.max_batch_pixels = min(self.max_batch_pixels, half * images[0, 0].numel())
             return torch.cat([self.forward(model, images[:half]), self.forward(model, images[half:count])])
 
     def _encode(self, batch: _Batch) -> Iterator[Outcome]:
@@ -319,6 +324,10 @@ class StylizeEngine:
         if not self.cuda:
             return 8 * 1024 * 1024
         return min(batch_pixels_for_memory(model, self.device) for model in self.models.values())
+
+
+def _batch_too_large(error: RuntimeError) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "32-bit index math" in str(error)
 
 
 def batch_pixels_for_memory(model: torch.nn.Module, device: torch.device, share: float = 0.4) -> int:

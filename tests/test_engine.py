@@ -147,3 +147,36 @@ def test_jpeg_decoding_is_shared_between_gpu_and_cpu_by_their_measured_rates():
     assert split.cpu_share() == pytest.approx(160 / 800)
     split.record("gpu", 64, 64.0)  # nvjpeg collapses: the CPU takes almost everything, never all
     assert split.cpu_share() == 0.95
+
+
+class IndexLimitedUNet(UNet):
+    """A real UNet that, like some CUDA kernels, refuses a batch past a size (torch's own message)."""
+
+    def __init__(self, largest_batch: int):
+        torch.manual_seed(0)
+        super().__init__(UNetConfig(base_channels=4, depth=2))
+        self.largest_batch = largest_batch
+
+    def forward(self, images):
+        if len(images) > self.largest_batch:
+            raise RuntimeError("input tensor must fit into 32-bit index math")
+        return super().forward(images)
+
+
+def test_a_batch_too_large_for_the_kernels_is_halved_and_later_batches_are_cut_smaller():
+    model = IndexLimitedUNet(largest_batch=3).eval()
+    datas = [encoded((16, 16), "PNG", seed=i) for i in range(20)]
+    with StylizeEngine({"m": model}, "cpu", EngineConfig(batch_size=8, output_format="png")) as engine:
+        outcomes = run(engine, datas)
+        assert engine.batch_size <= 3
+    assert all(o.error is None for o in outcomes)
+    for data, outcome in zip(datas, outcomes):
+        expected = stylize_batch(model, image_to_tensor(decode_image(data)).unsqueeze(0))[0]
+        assert (image_to_tensor(decode_image(outcome.outputs["m"])).int() - expected.int()).abs().max() <= 1
+
+
+def test_other_model_errors_are_not_hidden():
+    model = IndexLimitedUNet(largest_batch=0).eval()  # refuses everything, even one image
+    with StylizeEngine({"m": model}, "cpu", EngineConfig(batch_size=4)) as engine:
+        with pytest.raises(RuntimeError, match="32-bit index"):
+            run(engine, [encoded((16, 16), seed=i) for i in range(4)])
