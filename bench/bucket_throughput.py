@@ -13,7 +13,6 @@ re-encoded as JPEG. Not part of the tests.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import resource
@@ -32,20 +31,11 @@ RUNS = ("model", "loop-local", "flow-local", "flow-gcs")
 
 
 def make_images(folder: Path, count: int, size: int) -> None:
-    from PIL import Image, ImageOps
+    sys.path.insert(0, str(REPO / "bench"))
+    from engine_throughput import make_images as write_crops
 
     shared = REPO.parent / "shared" / "data" / "photos" / "train"
-    sources = sorted(shared.glob("*.jpg")) or sorted((REPO / "stylecore" / "assets" / "photos").glob("*.jpg"))
-    crops = [ImageOps.fit(Image.open(p).convert("RGB"), (size, size)) for p in sources[:64]]
-    encoded = []
-    for crop in crops:
-        buffer = io.BytesIO()
-        crop.save(buffer, "JPEG", quality=90)
-        encoded.append(buffer.getvalue())
-    for index in range(count):
-        path = folder / f"d{index // 1000:03}" / f"img{index:06}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(encoded[index % len(encoded)])
+    write_crops(folder, shared if any(shared.glob("*.jpg")) else REPO / "stylecore" / "assets" / "photos", count, size)
 
 
 def peak_rss_mb() -> float:

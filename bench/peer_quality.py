@@ -117,7 +117,7 @@ def main() -> None:
     candidates: dict[str, tuple] = {}
     for spec in filter(None, args.unets.split(",")):
         base, depth, *norm_levels = (int(part) for part in spec.split("x"))  # BASExDEPTH[xNORM_LEVELS]
-        config = UNetConfig(base_channels=base, depth=depth, norm_levels=norm_levels[0] if norm_levels else 99)
+        config = UNetConfig(base_channels=base, depth=depth, norm_levels=norm_levels[0] if norm_levels else None)
         candidates[f"unet_{spec}"] = ("unet", config, args.priming_share)
         if args.cached_priming_s > 0:
             candidates[f"unet_{spec}_cached_priming"] = ("unet", config, None)

@@ -34,6 +34,8 @@ from PIL import Image
 from .images import (
     DEFAULT_MAX_PIXELS,
     ImageDecodeError,
+    ImageTooLargeError,
+    check_pixel_count,
     decode_image,
     encode_image,
     image_to_tensor,
@@ -41,7 +43,7 @@ from .images import (
     tensor_to_image,
 )
 from .model import UNet
-from .stylize import autocast_for
+from .stylize import autocast_for, stylize_batch
 
 _EXIF_ORIENTATION = 0x0112
 _DONE = object()
@@ -283,12 +285,9 @@ class StylizeEngine:
             # a compiled model recompiles for every new shape: keep the batch dimension fixed
             images = torch.cat([images, images[-1:].expand(self.batch_size - count, -1, -1, -1)])
         try:
-            inputs = images.float().div_(255)
             if self.cuda and self.config.channels_last:
-                inputs = inputs.contiguous(memory_format=torch.channels_last)
-            with autocast_for(self.device):
-                outputs = model(inputs)
-            return outputs[:count].float().clamp_(0, 1).mul_(255).round_().to(torch.uint8).contiguous()
+                images = images.contiguous(memory_format=torch.channels_last)  # kept by the float conversion
+            return stylize_batch(model, images)[:count].contiguous()
         except RuntimeError as error:
             if count == 1 or not _batch_too_large(error):
                 raise
@@ -387,11 +386,12 @@ class _Header:
                 orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if image.format == "JPEG" else 1
         except Exception:
             return cls()  # the CPU decoder says what is wrong with it
-        pixels = width * height
-        if pixels > max_pixels:
-            return cls(error=f"{width}x{height} is {pixels:,} pixels, over the limit of {max_pixels:,}")
+        try:
+            check_pixel_count(width, height, max_pixels)
+        except ImageTooLargeError as error:
+            return cls(error=str(error))
         plain_jpeg = image.format == "JPEG" and image.mode == "RGB" and orientation in (0, 1)
-        return cls(pixels=pixels, gpu_decodable=plain_jpeg)
+        return cls(pixels=width * height, gpu_decodable=plain_jpeg)
 
 
 def _nvjpeg_decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:

@@ -45,8 +45,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise ImageDecodeError(f"unreadable image header: {_one_line(error)}") from None
 
     width, height = image.size
-    if width * height > max_pixels:
-        raise ImageTooLargeError(f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}")
+    check_pixel_count(width, height, max_pixels)
     if width < 1 or height < 1:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     try:
@@ -59,6 +58,12 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     except Exception:  # a corrupt EXIF block must not cost the image: keep it as stored
         pass
     return to_rgb(image)
+
+
+def check_pixel_count(width: int, height: int, max_pixels: int) -> None:
+    """Raise ImageTooLargeError when a width x height image has more than ``max_pixels`` pixels."""
+    if width * height > max_pixels:
+        raise ImageTooLargeError(f"{width}x{height} is {width * height:,} pixels, over the limit of {max_pixels:,}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -31,7 +31,7 @@ from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_nee
 from stylecore.model import NORMS, UNet, UNetConfig
 from stylecore.recipes import content_term, photos_fingerprint, priming_key, run_priming, run_style_training
 from stylecore.store import HOME_VARIABLE, ModelStore, default_home
-from stylecore.stylize import stylize_images
+from stylecore.stylize import stylize_batch
 from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
 from stylecore.vgg import VGGFeatures, VGGWeightsError, load_vgg
 from tasks.bucket import bounded_map
@@ -509,11 +509,10 @@ def print_evaluation(evaluation) -> None:
 
 
 def write_contact_sheet(model: UNet, photos: list[Image.Image], out: Path) -> None:
-    device = next(model.parameters()).device
     rows = []
     for photo in photos:
         small = image_io.resize_long_side(photo, 512)
-        output = next(stylize_images(model, [image_io.image_to_tensor(small).to(device)], batch_size=1))
+        output = stylize_batch(model, image_io.image_to_tensor(small).unsqueeze(0))[0].cpu()
         rows.append([small, image_io.tensor_to_image(output)])
     out.parent.mkdir(parents=True, exist_ok=True)
     contact_sheet(rows).save(out)
