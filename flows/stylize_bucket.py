@@ -16,7 +16,9 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from stylecore.images import DEFAULT_MAX_PIXELS
-from tasks.stylize_tasks import combine_manifest, ingest, record_run, stylize_shard_task
+from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES
+from tasks.secrets import StorageSecrets, hide_options, redact
+from tasks.stylize_tasks import check_models, clean_destination, combine_manifest, ingest, record_run, stylize_shard_task
 
 
 class ShardsFailed(RuntimeError):
@@ -29,12 +31,13 @@ def stylize_bucket(
     destination: str,
     models: list[str],
     model_store: str | None = None,
-    storage_options: dict | None = None,
+    storage_options: StorageSecrets | dict | None = None,
     shard_size: int = 256,
     batch_size: int = 0,
     output_format: str = "jpeg",
     quality: int = 90,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     gpu_codec: bool = True,
     compile: bool = False,
     retries: int = 3,
@@ -43,12 +46,17 @@ def stylize_bucket(
     """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
     ``model_store`` or model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it
     (64 on a GPU within its free memory, 8 on a CPU); ``gpu_codec`` decodes and encodes JPEGs on the GPU;
-    ``compile`` runs the model through torch.compile."""
+    ``compile`` runs the model through torch.compile. Images over ``max_pixels`` pixels or ``max_image_bytes``
+    bytes get error rows. ``storage_options`` (credentials included) are kept out of logs, manifests and
+    artifacts, and are recorded by Prefect as ``**********``."""
     logger = get_run_logger()
     started = time.perf_counter()
+    storage_options = hide_options(storage_options)
+    check_models(models, model_store, storage_options)
     shards = ingest(source, shard_size, storage_options, exclude=destination)
+    clean_destination(destination, storage_options)
     options = {"output_format": output_format, "quality": quality, "batch_size": batch_size, "max_pixels": max_pixels,
-               "gpu_codec": gpu_codec, "compile": compile}
+               "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec, "compile": compile}
     # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.
     record_run(destination, {"source": source, "models": models, "model_store": model_store,
                              "shard_size": shard_size, **options}, storage_options)
@@ -57,7 +65,7 @@ def stylize_bucket(
     futures = [shard_task.submit(shard, source, destination, models, model_store, options, storage_options)
                for shard in shards]
 
-    progress = create_progress_artifact(0.0, description=f"shards of {source} done")
+    progress = create_progress_artifact(0.0, description=f"shards of {redact(source)} done")
     per_shard, failed = [], []
     for done, future in enumerate(as_completed(futures), start=1):
         try:
@@ -70,7 +78,11 @@ def stylize_bucket(
     if not futures:
         update_progress_artifact(progress, 100.0)
 
-    summary = combine_manifest(destination, [s.shard_id for s in shards], storage_options)
+    try:
+        summary = combine_manifest(destination, [s.shard_id for s in shards], storage_options)
+    except Exception as error:
+        raise ShardsFailed(f"{len(failed)} of {len(shards)} shards failed ({failed[0] if failed else 'none'}), and "
+                           f"{error}; run the flow again to redo only the missing images") from None
     seconds = time.perf_counter() - started
     images = sum(len(s) for s in shards)
     summary.update({"images": images, "shards": len(shards), "failed_shards": len(failed), "seconds": round(seconds, 2),
@@ -79,11 +91,11 @@ def stylize_bucket(
         create_table_artifact(per_shard, key="stylize-bucket-shards", description="per-shard counts")
     counts = summary["counts"]
     create_markdown_artifact(
-        f"## Stylised {source}\n\n"
+        f"## Stylised {redact(source)}\n\n"
         f"- images: {images} in {len(shards)} shards, {len(failed)} failed\n"
         f"- rows: ok {counts['ok']}, skipped {counts['skipped']}, error {counts['error']}\n"
         f"- throughput: {summary['images_per_second']} images/s over {seconds:.1f} s\n"
-        f"- outputs: `{destination}`, manifest `{summary['manifest_uri']}`\n",
+        f"- outputs: `{redact(destination)}`, manifest `{summary['manifest_uri']}`\n",
         key="stylize-bucket-summary",
     )
     logger.info("stylize-bucket: %s", summary)

@@ -185,7 +185,8 @@ class StylizeEngine:
         pixels = 0
         try:
             for job in jobs:
-                header = _Header.read(job.data, self.config.max_pixels)
+                fmt = output_format(job.output_format or self.config.output_format)
+                header = _Header.read(job.data, self.config.max_pixels, MAX_OUTPUT_SIDE[fmt], fmt)
                 if group and (len(group) >= self.batch_size or pixels + header.pixels > self.max_batch_pixels):
                     yield group
                     group, pixels = [], 0
@@ -244,6 +245,8 @@ class StylizeEngine:
         for outcome, image in zip(outcomes, images):
             if image is not None:
                 outcome.height, outcome.width = (int(side) for side in image.shape[-2:])
+        for job, _ in group:
+            job.data = b""  # decoded: let the encoded bytes go now, not when the batch is written
         return _Batch([job for job, _ in group], outcomes, images, began=began)
 
     def _stylize_batches(self, decoded: queue.Queue, stop: threading.Event) -> Iterator[_Batch]:
@@ -306,23 +309,37 @@ class StylizeEngine:
         keys = list(batch.results)
         on_gpu = [key for key in keys if self.gpu_jpeg and format_of(key) == "JPEG"]
         on_cpu = [key for key in keys if not (self.gpu_jpeg and format_of(key) == "JPEG")]
-        encoded = dict(zip(on_gpu, _nvjpeg_encode([batch.results[k] for k in on_gpu], self.config.quality)))
+        try:
+            encoded: dict = dict(zip(on_gpu, _nvjpeg_encode([batch.results[k] for k in on_gpu], self.config.quality)))
+        except RuntimeError:  # nvjpeg refuses the batch: PIL encodes each, and says which one cannot be encoded
+            encoded, on_cpu = {}, on_gpu + on_cpu
 
-        def cpu_encode(key: tuple[int, str]) -> bytes:
-            return encode_image(tensor_to_image(batch.results[key].cpu()), format_of(key), self.config.quality)
+        def cpu_encode(key: tuple[int, str]) -> bytes | str:
+            try:
+                return encode_image(tensor_to_image(batch.results[key].cpu()), format_of(key), self.config.quality)
+            except (OSError, ValueError) as error:  # the encoder refuses this image: its error, not the run's
+                return f"cannot encode as {format_of(key)}: {error}"
 
         encoded.update(zip(on_cpu, self._pool.map(cpu_encode, on_cpu)))
         share = (time.perf_counter() - batch.began) / max(len(batch.jobs), 1)
         for index, (job, outcome) in enumerate(zip(batch.jobs, batch.outcomes)):
             outcome.seconds = share
             if outcome.error is None:
-                outcome.outputs = {name: encoded[(index, name)] for name in job.models if (index, name) in encoded}
+                failures = [encoded[(index, name)] for name in job.models if isinstance(encoded.get((index, name)), str)]
+                if failures:
+                    outcome.error = failures[0]
+                else:
+                    outcome.outputs = {name: encoded[(index, name)] for name in job.models if (index, name) in encoded}
             yield outcome
 
     def _default_batch_pixels(self) -> int:
         if not self.cuda:
             return 8 * 1024 * 1024
         return min(batch_pixels_for_memory(model, self.device) for model in self.models.values())
+
+
+# The longest side each output format can hold.
+MAX_OUTPUT_SIDE = {"JPEG": 65_500, "WEBP": 16_383, "PNG": 2**31 - 1}
 
 
 def _batch_too_large(error: RuntimeError) -> bool:
@@ -377,7 +394,7 @@ class _Header:
     error: str | None = None  # set when the header alone shows the image cannot be used
 
     @classmethod
-    def read(cls, data: bytes, max_pixels: int) -> "_Header":
+    def read(cls, data: bytes, max_pixels: int, max_side: int = 2**31, fmt: str = "PNG") -> "_Header":
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -390,6 +407,9 @@ class _Header:
             check_pixel_count(width, height, max_pixels)
         except ImageTooLargeError as error:
             return cls(error=str(error))
+        if max(width, height) > max_side:
+            return cls(error=f"{width}x{height} is too large for {fmt} output (at most {max_side:,} pixels a side); "
+                             "choose another output format")
         plain_jpeg = image.format == "JPEG" and image.mode == "RGB" and orientation in (0, 1)
         return cls(pixels=width * height, gpu_decodable=plain_jpeg)
 

@@ -32,6 +32,12 @@ class UNetConfig:
     # Levels (from full resolution down) that are normalised; None = all. Instance norm at the two coarsest
     # levels of a depth-4 net made round blobs in flat areas (sky, water): measured, see bench/peer_quality.py.
     norm_levels: int | None = 3
+    # Decoder levels below this one get no skip from the encoder. Level 0 (the longest skip) never has one;
+    # raising it leaves the decoder freer to restyle fine detail, at some cost in content.
+    first_skip_level: int = 1
+
+    # What a checkpoint written before a field existed meant by leaving it out.
+    LEGACY = {"norm_levels": None, "first_skip_level": 1}
 
     def norm_at(self, level: int) -> str:
         return self.norm if self.norm_levels is None or level < self.norm_levels else "none"
@@ -45,6 +51,11 @@ class UNetConfig:
             raise ValueError(f"base_channels must be at least 4, not {self.base_channels}")
         if self.norm_levels is not None and self.norm_levels < 0:
             raise ValueError(f"norm_levels must not be negative, not {self.norm_levels}")
+        if not 1 <= self.first_skip_level <= self.depth:
+            raise ValueError(f"first_skip_level must be between 1 and depth ({self.depth}), not {self.first_skip_level}")
+
+    def has_skip(self, level: int) -> bool:
+        return level >= self.first_skip_level
 
     def channels(self, level: int) -> int:
         return min(self.base_channels * 2**level, self.max_channels)
@@ -54,7 +65,7 @@ class UNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "UNetConfig":
-        return cls(**data)
+        return cls(**{**cls.LEGACY, **data})
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -118,7 +129,7 @@ class UNet(nn.Module):
         # up[i] brings level i+1 up to level i. Level 0 (full resolution) gets no skip: that is the
         # longest skip, removed by design.
         self.up = nn.ModuleList(
-            UpBlock(c(level + 1), c(level) if level > 0 else 0, c(level), config.norm_at(level))
+            UpBlock(c(level + 1), c(level) if config.has_skip(level) else 0, c(level), config.norm_at(level))
             for level in range(config.depth)
         )
         self.head = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c(0), 3, 3))
@@ -135,7 +146,7 @@ class UNet(nn.Module):
             features.append(block(features[-1]))
         x = features[-1]
         for level in reversed(range(self.config.depth)):
-            skip = features[level] if level > 0 else None
+            skip = features[level] if self.config.has_skip(level) else None
             x = self.up[level](x, skip)
         return torch.sigmoid(self.head(x))[..., :height, :width]
 

@@ -13,8 +13,6 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
@@ -25,7 +23,6 @@ from tqdm import tqdm
 
 from stylecore import images as image_io
 from stylecore.checkpoint import CheckpointError, load_model, read_metadata, save_model
-from stylecore.engine import EngineConfig, Job, StylizeEngine
 from stylecore.evaluate import contact_sheet, evaluate
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
 from stylecore.model import NORMS, UNet, UNetConfig
@@ -34,8 +31,10 @@ from stylecore.store import HOME_VARIABLE, ModelStore, default_home
 from stylecore.stylize import stylize_batch
 from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
 from stylecore.vgg import VGGFeatures, VGGWeightsError, load_vgg
-from tasks.bucket import bounded_map
-from tasks.storage import Location, write_bytes
+from tasks import manifest
+from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, SAME_FORMAT, ShardOptions, run_shards
+from tasks.secrets import hide_options
+from tasks.storage import Location, StorageError
 
 VGG_VARIABLE = "STYLIZE_VGG_WEIGHTS"
 
@@ -360,81 +359,55 @@ def load_style_model(store: ModelStore, name_or_path: str, device: torch.device)
     return model.to(device).eval(), metadata, path
 
 
-def output_path(source: Path, source_root: Path, destination: Path, fmt: str) -> Path:
-    relative = source.relative_to(source_root)
-    if fmt == "same":
-        suffix = source.suffix.lower() if source.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp") else ".png"
-    else:
-        suffix = image_io.EXTENSIONS[image_io.output_format(fmt)]
-    return destination / relative.with_suffix(suffix)
-
-
-def stylize_folder(
-    model: UNet, source: Path, destination: Path, fmt: str, quality: int, engine_config: EngineConfig,
-    skip_existing: bool, quiet: bool,
-) -> dict[str, int]:
-    """Stylise every image under ``source`` into ``destination``; undecodable files are reported and skipped."""
-    paths = list_images(source, exclude=destination if destination.resolve().is_relative_to(source.resolve()) else None)
-    counts = {"written": 0, "skipped_existing": 0, "failed": 0}
-    todo = []
-    for path in paths:
-        target = output_path(path, source, destination, fmt)
-        if skip_existing and target.exists():
-            counts["skipped_existing"] += 1
-        else:
-            todo.append((path, target))
-
-    def read(item: tuple[Path, Path]) -> Job:
-        path, target = item
-        return Job(item, path.read_bytes(), ("model",), output_format=target.suffix if fmt == "same" else None)
-
-    device = next(model.parameters()).device
-    progress_bar = bar(len(todo), "stylizing", quiet, "img")
-    with StylizeEngine({"model": model}, device, engine_config) as engine, \
-            ThreadPoolExecutor(max(2, min(8, os.cpu_count() or 2))) as pool:
-        window = max(engine.batch_size * 2, 16)
-        pending: deque = deque()
-        for outcome in engine.run(bounded_map(pool, read, todo, ahead=window)):
-            path, target = outcome.tag
-            if outcome.error is not None:
-                print(f"stylize: warning: skipping {path}: {outcome.error}", file=sys.stderr)
-                counts["failed"] += 1
-            else:
-                # through the storage layer: never a half-written file under the final name
-                pending.append(pool.submit(write_bytes, Location(str(target)), outcome.outputs["model"]))
-                counts["written"] += 1
-            while len(pending) > window:
-                pending.popleft().result()
-            progress_bar.update(1)
-        for future in pending:
-            future.result()
-    progress_bar.close()
-    return counts
+def shard_options_from(args: argparse.Namespace) -> ShardOptions:
+    return ShardOptions(output_format=args.format, quality=args.quality, batch_size=args.batch_size or 0,
+                        max_pixels=args.max_pixels, max_image_bytes=args.max_bytes, gpu_codec=not args.no_gpu_codec,
+                        compile=args.compile, skip_existing=args.skip_existing)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.format != SAME_FORMAT:
+        try:
+            image_io.output_format(args.format)
+        except ValueError as error:
+            raise UserError(str(error)) from None
     if is_url(args.source) or is_url(args.destination) or is_url(args.model):
         return run_bucket_flow(args)
-    args.source, args.destination = Path(args.source), Path(args.destination)
+    source, destination = Path(args.source), Path(args.destination)
+    if not source.is_dir():
+        raise UserError(f"source folder not found: {source}")
     device = pick_device(args.device)
-    if not args.source.is_dir():
-        raise UserError(f"source folder not found: {args.source}")
-    try:
-        image_io.output_format(args.format) if args.format != "same" else None
-    except ValueError as error:
-        raise UserError(str(error)) from None
     model, metadata, path = load_style_model(ModelStore(args.home), args.model, device)
+    name = metadata.get("name") or path.name
     started = time.perf_counter()
-    engine_config = EngineConfig(batch_size=args.batch_size or 0, output_format="jpeg" if args.format == "same"
-                                 else args.format, quality=args.quality, max_pixels=args.max_pixels,
-                                 gpu_codec=not args.no_gpu_codec, compile=args.compile)
-    counts = stylize_folder(model, args.source, args.destination, args.format, args.quality, engine_config,
-                            args.skip_existing, args.quiet)
+    progress_bar = bar(0, "stylizing", args.quiet, "img")
+    try:
+        summary = run_shards(Location(str(source.resolve())), Location(str(destination.resolve())), {name: model},
+                             shard_options_from(args), args.shard_size, on_progress=progress_bar.update,
+                             on_total=lambda total: setattr(progress_bar, "total", total))
+    except StorageError as error:
+        raise UserError(str(error)) from None
+    except OSError as error:  # storage failed: full disk, read-only destination, no permission, I/O error
+        where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+        print(f"stylize: error: storage failed: {error.strerror or error}{where}; fix it and run the same "
+              "command again (finished images are kept and skipped)", file=sys.stderr)
+        return 1
+    finally:
+        progress_bar.close()
     seconds = time.perf_counter() - started
-    rate = counts["written"] / seconds if seconds > 0 else 0.0
-    print(f"{counts['written']} written to {args.destination}, {counts['failed']} skipped (not decodable), "
-          f"{counts['skipped_existing']} already there; {seconds:.1f}s, {rate:.1f} img/s with {metadata.get('name', path)}")
+    counts = summary["counts"]
+    rate = summary["redone"] / seconds if seconds > 0 else 0.0
+    print(f"{counts['ok']} written to {destination}, {counts['error']} not stylised (see the manifest's error "
+          f"column), {counts['skipped']} already done; {seconds:.1f}s, {rate:.1f} img/s with {name}; "
+          f"manifest: {summary['manifest_uri']}")
+    for row in error_rows(summary["manifest_uri"]):
+        print(f"stylize: warning: skipping {row['input_uri']}: {row['error']}", file=sys.stderr)
     return 0
+
+
+def error_rows(manifest_uri: str) -> list[dict]:
+    table = manifest.read_table(Location(manifest_uri))
+    return [row for row in table.to_pylist() if row["status"] == "error"] if table is not None else []
 
 
 def run_bucket_flow(args: argparse.Namespace) -> int:
@@ -448,9 +421,10 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
         model = str(Path(model).expanduser().resolve())
     state = stylize_bucket(
         args.source, args.destination, [model], model_store=model_store_for(args),
-        storage_options=storage_options_from(args), shard_size=args.shard_size, batch_size=args.batch_size or 0,
-        output_format=args.format, quality=args.quality, max_pixels=args.max_pixels, retries=args.retries,
-        gpu_codec=not args.no_gpu_codec, compile=args.compile, return_state=True,
+        storage_options=hide_options(storage_options_from(args)), shard_size=args.shard_size,
+        batch_size=args.batch_size or 0, output_format=args.format, quality=args.quality, max_pixels=args.max_pixels,
+        max_image_bytes=args.max_bytes, retries=args.retries, gpu_codec=not args.no_gpu_codec, compile=args.compile,
+        return_state=True,
     )
     if state.is_completed():
         summary = state.result()
@@ -551,14 +525,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     device = pick_device(args.device)
     model, metadata, path = load_style_model(ModelStore(args.home), str(destination), device)
     out = args.out
-    counts = stylize_folder(model, photos_dir, out / "stylized", "jpeg", 92, EngineConfig(batch_size=4, quality=92),
-                            False, args.quiet)
+    stylized = out / "stylized"
+    progress_bar = bar(0, "stylizing", args.quiet, "img")
+    summary = run_shards(Location(str(photos_dir.resolve())), Location(str(stylized.resolve())),
+                         {metadata.get("name", args.name): model}, ShardOptions(quality=92, batch_size=4),
+                         on_progress=progress_bar.update, on_total=lambda total: setattr(progress_bar, "total", total))
+    progress_bar.close()
     evaluation, photos, _ = evaluate_model(args, model, metadata, path, photos_dir, device)
     write_contact_sheet(model, photos[:6], out / "contact_sheet.png")
     (out / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=2) + "\n")
     print_evaluation(evaluation)
     print(f"model:          {destination}")
-    print(f"stylized:       {out / 'stylized'} ({counts['written']} images)")
+    print(f"stylized:       {stylized} ({summary['counts']['ok'] + summary['counts']['skipped']} images, "
+          f"manifest {summary['manifest_uri']})")
     print(f"contact sheet:  {out / 'contact_sheet.png'}")
     print(f"demo finished in {time.perf_counter() - started:.0f}s")
     return 0
@@ -662,7 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[common],
                               help="stylise every image under a folder into another folder",
                               description="Stylise every image under SRC (recursive) into DST with the same "
-                                          "relative paths. Files that cannot be decoded are reported and skipped.")
+                                          "relative paths, and write DST/manifest.parquet with one row per "
+                                          "image (ok, skipped or error with its reason). Files that cannot be "
+                                          "decoded are reported and skipped. Run it again after a crash or a "
+                                          "failure: finished images are skipped, the rest is done.")
     run.add_argument("source", metavar="SRC", help="folder or URL (gs://, file://, ...) of input images")
     run.add_argument("destination", metavar="DST", help="output folder or URL (created)")
     run.add_argument("--model", required=True, help="model name in the store, or a model folder / .safetensors path")
@@ -676,8 +658,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="decode and encode JPEGs with PIL on the CPU even on a GPU (default: nvjpeg on the GPU)")
     run.add_argument("--max-pixels", type=positive_int, default=image_io.DEFAULT_MAX_PIXELS,
                      help=f"refuse images with more pixels (default {image_io.DEFAULT_MAX_PIXELS:,})")
-    run.add_argument("--skip-existing", action="store_true", help="leave outputs that already exist alone")
-    run.add_argument("--shard-size", type=positive_int, default=256, help="images per shard task, for URLs (default 256)")
+    run.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_IMAGE_BYTES,
+                     help=f"refuse input files larger than this (default {DEFAULT_MAX_IMAGE_BYTES:,})")
+    run.add_argument("--skip-existing", action="store_true",
+                     help="also leave outputs alone that exist without a manifest row (e.g. from another tool)")
+    run.add_argument("--shard-size", type=positive_int, default=256,
+                     help="images per shard: the unit of retries and of the manifest parts (default 256)")
     run.add_argument("--retries", type=int, default=3, help="retries of a failed shard, for URLs (default 3)")
     run.set_defaults(func=cmd_run)
 

@@ -1,9 +1,14 @@
 """Stylising a bucket: listing it into stable shards, and streaming one shard through the models.
 
 Inside a shard, reading runs ahead in background threads, the stylisation engine (stylecore.engine) decodes,
-stylises and encodes in overlapped batches, and writing runs behind in background threads, every queue
-bounded so memory does not grow with the shard. A bad image becomes an ``error`` row; a storage failure raises, failing the shard (its
-task is retried by Prefect). Each shard's manifest part is written last, so a part means "shard done".
+stylises and encodes in overlapped batches, and writing runs behind in background threads; every queue is
+bounded by count and by bytes, so memory does not grow with the shard or with the size of its images.
+
+Nothing is lost and nothing is done twice: every input gets exactly one row per model (``ok``, ``skipped`` when
+an earlier run already made it, or ``error`` with a reason: undecodable, too large, a folder, a broken link,
+...). A storage failure raises instead, failing the shard (its task is retried). While a shard runs, the rows
+of finished outputs are journaled every few seconds, so a crash (even kill -9) costs only the images since
+the last journal entry; the shard's manifest part, written last, means "shard done".
 """
 
 from __future__ import annotations
@@ -16,17 +21,23 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from stylecore.engine import EngineConfig, Job, Outcome, StylizeEngine
 from stylecore.images import DEFAULT_MAX_PIXELS, EXTENSIONS, output_format
 from stylecore.model import UNet
 
 from . import manifest
-from .storage import IMAGE_EXTENSIONS, Location, exists, list_files, read_bytes, write_bytes
+from .storage import (
+    IMAGE_EXTENSIONS, InputError, Listed, Location, exists, is_inside, list_files, read_input, remove,
+    remove_partial_files, write_bytes,
+)
 
 PARTS_FOLDER = "_manifest_parts"
 MANIFEST_NAME = "manifest.parquet"
+DEFAULT_MAX_IMAGE_BYTES = 100_000_000
+MAX_SEGMENT_BYTES = 180  # file systems allow 255 bytes a name; leave room for the hash and the extension
+SAME_FORMAT = "same"  # output format: keep each input's own (JPEG, PNG, WebP; anything else becomes PNG)
 
 
 @dataclass(frozen=True)
@@ -34,20 +45,33 @@ class Shard:
     shard_id: str
     keys: tuple[str, ...]
     sizes: tuple[int, ...]
+    problems: tuple[str | None, ...] = ()  # per key: why it cannot be read (a folder, a broken link), or None
+    # Keys whose output name would clash with another input's (a.jpg and a.png -> a.jpg): they get a hash in it.
+    clashing: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return len(self.keys)
 
+    def problem(self, index: int) -> str | None:
+        return self.problems[index] if self.problems else None
 
-def make_shards(files: list[tuple[str, int, str]], shard_size: int) -> list[Shard]:
+
+def make_shards(files: list[Listed | tuple], shard_size: int) -> list[Shard]:
     """Split a sorted listing into shards; a shard's id hashes its keys, sizes and version tags."""
     if shard_size < 1:
         raise ValueError("shard_size must be at least 1")
+    files = [Listed(*entry) for entry in files]
+    by_stem: dict[str, list[str]] = {}
+    for entry in files:  # case-insensitively, as on macOS and Windows disks
+        by_stem.setdefault(posixpath.splitext(entry.key)[0].lower(), []).append(entry.key)
+    clashing = {key for keys in by_stem.values() if len(keys) > 1 for key in keys}
     shards = []
     for start in range(0, len(files), shard_size):
         chunk = files[start : start + shard_size]
         digest = hashlib.sha256(json.dumps(chunk, separators=(",", ":")).encode()).hexdigest()[:16]
-        shards.append(Shard(digest, tuple(k for k, _, _ in chunk), tuple(s for _, s, _ in chunk)))
+        shards.append(Shard(digest, tuple(f.key for f in chunk), tuple(f.size for f in chunk),
+                            tuple(f.problem for f in chunk) if any(f.problem for f in chunk) else (),
+                            frozenset(f.key for f in chunk if f.key in clashing)))
     return shards
 
 
@@ -61,39 +85,74 @@ def list_shards(source: Location, shard_size: int, exclude: Location | None = No
     return make_shards(list_files(source, IMAGE_EXTENSIONS, exclude=exclude_path), shard_size)
 
 
-def safe_relative(key: str) -> str:
-    """A relative key that cannot climb out of its destination: '.', '..' and empty segments are dropped."""
+def safe_relative(key: str, tag: bool = False) -> str:
+    """A relative key that cannot climb out of its destination and that every file system accepts: '.', '..'
+    and empty segments are dropped and over-long names shortened. A key changed that way (or any key, with
+    ``tag``) gets a hash of the original in its name, so two inputs never share an output (``a/../b.jpg`` and
+    ``b.jpg``)."""
     parts = [part for part in key.replace("\\", "/").split("/") if part not in ("", ".", "..")]
     if not parts:
-        raise ValueError(f"key {key!r} has no usable path segments")
-    return "/".join(parts)
+        raise ValueError("the file name has no usable path segments")
+    parts = [_shorten(part) for part in parts]
+    relative = "/".join(parts)
+    if relative != key or tag:
+        stem, extension = posixpath.splitext(relative)
+        relative = f"{stem}.{hashlib.sha256(key.encode()).hexdigest()[:8]}{extension}"
+    return relative
 
 
-def output_key(key: str, model: str, several_models: bool, fmt: str) -> str:
-    stem, _ = posixpath.splitext(safe_relative(key))
-    relative = f"{stem}{EXTENSIONS[output_format(fmt)]}"
+def _shorten(segment: str) -> str:
+    if len(segment.encode()) <= MAX_SEGMENT_BYTES:
+        return segment
+    stem, extension = posixpath.splitext(segment)
+    extension = extension if len(extension.encode()) <= 16 else ""
+    return stem.encode()[:MAX_SEGMENT_BYTES - 16].decode(errors="ignore") + "~" + extension
+
+
+def output_key(key: str, model: str, several_models: bool, fmt: str, clashing: bool = False) -> str:
+    """Where ``key``'s output goes under the destination: same relative path, the output format's extension;
+    ``clashing`` when another input has the same name but for its extension."""
+    stem, extension = posixpath.splitext(safe_relative(key, tag=clashing))
+    relative = f"{stem}{output_extension(extension, fmt)}"
     return f"{model}/{relative}" if several_models else relative
+
+
+def output_extension(input_extension: str, fmt: str) -> str:
+    if fmt == SAME_FORMAT:
+        extension = input_extension.lower()
+        return extension if extension in (".jpg", ".jpeg", ".png", ".webp") else ".png"
+    return EXTENSIONS[output_format(fmt)]
 
 
 def part_location(destination: Location, shard_id: str) -> Location:
     return destination.child(f"{PARTS_FOLDER}/{shard_id}.parquet")
 
 
+def journal_location(destination: Location, shard_id: str) -> Location:
+    return destination.child(f"{PARTS_FOLDER}/{shard_id}.journal")
+
+
 @dataclass
 class ShardOptions:
-    output_format: str = "jpeg"
+    output_format: str = "jpeg"  # jpeg, png, webp, or "same" (each input's own format)
     quality: int = 90
     batch_size: int = 0  # 0: automatic (64 on a GPU, 8 on a CPU)
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_pixels: int = DEFAULT_MAX_PIXELS  # per image, checked from the header before decoding
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per input file, checked before and while reading
     max_batch_pixels: int = 0  # 0: automatic (from free GPU memory)
     gpu_codec: bool = True
     compile: bool = False
     io_threads: int = 8
+    read_ahead_bytes: int = 256 * 2**20  # input bytes read but not yet decoded, at most (one file always fits)
+    write_behind_bytes: int = 256 * 2**20  # output bytes encoded but not yet written, at most
+    journal_seconds: float = 5.0  # how often finished rows are journaled: what a crash can cost at most
+    skip_existing: bool = False  # treat an existing output as done even without a manifest row
     flow_run_id: str | None = None
 
     def engine_config(self) -> EngineConfig:
+        fmt = "jpeg" if self.output_format == SAME_FORMAT else self.output_format
         return EngineConfig(batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels,
-                            output_format=self.output_format, quality=self.quality, max_pixels=self.max_pixels,
+                            output_format=fmt, quality=self.quality, max_pixels=self.max_pixels,
                             gpu_codec=self.gpu_codec, compile=self.compile)
 
 
@@ -104,6 +163,9 @@ class ShardResult:
     images: int = 0
     seconds: float = 0.0
     part_uri: str = ""
+    redone: int = 0  # rows made by this run (ok or error), as opposed to skipped as already done
+    peak_read_ahead_bytes: int = 0
+    peak_write_behind_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -112,6 +174,7 @@ class _Input:
     models: tuple[str, ...]
     size: int = 0
     read_seconds: float = 0.0
+    problem: str | None = None  # why it was not read, or could not be
 
 
 _engines: dict[tuple, StylizeEngine] = {}
@@ -129,73 +192,165 @@ def engine_for(models: dict[str, UNet], options: ShardOptions) -> StylizeEngine:
         return _engines[key]
 
 
+class _Journal:
+    """Rows of finished outputs, flushed to the shard's journal folder every ``seconds`` (atomic small parts)."""
+
+    def __init__(self, folder: Location, seconds: float):
+        self.folder, self.seconds = folder, seconds
+        self.unflushed: list[dict] = []
+        self.flushed_at = time.monotonic()
+        self.parts = 0
+
+    def add(self, row: dict) -> None:
+        if row["status"] != "error":  # error rows are redone on a rerun anyway
+            self.unflushed.append(row)
+        if self.unflushed and time.monotonic() - self.flushed_at >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.unflushed:
+            manifest.write_table(self.folder.child(f"{time.time_ns():020d}.parquet"), manifest.to_table(self.unflushed))
+            self.unflushed, self.parts = [], self.parts + 1
+        self.flushed_at = time.monotonic()
+
+
 def stylize_shard(
     shard: Shard,
     source: Location,
     destination: Location,
     models: dict[str, UNet],
     options: ShardOptions,
+    on_progress: Callable[[int], None] | None = None,
 ) -> ShardResult:
-    """Stylise every image of ``shard`` with every model, write outputs and the shard's manifest part."""
+    """Stylise every image of ``shard`` with every model, write outputs and the shard's manifest part.
+    ``on_progress(n)`` is called as inputs finish (n of them at a time)."""
     started = time.perf_counter()
     several = len(models) > 1
     previous = _previous_rows(destination, shard.shard_id)
     rows: list[dict] = []
+    journal = _Journal(journal_location(destination, shard.shard_id), options.journal_seconds)
     engine = engine_for(models, options)
+    progress = on_progress or (lambda count: None)
+
+    def finished(row: dict) -> None:
+        rows.append(row)
+        journal.add(row)
 
     def output_location(key: str, model: str) -> Location:
-        return destination.child(output_key(key, model, several, options.output_format))
+        return destination.child(output_key(key, model, several, options.output_format, key in shard.clashing))
 
     with ThreadPoolExecutor(options.io_threads) as readers, ThreadPoolExecutor(options.io_threads) as writers:
-        # What is already done (previous ok/skipped row and its output still there) is skipped.
-        def done_models(key: str) -> list[str]:
-            input_uri = source.child(key).url
-            return [
-                name for name in models
-                if (input_uri, name) in previous and exists(output_location(key, name))
-            ]
+        # What is already done (an earlier ok/skipped row and its output still there) is skipped.
+        def done_models(index: int) -> tuple[list[str], str | None]:
+            key = shard.keys[index]
+            try:
+                output_key(key, "", several, options.output_format)
+            except ValueError as error:
+                return [], str(error)
+            input_uri = source.child(key).display
+            return [name for name in models
+                    if ((input_uri, name) in previous or options.skip_existing)
+                    and exists(output_location(key, name))], shard.problem(index)
 
         todo: list[_Input] = []
-        for key, done in zip(shard.keys, readers.map(done_models, shard.keys)):
+        for index, (done, problem) in enumerate(readers.map(done_models, range(len(shard)))):
+            key = shard.keys[index]
             for name in done:
-                rows.append({**previous[(source.child(key).url, name)], "status": "skipped", "error": None,
-                             "shard_id": shard.shard_id, "duration_ms": 0.0, "flow_run_id": options.flow_run_id,
-                             "finished_at": manifest.now()})
+                earlier = previous.get((source.child(key).display, name)) or {
+                    "input_uri": source.child(key).display, "output_uri": output_location(key, name).display,
+                    "model": name}
+                rows.append({**earlier, "status": "skipped", "error": None, "shard_id": shard.shard_id,
+                             "duration_ms": 0.0, "flow_run_id": options.flow_run_id, "finished_at": manifest.now()})
             remaining = tuple(name for name in models if name not in done)
             if remaining:
-                todo.append(_Input(key, remaining))
+                todo.append(_Input(key, remaining, shard.sizes[index], problem=problem))
+        progress(len(shard) - len(todo))
 
         def read(item: _Input) -> Job:
             began = time.perf_counter()
-            data = read_bytes(source.child(item.key))  # a storage error propagates: the shard fails and is retried
-            return Job(_Input(item.key, item.models, len(data), time.perf_counter() - began), data, item.models)
+            problem, data = item.problem, b""
+            if problem is None and item.size > options.max_image_bytes:
+                problem = f"file is {item.size:,} bytes, over the limit of {options.max_image_bytes:,}"
+            if problem is None:
+                try:
+                    data = read_input(source.child(item.key), options.max_image_bytes)
+                except InputError as error:
+                    problem = str(error)
+            # a storage error propagates: the shard fails and is retried
+            checked = _Input(item.key, item.models, len(data) or item.size, time.perf_counter() - began, problem)
+            fmt = output_extension(posixpath.splitext(item.key)[1], SAME_FORMAT) \
+                if options.output_format == SAME_FORMAT else None
+            return Job(checked, data, item.models if problem is None else (), output_format=fmt)
 
-        pending: deque[tuple[Future, _Input, Outcome, str, Location]] = deque()
-        window = max(engine.batch_size * 2, 16)
-        for outcome in engine.run(bounded_map(readers, read, todo, ahead=window)):
+        read_ahead = BoundedMap(readers, read, todo, ahead=max(engine.batch_size * 2, 16),
+                                cost=lambda item: min(item.size, options.max_image_bytes),
+                                budget=options.read_ahead_bytes)
+        write_behind = _WriteBehind(options.write_behind_bytes, max(engine.batch_size * 2, 16))
+        for outcome in engine.run(read_ahead):
             item: _Input = outcome.tag
-            if outcome.error is not None:
-                rows.extend(_row(source, item, outcome, name, shard, options, "error", error=outcome.error)
-                            for name in item.models)
+            error = item.problem or outcome.error
+            if error is not None:
+                for name in item.models:
+                    finished(_row(source, item, outcome, name, shard, options, "error", error=error))
+                progress(1)
                 continue
             for name, data in outcome.outputs.items():
                 target = output_location(item.key, name)
-                pending.append((writers.submit(_write, target, data), item, outcome, name, target))
-            while len(pending) > window:
-                rows.append(_finish(*pending.popleft(), source, shard, options))
-        while pending:
-            rows.append(_finish(*pending.popleft(), source, shard, options))
+                if not is_inside(destination, target):
+                    finished(_row(source, item, outcome, name, shard, options, "error",
+                                  error="the output path would lead outside the destination (a symbolic link)"))
+                    continue
+                write_behind.add(writers.submit(_write, target, data), len(data), (item, outcome, name, target))
+            for pending in write_behind.over_budget():
+                finished(_finish(*pending, source, shard, options))
+            progress(1)
+        for pending in write_behind.drain():
+            finished(_finish(*pending, source, shard, options))
 
+    journal.flush()
     table = manifest.to_table(rows)
     part = part_location(destination, shard.shard_id)
     manifest.write_table(part, table)
+    remove(journal_location(destination, shard.shard_id))  # the part supersedes it
     return ShardResult(
         shard_id=shard.shard_id,
         counts=manifest.counts(table),
         images=len(shard),
         seconds=time.perf_counter() - started,
-        part_uri=part.url,
+        part_uri=part.display,
+        redone=sum(row["status"] != "skipped" for row in rows),
+        peak_read_ahead_bytes=read_ahead.peak_cost,
+        peak_write_behind_bytes=write_behind.peak_bytes,
     )
+
+
+class _WriteBehind:
+    """Writes in flight, oldest first, bounded by count and by bytes (the newest is always let in)."""
+
+    def __init__(self, budget_bytes: int, count: int):
+        self.budget_bytes, self.count = budget_bytes, count
+        self.pending: deque[tuple[Future, int, tuple]] = deque()
+        self.bytes = self.peak_bytes = 0
+
+    def add(self, future: Future, size: int, context: tuple) -> None:
+        self.pending.append((future, size, context))
+        self.bytes += size
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+
+    def over_budget(self) -> Iterator[tuple]:
+        while self.pending and (len(self.pending) > self.count or
+                                (self.bytes > self.budget_bytes and len(self.pending) > 1)):
+            yield self._pop()
+
+    def drain(self) -> Iterator[tuple]:
+        while self.pending:
+            yield self._pop()
+
+    def _pop(self) -> tuple:
+        future, size, context = self.pending.popleft()
+        future.result()  # a storage error propagates to the shard
+        self.bytes -= size
+        return (future, *context)
 
 
 def _write(target: Location, data: bytes) -> float:
@@ -207,7 +362,7 @@ def _write(target: Location, data: bytes) -> float:
 def _finish(future: Future, item: _Input, outcome: Outcome, name: str, target: Location, source: Location,
             shard: Shard, options: ShardOptions) -> dict:
     seconds = future.result()
-    return _row(source, item, outcome, name, shard, options, "ok", output_uri=target.url,
+    return _row(source, item, outcome, name, shard, options, "ok", output_uri=target.display,
                 output_bytes=len(outcome.outputs[name]), extra_seconds=seconds)
 
 
@@ -215,7 +370,7 @@ def _row(source: Location, item: _Input, outcome: Outcome, model: str, shard: Sh
          status: str, error: str | None = None, output_uri: str | None = None, output_bytes: int | None = None,
          extra_seconds: float = 0.0) -> dict:
     return {
-        "input_uri": source.child(item.key).url,
+        "input_uri": source.child(item.key).display,
         "output_uri": output_uri,
         "model": model,
         "status": status,
@@ -232,20 +387,80 @@ def _row(source: Location, item: _Input, outcome: Outcome, model: str, shard: Sh
 
 
 def _previous_rows(destination: Location, shard_id: str) -> dict[tuple[str, str], dict]:
+    """Rows of outputs an earlier run finished: from the shard's part, or else from its journal (a crash)."""
     table = manifest.read_table(part_location(destination, shard_id))
-    if table is None:
-        return {}
-    return {(row["input_uri"], row["model"]): row for row in table.to_pylist() if row["status"] in ("ok", "skipped")}
+    tables = [table] if table is not None else manifest.read_folder(journal_location(destination, shard_id))
+    return {(row["input_uri"], row["model"]): row
+            for table in tables for row in table.to_pylist() if row["status"] in ("ok", "skipped")}
+
+
+class BoundedMap:
+    """``pool.map`` that keeps at most ``ahead`` calls, and about ``budget`` of their ``cost``, in flight, so
+    memory grows neither with the number of items nor with their size. An item is in flight from its
+    submission until the consumer takes its result; one item is always let in, however costly."""
+
+    def __init__(self, pool: ThreadPoolExecutor, function: Callable, items: list, ahead: int,
+                 cost: Callable = lambda item: 0, budget: float = float("inf")):
+        self.pool, self.function, self.items = pool, function, items
+        self.ahead, self.cost, self.budget = ahead, cost, budget
+        self.in_flight = self.peak_cost = 0
+
+    def __iter__(self) -> Iterator:
+        iterator = iter(self.items)
+        futures: deque[tuple[Future, int]] = deque()
+        waiting = next(iterator, _END)
+        while True:
+            while waiting is not _END and len(futures) < self.ahead and (
+                    not futures or self.in_flight + self.cost(waiting) <= self.budget):
+                cost = self.cost(waiting)
+                futures.append((self.pool.submit(self.function, waiting), cost))
+                self.in_flight += cost
+                self.peak_cost = max(self.peak_cost, self.in_flight)
+                waiting = next(iterator, _END)
+            if not futures:
+                return
+            future, cost = futures.popleft()
+            result = future.result()
+            self.in_flight -= cost
+            yield result
+
+
+_END = object()
 
 
 def bounded_map(pool: ThreadPoolExecutor, function, items: list, ahead: int) -> Iterator:
-    """``pool.map`` that keeps at most ``ahead`` calls in flight, so memory does not grow with the input."""
-    iterator = iter(items)
-    # range first: zip must not pull an item from the iterator that it then drops
-    futures: deque[Future] = deque(pool.submit(function, item) for _, item in zip(range(ahead), iterator))
-    while futures:
-        result = futures.popleft().result()
-        for item in iterator:
-            futures.append(pool.submit(function, item))
-            break
-        yield result
+    """``pool.map`` with at most ``ahead`` calls in flight."""
+    return iter(BoundedMap(pool, function, items, ahead))
+
+
+def run_shards(
+    source: Location,
+    destination: Location,
+    models: dict[str, UNet],
+    options: ShardOptions,
+    shard_size: int = 256,
+    on_progress: Callable[[int], None] | None = None,
+    on_total: Callable[[int], None] | None = None,
+) -> dict:
+    """Every shard of ``source`` one after the other in this process (no Prefect), then the manifest."""
+    remove_partial_files(destination)
+    shards = list_shards(source, shard_size, exclude=destination)
+    if on_total is not None:
+        on_total(sum(len(shard) for shard in shards))
+    results = [stylize_shard(shard, source, destination, models, options, on_progress) for shard in shards]
+    summary = combine_parts(destination, [shard.shard_id for shard in shards])
+    summary.update({"images": sum(len(shard) for shard in shards), "shards": len(shards),
+                    "redone": sum(result.redone for result in results)})
+    return summary
+
+
+def combine_parts(destination: Location, shard_ids: list[str]) -> dict:
+    """Combine the shard parts that exist into ``<destination>/manifest.parquet`` (written atomically)."""
+    tables = [t for t in (manifest.read_table(part_location(destination, sid)) for sid in shard_ids) if t is not None]
+    table = manifest.combine(tables)
+    target = destination.child(MANIFEST_NAME)
+    manifest.write_table(target, table)
+    return {"manifest_uri": target.display, "rows": table.num_rows, "shards_with_parts": len(tables),
+            "counts": manifest.counts(table)}
+
+

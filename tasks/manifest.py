@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import Location, read_bytes, write_bytes
+from .storage import Location, read_bytes, unstrip_protocol, write_bytes
 
 SCHEMA = pa.schema([
     pa.field("input_uri", pa.string(), nullable=False),
@@ -54,6 +54,22 @@ def read_table(location: Location) -> pa.Table | None:
     except FileNotFoundError:
         return None
     return pq.read_table(io.BytesIO(data)).cast(SCHEMA)
+
+
+def read_folder(folder: Location) -> list[pa.Table]:
+    """Every table in ``folder`` (none when the folder is not there)."""
+    fs, path = folder.filesystem()
+    try:
+        names = sorted(fs.find(path))
+    except FileNotFoundError:
+        return []
+    tables = []
+    for name in names:
+        if name.endswith(".parquet"):
+            table = read_table(Location(unstrip_protocol(fs, name), folder.options))
+            if table is not None:
+                tables.append(table)
+    return tables
 
 
 def combine(tables: list[pa.Table]) -> pa.Table:

@@ -11,7 +11,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -19,10 +19,16 @@ from fsspec.implementations.local import LocalFileSystem
 
 from stylecore.images import INPUT_EXTENSIONS as IMAGE_EXTENSIONS
 
+from .secrets import redact
 
 
 class StorageError(Exception):
     """A location cannot be listed, read or written."""
+
+
+class InputError(Exception):
+    """One input cannot be used (gone, a folder, not readable, too large): that input gets an error row,
+    unlike a StorageError, which means the store itself is failing and the work should be retried."""
 
 
 @dataclass(frozen=True)
@@ -40,12 +46,29 @@ class Location:
     def child(self, relative: str) -> "Location":
         return Location(join(self.url, relative), self.options)
 
+    @property
+    def display(self) -> str:
+        """The URL with any credentials masked: the only form that goes into logs, manifests and artifacts."""
+        return redact(self.url, self.options)
+
     def __str__(self) -> str:
-        return self.url
+        return self.display
+
+    def __repr__(self) -> str:
+        return f"Location({self.display!r})"
+
+
+class Listed(NamedTuple):
+    """One entry of a listing: relative key, size, version tag, and why it cannot be used (None if it can)."""
+
+    key: str
+    size: int
+    tag: str
+    problem: str | None = None
 
 
 def join(url: str, relative: str) -> str:
-    relative = relative.lstrip("/")
+    """``url``/``relative``, keeping ``relative`` exactly (object stores allow keys like ``/a`` or ``a//b``)."""
     return url.rstrip("/") + "/" + relative if relative else url
 
 
@@ -61,13 +84,30 @@ def read_bytes(location: Location) -> bytes:
     return fs.cat_file(path)
 
 
+def read_input(location: Location, max_bytes: int) -> bytes:
+    """An input file's bytes, reading at most ``max_bytes`` + 1 of them. Problems with this one file raise
+    InputError; anything else (the store failing) propagates, for the caller to retry."""
+    fs, path = location.filesystem()
+    try:
+        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+    except FileNotFoundError:
+        raise InputError("file not found (deleted or moved since the listing)") from None
+    except IsADirectoryError:
+        raise InputError("a folder, not an image file") from None
+    except PermissionError:
+        raise InputError("permission denied") from None
+    if len(data) > max_bytes:
+        raise InputError(f"file is larger than the limit of {max_bytes:,} bytes")
+    return data
+
+
 def write_bytes(location: Location, data: bytes) -> None:
     """Write so that no reader ever sees a partial object under the final name."""
     fs, path = location.filesystem()
     if isinstance(fs, LocalFileSystem):
         parent = posixpath.dirname(path)
         os.makedirs(parent, exist_ok=True)
-        temporary = posixpath.join(parent, f".{posixpath.basename(path)}.{uuid.uuid4().hex[:8]}.partial")
+        temporary = posixpath.join(parent, f".{posixpath.basename(path)[:200]}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
         try:
             with open(temporary, "wb") as file:
                 file.write(data)
@@ -79,36 +119,96 @@ def write_bytes(location: Location, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
+def remove(location: Location) -> None:
+    """Delete a file or folder (recursively) if it is there; best effort (a leftover is harmless)."""
+    fs, path = location.filesystem()
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except Exception:
+        pass
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def remove_partial_files(destination: Location) -> int:
+    """Delete the temporary files of writes that a killed process left behind (local disks only: object
+    stores never show a partial object). Returns how many were removed."""
+    fs, root = destination.filesystem()
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(root):
+        return 0
+    removed = 0
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if name.startswith(".") and name.endswith(PARTIAL_SUFFIX):
+                try:
+                    os.unlink(os.path.join(folder, name))
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+    return removed
+
+
+def is_inside(root: Location, target: Location) -> bool:
+    """Whether ``target`` really lies under ``root``: on a local disk symbolic links are resolved, so a link
+    inside the destination cannot lead a write elsewhere. Object stores have no links."""
+    fs, root_path = root.filesystem()
+    if not isinstance(fs, LocalFileSystem):
+        return True
+    _, target_path = target.filesystem()
+    real_root = os.path.realpath(root_path)
+    return os.path.commonpath([os.path.realpath(target_path), real_root]) == real_root
+
+
 def exists(location: Location) -> bool:
     fs, path = location.filesystem()
     return fs.exists(path)
 
 
 def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
-               exclude: str | None = None) -> list[tuple[str, int, str]]:
-    """(relative key, size, version tag) of every file under ``location`` with one of ``extensions``,
-    sorted by key. The tag is an etag/generation/mtime where the store has one, for change detection."""
+               exclude: str | None = None) -> list[Listed]:
+    """Every entry under ``location`` whose name ends in one of ``extensions``, sorted by key. The tag is an
+    etag/generation/mtime where the store has one, for change detection. Entries that cannot be used are
+    listed too, with their problem, so that each gets a manifest row: folders named like images, and (on a
+    local disk) symbolic links that are broken or lead outside ``location``."""
     fs, root = location.filesystem()
     try:
         if not fs.exists(root):
-            raise StorageError(f"{location.url} does not exist")
+            raise StorageError(f"{location.display} does not exist")
         if not fs.isdir(root):
-            raise StorageError(f"{location.url} is not a folder or prefix")
-        entries = fs.find(root, detail=True, withdirs=False)
+            raise StorageError(f"{location.display} is not a folder or prefix")
+        entries = fs.find(root, detail=True, withdirs=True)
     except StorageError:
         raise
     except Exception as error:
-        raise StorageError(f"cannot list {location.url}: {error}") from error
+        raise StorageError(f"cannot list {location.display}: {redact(error, location.options)}") from error
     exclude_prefix = exclude.rstrip("/") + "/" if exclude else None
     found = []
     for path, info in entries.items():
-        if info.get("type") != "file":
-            continue
         if exclude_prefix and (path + "/").startswith(exclude_prefix):
             continue
-        relative = path[len(root):].lstrip("/") if path.startswith(root) else path
-        if not relative.lower().endswith(extensions):
+        # exactly what follows "root/": an object key may itself start with "/" or hold "//"
+        relative = path[len(root) + 1:] if path.startswith(root.rstrip("/") + "/") else ""
+        if not relative or not relative.lower().endswith(extensions):
             continue
         tag = str(info.get("etag") or info.get("generation") or info.get("md5Hash") or info.get("mtime") or "")
-        found.append((relative, int(info.get("size") or 0), tag))
+        problem = None
+        if info.get("type") == "directory":
+            problem = "a folder, not an image file"
+        elif info.get("islink") or info.get("type") != "file":
+            problem = _link_problem(fs, root, path)
+        found.append(Listed(relative, int(info.get("size") or 0), tag, problem))
     return sorted(found)
+
+
+def _link_problem(fs: fsspec.AbstractFileSystem, root: str, path: str) -> str | None:
+    """Why a local symbolic link (or other special file) is not followed; None for a link to a file inside root."""
+    if not isinstance(fs, LocalFileSystem) or not os.path.islink(path):
+        return "not a regular file"
+    target = os.path.realpath(path)
+    if not os.path.isfile(target):
+        return "broken symbolic link" if not os.path.exists(target) else "symbolic link to something not a file"
+    if os.path.commonpath([target, os.path.realpath(root)]) != os.path.realpath(root):
+        return "symbolic link leading outside the source folder, not followed"
+    return None

@@ -11,66 +11,92 @@ from dataclasses import asdict
 from prefect import get_run_logger, task
 from prefect.runtime import flow_run
 
-from . import manifest
-from .bucket import MANIFEST_NAME, PARTS_FOLDER, Shard, ShardOptions, list_shards, part_location, stylize_shard
+from .bucket import PARTS_FOLDER, Shard, ShardOptions, combine_parts, list_shards, stylize_shard
 from .models import default_device, load_model_from, model_location
-from .storage import Location, read_bytes, write_bytes
+from .secrets import StorageSecrets, redact, reveal_options
+from .storage import Location, read_bytes, remove_partial_files, write_bytes
 
 
 @task(name="ingest")
-def ingest(source: str, shard_size: int = 256, storage_options: dict | None = None,
+def ingest(source: str, shard_size: int = 256, storage_options: StorageSecrets | dict | None = None,
            exclude: str | None = None) -> list[Shard]:
     """List the images under ``source`` (recursive, by extension, sorted) and split them into stable shards."""
-    options = storage_options or {}
+    options = reveal_options(storage_options)
     shards = list_shards(Location(source, options), shard_size,
                          exclude=Location(exclude, options) if exclude else None)
-    get_run_logger().info("%s: %d images in %d shards of up to %d", source, sum(len(s) for s in shards),
-                          len(shards), shard_size)
+    get_run_logger().info("%s: %d images in %d shards of up to %d", Location(source, options).display,
+                          sum(len(s) for s in shards), len(shards), shard_size)
     return shards
+
+
+@task(name="load-models")
+def check_models(models: list[str], model_store: str | None, storage_options: StorageSecrets | dict | None = None) -> list[str]:
+    """Load every model once (checksums verified) before any shard starts, so a missing, truncated or tampered
+    checkpoint stops the run at once with its reason instead of failing every shard."""
+    storage = reveal_options(storage_options)
+    names = []
+    for reference in models:
+        location = model_location(reference, model_store, storage)
+        _, metadata = load_model_from(location, "cpu")
+        names.append(metadata.get("name") or location.display.rstrip("/").rsplit("/", 1)[-1])
+    return names
+
+
+@task(name="clean-destination")
+def clean_destination(destination: str, storage_options: StorageSecrets | dict | None = None) -> int:
+    """Remove temporary files a killed run left in a local destination."""
+    return remove_partial_files(Location(destination, reveal_options(storage_options)))
 
 
 @task(name="stylize-shard", task_run_name="stylize-shard-{shard.shard_id}")
 def stylize_shard_task(shard: Shard, source: str, destination: str, models: list[str], model_store: str | None,
-                       options: dict, storage_options: dict | None = None) -> dict:
+                       options: dict, storage_options: StorageSecrets | dict | None = None) -> dict:
     """Stylise one shard with every model; storage failures raise (and are retried), bad images become rows."""
-    storage = storage_options or {}
+    storage = reveal_options(storage_options)
     device = default_device()
     loaded = {}
     for reference in models:
         location = model_location(reference, model_store, storage)
         model, metadata = load_model_from(location, device)
-        loaded[metadata.get("name") or location.url.rstrip("/").rsplit("/", 1)[-1]] = model
+        loaded[metadata.get("name") or location.display.rstrip("/").rsplit("/", 1)[-1]] = model
     shard_options = ShardOptions(**options, flow_run_id=str(flow_run.id) if flow_run.id else None)
-    result = stylize_shard(shard, Location(source, storage), Location(destination, storage), loaded, shard_options)
+    try:
+        result = stylize_shard(shard, Location(source, storage), Location(destination, storage), loaded, shard_options)
+    except Exception as error:  # the message (not the traceback's locals) is what Prefect records and logs
+        raise ShardError(f"shard {shard.shard_id}: {type(error).__name__}: {redact(error, storage)}") from None
     get_run_logger().info("shard %s: %s in %.1fs", shard.shard_id, result.counts, result.seconds)
     return asdict(result)
 
 
+class ShardError(RuntimeError):
+    """A shard failed on storage (retried by Prefect); the message says why, with credentials masked."""
+
+
 @task(name="combine-manifest")
-def combine_manifest(destination: str, shard_ids: list[str], storage_options: dict | None = None) -> dict:
+def combine_manifest(destination: str, shard_ids: list[str], storage_options: StorageSecrets | dict | None = None) -> dict:
     """Combine the shard parts that exist into ``<destination>/manifest.parquet`` (written atomically)."""
-    location = Location(destination, storage_options or {})
-    tables = [t for t in (manifest.read_table(part_location(location, sid)) for sid in shard_ids) if t is not None]
-    table = manifest.combine(tables)
-    target = location.child(MANIFEST_NAME)
-    manifest.write_table(target, table)
-    return {"manifest_uri": target.url, "rows": table.num_rows, "shards_with_parts": len(tables),
-            "counts": manifest.counts(table)}
+    storage = reveal_options(storage_options)
+    try:
+        return combine_parts(Location(destination, storage), shard_ids)
+    except Exception as error:
+        raise ShardError(f"cannot write the manifest: {type(error).__name__}: {redact(error, storage)}") from None
 
 
 RUN_RECORD = f"{PARTS_FOLDER}/run.json"
 
 
 @task(name="record-run", retries=3, retry_delay_seconds=1)
-def record_run(destination: str, parameters: dict, storage_options: dict | None = None) -> None:
-    """Remember the parameters of the last run into ``destination`` (without storage options)."""
-    write_bytes(Location(destination, storage_options or {}).child(RUN_RECORD),
-                (json.dumps(parameters, indent=2) + "\n").encode())
+def record_run(destination: str, parameters: dict, storage_options: StorageSecrets | dict | None = None) -> None:
+    """Remember the parameters of the last run into ``destination`` (without storage options, and with any
+    credentials in its URLs masked)."""
+    storage = reveal_options(storage_options)
+    document = redact(json.dumps(parameters, indent=2), storage)
+    write_bytes(Location(destination, storage).child(RUN_RECORD), (document + "\n").encode())
 
 
-def recorded_run(destination: str, storage_options: dict | None = None) -> dict:
+def recorded_run(destination: str, storage_options: StorageSecrets | dict | None = None) -> dict:
     try:
-        return json.loads(read_bytes(Location(destination, storage_options or {}).child(RUN_RECORD)))
+        return json.loads(read_bytes(Location(destination, reveal_options(storage_options)).child(RUN_RECORD)))
     except FileNotFoundError:
         raise ValueError(f"{destination} has no record of a stylize-bucket run ({RUN_RECORD} not found)") from None
 

@@ -39,13 +39,13 @@ GPU_LIMIT = "stylize-gpu"
 
 
 def listing_fingerprint(photos: Location) -> str:
-    return photos_fingerprint([(key, f"{size}:{tag}") for key, size, tag in list_files(photos, IMAGE_EXTENSIONS)])
+    return photos_fingerprint([(key, f"{size}:{tag}") for key, size, tag, problem in list_files(photos, IMAGE_EXTENSIONS) if problem is None])
 
 
 def read_photo_set(photos: Location) -> list[Image.Image]:
     """Decode every image under ``photos``; undecodable files are logged and left out."""
     logger = get_run_logger()
-    keys = [key for key, _, _ in list_files(photos, IMAGE_EXTENSIONS)]
+    keys = [entry.key for entry in list_files(photos, IMAGE_EXTENSIONS) if entry.problem is None]
 
     def load(key: str) -> Image.Image | None:
         try:

@@ -61,11 +61,25 @@ def test_shards_are_stable_and_change_only_where_the_bucket_changed():
     assert ids[0] == first[0].shard_id and ids[2] == first[2].shard_id and ids[1] != first[1].shard_id
 
 
-def test_keys_never_climb_out_of_the_destination():
-    assert safe_relative("../../etc/passwd") == "etc/passwd"
-    assert safe_relative("/abs//./x.jpg") == "abs/x.jpg"
-    assert output_key("a/../../b.png", "m", False, "jpeg") == "a/b.jpg"
+def test_keys_never_climb_out_of_the_destination_and_never_share_an_output():
+    assert safe_relative("a/b.jpg") == "a/b.jpg"
+    assert safe_relative("../../etc/passwd").startswith("etc/passwd.")
+    assert safe_relative("/abs//./x.jpg").startswith("abs/x.")
+    assert output_key("a/../../b.png", "m", False, "jpeg").startswith("a/b.")
     assert output_key("a/b.png", "m", True, "webp") == "m/a/b.webp"
+    keys = ["b.jpg", "a/../b.jpg", "./b.jpg", "/b.jpg", "b.JPG", "b.png"]
+    shard, = make_shards([(key, 1, "") for key in keys], 10)
+    outputs = [output_key(key, "m", False, "jpeg", key in shard.clashing) for key in keys]
+    assert len(set(outputs)) == len(keys) and all(".." not in o and not o.startswith("/") for o in outputs)
+    with pytest.raises(ValueError, match="no usable path segments"):
+        safe_relative("../..")
+
+
+def test_over_long_names_are_shortened_to_what_file_systems_accept():
+    key = "deep/" + "é" * 300 + ".jpg"
+    short = output_key(key, "m", False, "png")
+    assert all(len(segment.encode()) <= 255 for segment in short.split("/")) and short.endswith(".png")
+    assert short != output_key("deep/" + "é" * 301 + ".jpg", "m", False, "png")
 
 
 @pytest.mark.parametrize("scheme", ["local", "file", "memory"])

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
@@ -86,23 +87,26 @@ def test_run_stylises_every_image_with_the_same_relative_paths_and_skips_bad_fil
     captured = capsys.readouterr()
     inputs = sorted(p.relative_to(photo_dir).with_suffix(".jpg") for p in photo_dir.rglob("*.jpg")
                     if p.name != "broken.jpg")
-    outputs = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    outputs = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file() and p.suffix == ".jpg")
     assert outputs == inputs
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert len(rows) == len(inputs) + 1
+    assert [row["error"] for row in rows if row["status"] == "error"] == ["not a recognised image format"]
     for relative in inputs:
         with Image.open(out / relative) as image:
             assert image.size == Image.open(photo_dir / relative).size
     assert "skipping" in captured.err and "broken.jpg" in captured.err
-    assert "1 skipped" in captured.out
+    assert "1 not stylised" in captured.out
 
 
 def test_run_writes_png_and_can_leave_existing_outputs(trained, photo_dir, tmp_path, capsys):
     out = tmp_path / "png"
     assert main(["run", str(photo_dir), str(out), "--model", str(trained), "--format", "png", "--quiet"]) == 0
-    assert all(p.suffix == ".png" for p in out.rglob("*") if p.is_file())
+    assert all(p.suffix == ".png" for p in out.rglob("*") if p.is_file() and p.suffix != ".parquet")
     capsys.readouterr()
     assert main(["run", str(photo_dir), str(out), "--model", "swirls", "--format", "png", "--skip-existing",
                  "--quiet"]) == 0
-    assert "0 written" in capsys.readouterr().out
+    assert "0 written" in capsys.readouterr().out  # all already done
 
 
 def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(trained, photo_dir, tmp_path, capsys):

@@ -1,0 +1,73 @@
+"""Keeping credentials out of everything the pipeline writes or shows: logs, manifests, artifacts, flow parameters.
+
+Credentials reach the pipeline two ways: inside URLs (``https://user:password@host/...``, signed-URL query
+parameters) and inside storage options (a ``token`` dict, an ``endpoint_url`` with a password, a ``secret``).
+``redact`` masks both kinds in any text; ``hide_options`` wraps storage options so that Prefect stores and
+shows them as ``**********`` while the code that needs them can still unwrap them with ``reveal_options``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import Secret
+
+MASK = "***"
+# Option and query-parameter names whose values are credentials (matched as substrings, case-insensitive).
+SENSITIVE_NAMES = ("token", "secret", "password", "passwd", "credential", "signature", "key", "auth", "sig",
+                   "sas", "session")
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s?#]+)@")
+_QUERY_PARAMETER = re.compile(r"(?P<name>[?&;](?P<key>[^=&#\s]+)=)(?P<value>[^&#\s]*)")
+
+
+class StorageSecrets(Secret[dict[str, Any]]):
+    """Storage options as a pydantic secret: serialised (flow-run parameters, logs) as ``**********``."""
+
+
+def is_sensitive(name: str) -> bool:
+    lowered = name.lower()
+    return any(word in lowered for word in SENSITIVE_NAMES)
+
+
+def secret_values(options: Any, _inside_sensitive: bool = False) -> list[str]:
+    """Every string in ``options`` that is, or sits under, a sensitive key; plus passwords inside URL values."""
+    found: list[str] = []
+    if isinstance(options, Secret):
+        options = options.get_secret_value()
+    if isinstance(options, dict):
+        for name, value in options.items():
+            found += secret_values(value, _inside_sensitive or is_sensitive(str(name)))
+    elif isinstance(options, (list, tuple)):
+        for value in options:
+            found += secret_values(value, _inside_sensitive)
+    elif isinstance(options, str):
+        if _inside_sensitive and len(options) >= 4 and options not in ("anon", "google_default", "cache", "cloud"):
+            found.append(options)
+        found += [match.group("userinfo") for match in _USERINFO.finditer(options)]
+    return found
+
+
+def redact(text: Any, options: Any = None) -> str:
+    """``text`` with URL credentials, sensitive query parameters and the secret values of ``options`` masked."""
+    text = str(text)
+    for value in sorted(set(secret_values(options)), key=len, reverse=True):
+        text = text.replace(value, MASK)
+    text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+    return _QUERY_PARAMETER.sub(
+        lambda m: m.group("name") + (MASK if is_sensitive(m.group("key")) else m.group("value")), text
+    )
+
+
+def hide_options(options: dict | StorageSecrets | None) -> StorageSecrets | None:
+    if options is None or isinstance(options, StorageSecrets):
+        return options
+    return StorageSecrets(dict(options))
+
+
+def reveal_options(options: dict | Secret | None) -> dict:
+    if options is None:
+        return {}
+    if isinstance(options, Secret):
+        return dict(options.get_secret_value())
+    return dict(options)
