@@ -362,7 +362,7 @@ def load_style_model(store: ModelStore, name_or_path: str, device: torch.device)
 def shard_options_from(args: argparse.Namespace) -> ShardOptions:
     return ShardOptions(output_format=args.format, quality=args.quality, batch_size=args.batch_size or 0,
                         max_pixels=args.max_pixels, max_image_bytes=args.max_bytes, gpu_codec=not args.no_gpu_codec,
-                        compile=args.compile, skip_existing=args.skip_existing)
+                        compile=args.compile, skip_existing=args.skip_existing, journal_seconds=args.journal_seconds)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -662,6 +662,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"refuse input files larger than this (default {DEFAULT_MAX_IMAGE_BYTES:,})")
     run.add_argument("--skip-existing", action="store_true",
                      help="also leave outputs alone that exist without a manifest row (e.g. from another tool)")
+    run.add_argument("--journal-seconds", type=non_negative_float, default=ShardOptions.journal_seconds,
+                     help="how often finished images are recorded while a shard runs, i.e. the most work a crash "
+                          f"can cost (default {ShardOptions.journal_seconds:g})")
     run.add_argument("--shard-size", type=positive_int, default=256,
                      help="images per shard: the unit of retries and of the manifest parts (default 256)")
     run.add_argument("--retries", type=int, default=3, help="retries of a failed shard, for URLs (default 3)")
