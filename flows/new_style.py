@@ -16,6 +16,7 @@ from flows.train_style import train_style
 from stylecore.images import ImageDecodeError, decode_image
 from stylecore.store import MODEL_NAME_PATTERN, default_home
 from tasks.storage import IMAGE_EXTENSIONS, Location, StorageError, list_files, read_bytes
+from tasks.secrets import StorageSecrets, hide_options, reveal_options
 
 
 class TrainStyleRequest(BaseModel):
@@ -49,9 +50,10 @@ class TrainStyleRequest(BaseModel):
 
 
 @flow(name="train-new-style")
-def train_new_style(request: TrainStyleRequest, storage_options: dict | None = None) -> str:
+def train_new_style(request: TrainStyleRequest, storage_options: StorageSecrets | dict | None = None) -> str:
     """Train one new style model from the form's values; returns the model's URL."""
-    check_inputs(request, storage_options or {})
+    storage_options = hide_options(storage_options)
+    check_inputs(request, reveal_options(storage_options))
     [model] = train_style(
         [request.style_image_url], request.photos_url, request.model_store or str(default_home()),
         names=[request.model_name], preset=request.preset, steps=request.steps, prime_steps=request.prime_steps,

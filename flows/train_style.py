@@ -14,6 +14,7 @@ from stylecore.losses import LossConfig
 from stylecore.model import UNetConfig
 from stylecore.train import PRESETS, with_overrides
 from tasks.training_tasks import ensure_gpu_limit, primed_checkpoint, train_style_task
+from tasks.secrets import StorageSecrets, hide_options
 
 
 def training_plan(preset: str, steps: int | None, prime_steps: int | None, image_size: int | None,
@@ -45,9 +46,10 @@ def train_style(
     style_layers: list[str] | None = None,
     content_layer: str | None = None,
     vgg_weights: str | None = None,
-    storage_options: dict | None = None,
+    storage_options: StorageSecrets | dict | None = None,
 ) -> list[str]:
     """Train one style model per image in ``styles`` on the photos under ``photos``; returns the model URLs."""
+    storage_options = hide_options(storage_options)
     names = names or [PurePosixPath(style).stem for style in styles]
     if len(names) != len(styles):
         raise ValueError(f"{len(names)} names given for {len(styles)} styles")
@@ -77,9 +79,10 @@ def prime_photos(
     steps: int | None = None,
     image_size: int | None = None,
     batch_size: int | None = None,
-    storage_options: dict | None = None,
+    storage_options: StorageSecrets | dict | None = None,
 ) -> str:
     """Prime the UNet as an autoencoder on ``photos`` (cached); returns the primed checkpoint's URL."""
+    storage_options = hide_options(storage_options)
     prime_config, _, _ = training_plan(preset, None, steps, image_size, batch_size)
     ensure_gpu_limit()
     return primed_checkpoint(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)

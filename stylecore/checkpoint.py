@@ -85,7 +85,9 @@ def model_from_bytes(weights: bytes, metadata: dict, expected: UNetConfig | None
         raise CheckpointError(
             f"architecture mismatch: {where} holds {_describe(config)}, but {_describe(expected)} was asked for"
         )
-    state = weights_from_bytes(weights, metadata.get("weights_sha256"), where)
+    if not metadata.get("weights_sha256"):
+        raise CheckpointError(f"{where} has no weights checksum in its metadata; unverified weights are not loaded")
+    state = weights_from_bytes(weights, metadata["weights_sha256"], where)
     model = UNet(config)
     try:
         model.load_state_dict(state, strict=True)

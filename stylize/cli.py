@@ -256,7 +256,7 @@ def cmd_prime(args: argparse.Namespace) -> int:
         preset_name, _ = pick_preset(args, device)
         url = prime_photos(args.photos, model_store_for(args), preset_name, steps=args.steps,
                            image_size=args.image_size, batch_size=args.batch_size,
-                           storage_options=storage_options_from(args))
+                           storage_options=hide_options(storage_options_from(args)))
         print(f"primed checkpoint: {url}")
         return 0
     args.photos = Path(args.photos)
@@ -344,7 +344,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             steps=args.steps, prime_steps=args.prime_steps, image_size=args.image_size, batch_size=args.batch_size,
             style_size=args.style_size, style_weight=args.style_weight, content_weight=args.content_weight,
             tv_weight=args.tv_weight, style_layers=loss.style_layers, content_layer=args.content_layer,
-            vgg_weights=vgg_weights_path(args), storage_options=storage_options_from(args),
+            vgg_weights=vgg_weights_path(args), storage_options=hide_options(storage_options_from(args)),
         )
         print(f"model: {url}")
         return 0

@@ -8,10 +8,11 @@ shows them as ``**********`` while the code that needs them can still unwrap the
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
-from pydantic import Secret
+from pydantic import Secret, SecretStr
 
 MASK = "***"
 # Option and query-parameter names whose values are credentials (matched as substrings, case-insensitive).
@@ -21,8 +22,10 @@ _USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/
 _QUERY_PARAMETER = re.compile(r"(?P<name>[?&;](?P<key>[^=&#\s]+)=)(?P<value>[^&#\s]*)")
 
 
-class StorageSecrets(Secret[dict[str, Any]]):
-    """Storage options as a pydantic secret: serialised (flow-run parameters, logs) as ``**********``."""
+class StorageSecrets(SecretStr):
+    """Storage options (as JSON) in a pydantic secret string: whatever serialises it for Prefect (flow-run
+    parameters, the deployment form, logs) gets ``**********``. A plain pydantic ``Secret[dict]`` would not do:
+    Prefect's JSON encoder writes out its inner value."""
 
 
 def is_sensitive(name: str) -> bool:
@@ -33,8 +36,8 @@ def is_sensitive(name: str) -> bool:
 def secret_values(options: Any, _inside_sensitive: bool = False) -> list[str]:
     """Every string in ``options`` that is, or sits under, a sensitive key; plus passwords inside URL values."""
     found: list[str] = []
-    if isinstance(options, Secret):
-        options = options.get_secret_value()
+    if isinstance(options, (Secret, SecretStr)):
+        options = reveal_options(options)
     if isinstance(options, dict):
         for name, value in options.items():
             found += secret_values(value, _inside_sensitive or is_sensitive(str(name)))
@@ -62,12 +65,23 @@ def redact(text: Any, options: Any = None) -> str:
 def hide_options(options: dict | StorageSecrets | None) -> StorageSecrets | None:
     if options is None or isinstance(options, StorageSecrets):
         return options
-    return StorageSecrets(dict(options))
+    try:
+        return StorageSecrets(json.dumps(dict(options)))
+    except TypeError:
+        raise ValueError("storage options must be JSON values (strings, numbers, lists, objects)") from None
 
 
-def reveal_options(options: dict | Secret | None) -> dict:
+def reveal_options(options: dict | SecretStr | str | None) -> dict:
+    """The storage options as a dict, from a dict, hidden options, or their JSON text (e.g. typed into a form)."""
     if options is None:
         return {}
-    if isinstance(options, Secret):
-        return dict(options.get_secret_value())
+    if isinstance(options, SecretStr):
+        options = options.get_secret_value()
+    if isinstance(options, str):
+        try:
+            options = json.loads(options) if options.strip() else {}
+        except ValueError:
+            raise ValueError("storage options must be a JSON object") from None
+    if not isinstance(options, dict):
+        raise ValueError("storage options must be a JSON object")
     return dict(options)

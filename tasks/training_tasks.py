@@ -33,6 +33,7 @@ from stylecore.train import TrainConfig
 from stylecore.vgg import VGGFeatures, load_vgg
 
 from .models import default_device, is_complete, load_model_from, save_model_to
+from .secrets import StorageSecrets, reveal_options
 from .storage import IMAGE_EXTENSIONS, Location, list_files, read_bytes, write_bytes
 
 GPU_LIMIT = "stylize-gpu"
@@ -51,18 +52,18 @@ def read_photo_set(photos: Location) -> list[Image.Image]:
         try:
             return decode_image(read_bytes(photos.child(key)))
         except ImageDecodeError as error:
-            logger.warning("skipping %s: %s", photos.child(key).url, error)
+            logger.warning("skipping %s: %s", photos.child(key).display, error)
             return None
 
     with ThreadPoolExecutor(8) as pool:
         images = [image for image in pool.map(load, keys) if image is not None]
     if not images:
-        raise ValueError(f"no readable images under {photos.url}")
+        raise ValueError(f"no readable images under {photos.display}")
     return images
 
 
 def _priming_key(parameters: dict) -> str:
-    photos = Location(parameters["photos"], parameters.get("storage_options") or {})
+    photos = Location(parameters["photos"], reveal_options(parameters.get("storage_options")))
     return priming_key(listing_fingerprint(photos), UNetConfig(**parameters["model_config"]),
                        TrainConfig(**parameters["train_config"]), None)
 
@@ -72,7 +73,7 @@ def priming_cache_key(context: TaskRunContext, parameters: dict) -> str:
 
 
 def primed_checkpoint(photos: str, model_store: str, model_config: dict, train_config: dict,
-                      storage_options: dict | None = None, return_state: bool = False):
+                      storage_options: StorageSecrets | dict | None = None, return_state: bool = False):
     """Run the cached priming task, refreshing its cache when the checkpoint a cached result would point to
     is gone from the model store (deleted, or never finished)."""
     parameters = {"photos": photos, "model_store": model_store, "model_config": model_config,
@@ -83,21 +84,21 @@ def primed_checkpoint(photos: str, model_store: str, model_config: dict, train_c
 
 def priming_is_missing(parameters: dict) -> bool:
     """Whether the primed checkpoint for these priming-task parameters is absent from the model store."""
-    store = Location(parameters["model_store"], parameters.get("storage_options") or {})
+    store = Location(parameters["model_store"], reveal_options(parameters.get("storage_options")))
     return not is_complete(store.child(f"primed/{_priming_key(parameters)}"))
 
 
 @task(name="prime-autoencoder", cache_key_fn=priming_cache_key, persist_result=True, result_serializer="json")
 def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, train_config: dict,
-                           storage_options: dict | None = None) -> str:
+                           storage_options: StorageSecrets | dict | None = None) -> str:
     """Prime the UNet as an autoencoder on the photos; returns the primed checkpoint's URL."""
     logger = get_run_logger()
-    options = storage_options or {}
+    options = reveal_options(storage_options)
     key = _priming_key({"photos": photos, "model_config": model_config, "train_config": train_config,
                         "storage_options": options})
     target = Location(model_store, options).child(f"primed/{key}")
     if is_complete(target):
-        logger.info("reusing primed checkpoint %s", target.url)
+        logger.info("reusing primed checkpoint %s", target.display)
         return target.url
     images = read_photo_set(Location(photos, options))
     config = TrainConfig(**train_config)
@@ -107,17 +108,17 @@ def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, tr
         model, metadata = run_priming(images, listing_fingerprint(Location(photos, options)),
                                       UNetConfig(**model_config), config, default_device())
     save_model_to(target, model, metadata)
-    logger.info("primed in %.1fs: %s", metadata["training_seconds"], target.url)
+    logger.info("primed in %.1fs: %s", metadata["training_seconds"], target.display)
     return target.url
 
 
 @task(name="train-style", task_run_name="train-style-{name}", cache_policy=NO_CACHE)
 def train_style_task(style: str, name: str, photos: str, primed: str, model_store: str, train_config: dict,
                      loss_config: dict, style_size: int, vgg_weights: str | None = None,
-                     storage_options: dict | None = None, preset: str = "custom") -> str:
+                     storage_options: StorageSecrets | dict | None = None, preset: str = "custom") -> str:
     """Train one style from the primed checkpoint; writes ``<model_store>/models/<name>`` and returns its URL."""
     logger = get_run_logger()
-    options = storage_options or {}
+    options = reveal_options(storage_options)
     style_location = Location(style, options)
     style_bytes = read_bytes(style_location)
     style_image = decode_image(style_bytes)

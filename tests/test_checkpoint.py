@@ -72,6 +72,15 @@ def test_truncated_or_modified_weights_are_refused(saved):
         load_model(folder)
 
 
+def test_metadata_without_a_checksum_is_refused(saved):
+    _, folder = saved
+    metadata = json.loads((folder / "model.json").read_text())
+    del metadata["weights_sha256"]
+    (folder / "model.json").write_text(json.dumps(metadata))
+    with pytest.raises(CheckpointError, match="no weights checksum"):
+        load_model(folder)
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_model(tmp_path / "nothing-here")

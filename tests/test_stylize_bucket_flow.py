@@ -152,6 +152,22 @@ def test_retry_failed_redoes_only_the_failed_shards(by, tmp_path, model_store, f
     assert manifest.read_table(Location(flaky_destination + "/manifest.parquet")).num_rows == 9
 
 
+def test_a_tampered_or_truncated_model_stops_the_run_before_any_shard(tmp_path, model_store):
+    make_bucket(tmp_path / "in", 4)
+    weights = tmp_path / "store" / "models" / "tiny" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0x01
+    weights.write_bytes(bytes(data))
+    state = stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny"], model_store=model_store,
+                           return_state=True)
+    assert state.is_failed() and "corrupt or was modified" in state.message
+    assert not (tmp_path / "out").exists()  # not one shard ran
+    weights.write_bytes(bytes(data[: len(data) // 3]))
+    state = stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny"], model_store=model_store,
+                           return_state=True)
+    assert state.is_failed() and "tiny" in state.message
+
+
 def test_retry_failed_without_an_earlier_run_says_so(tmp_path):
     with pytest.raises(ValueError, match="has no record of a stylize-bucket run"):
         retry_failed(destination=str(tmp_path / "never-written"))

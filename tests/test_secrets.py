@@ -1,0 +1,74 @@
+"""Credentials given in storage options or inside URLs never appear in logs, manifests, artifacts or Prefect's
+records of a run, whether the run succeeds or fails."""
+
+import json
+import logging
+import uuid
+
+import pytest
+import torch
+from prefect.client.orchestration import get_client
+from prefect.logging.handlers import APILogWorker
+
+import hostile_corpus
+from stylecore.checkpoint import save_model
+from stylecore.model import UNet, UNetConfig
+from stylize.cli import main
+from tasks.secrets import StorageSecrets, hide_options, redact, reveal_options
+from tasks.storage import Location
+
+
+def test_redact_masks_url_credentials_sensitive_query_parameters_and_option_values():
+    assert redact("https://alice:hunter22@host/x.jpg") == "https://***@host/x.jpg"
+    assert redact("gs://b/x.jpg?X-Goog-Signature=abc123&generation=5") == "gs://b/x.jpg?X-Goog-Signature=***&generation=5"
+    options = {"token": {"refresh_token": "r-123456", "client_id": "public-id"}, "project": "p",
+               "endpoint_url": "http://u:pw-98765@127.0.0.1:9000"}
+    text = "failed with r-123456 at http://u:pw-98765@127.0.0.1:9000/b/o"
+    assert "r-123456" not in redact(text, options) and "pw-98765" not in redact(text, options)
+    assert "public-id" not in redact("client public-id", options)  # anything under a credential key counts
+    assert redact("gs://plain/key.jpg", options) == "gs://plain/key.jpg"
+
+
+def test_hidden_options_serialise_as_stars_and_still_reach_the_storage():
+    hidden = hide_options({"token": "t-000111", "project": "p"})
+    assert isinstance(hidden, StorageSecrets) and "t-000111" not in str(hidden) and "t-000111" not in repr(hidden)
+    assert reveal_options(hidden) == {"token": "t-000111", "project": "p"}
+    assert "t-000111" not in repr(Location("gs://b", {"token": "t-000111"}).child("x"))
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_credentials_stay_out_of_logs_manifests_artifacts_and_flow_run_records(gcs_emulator, tmp_path, capfd, caplog):
+    import gcsfs
+
+    password, token = f"pw-{uuid.uuid4().hex}", f"tok-{uuid.uuid4().hex}"
+    prefix = f"photos/secrets-{uuid.uuid4().hex[:8]}"
+    fs = gcsfs.GCSFileSystem(**gcs_emulator)
+    for index in range(4):
+        fs.pipe_file(f"{prefix}/in/{index}.jpg", hostile_corpus.encoded(hostile_corpus.photo(seed=index), "JPEG"))
+    fs.pipe_file(f"{prefix}/in/broken.jpg", b"not an image")
+    torch.manual_seed(0)
+    model = save_model(tmp_path / "model", UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "tiny"})
+    endpoint = gcs_emulator["endpoint_url"].replace("http://", f"http://reader:{password}@")
+    options = ["--storage-option", f"endpoint_url={endpoint}", "--storage-option", "token=anon",
+               "--storage-option", "project=test", "--storage-option", f"session_token={token}"]
+    caplog.set_level(logging.INFO)
+
+    ok = main(["run", f"gs://{prefix}/in", f"gs://{prefix}/out", "--model", str(model), "--home", str(tmp_path),
+               "--quiet", "--retries", "0", *options])
+    failed = main(["run", f"gs://{prefix}/missing", f"gs://{prefix}/out2", "--model", str(model),
+                   "--home", str(tmp_path), "--quiet", "--retries", "0", *options])
+    assert (ok, failed) == (0, 1)
+
+    APILogWorker.drain_all(timeout=10)
+    with get_client(sync_client=True) as client:
+        records = [item.model_dump_json() for read in (client.read_flow_runs, client.read_task_runs,
+                                                        client.read_logs, client.read_artifacts) for item in read()]
+    written = [fs.cat_file(path) for path in fs.find(f"{prefix}/out") + fs.find(f"{prefix}/out2")]
+    captured = capfd.readouterr()
+    places = {"stdout": captured.out, "stderr": captured.err, "log records": caplog.text,
+              "prefect records": "\n".join(records), "written files": b"\n".join(written).decode(errors="replace")}
+    assert any("broken.jpg" in text for text in places.values())  # the runs were really recorded
+    assert any('"storage_options":"**********"' in record for record in records)  # stored, as stars
+    for place, text in places.items():
+        assert password not in text and token not in text, f"a credential leaked into the {place}"
+    assert json.loads(fs.cat_file(f"{prefix}/out/_manifest_parts/run.json"))["source"] == f"gs://{prefix}/in"
