@@ -42,12 +42,14 @@ def stylize_bucket(
     compile: bool = False,
     retries: int = 3,
     retry_delay_seconds: float = 5.0,
+    journal_seconds: float = 5.0,
 ) -> dict:
     """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
     ``model_store`` or model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it
     (64 on a GPU within its free memory, 8 on a CPU); ``gpu_codec`` decodes and encodes JPEGs on the GPU;
     ``compile`` runs the model through torch.compile. Images over ``max_pixels`` pixels or ``max_image_bytes``
-    bytes get error rows. ``storage_options`` (credentials included) are kept out of logs, manifests and
+    bytes get error rows. A running shard journals its finished rows every ``journal_seconds``: the most work a
+    crashed worker can cost. ``storage_options`` (credentials included) are kept out of logs, manifests and
     artifacts, and are recorded by Prefect as ``**********``."""
     logger = get_run_logger()
     started = time.perf_counter()
@@ -56,7 +58,8 @@ def stylize_bucket(
     shards = ingest(source, shard_size, storage_options, exclude=destination)
     clean_destination(destination, storage_options)
     options = {"output_format": output_format, "quality": quality, "batch_size": batch_size, "max_pixels": max_pixels,
-               "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec, "compile": compile}
+               "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec, "compile": compile,
+               "journal_seconds": journal_seconds}
     # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.
     record_run(destination, {"source": source, "models": models, "model_store": model_store,
                              "shard_size": shard_size, **options}, storage_options)

@@ -424,7 +424,7 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
         storage_options=hide_options(storage_options_from(args)), shard_size=args.shard_size,
         batch_size=args.batch_size or 0, output_format=args.format, quality=args.quality, max_pixels=args.max_pixels,
         max_image_bytes=args.max_bytes, retries=args.retries, gpu_codec=not args.no_gpu_codec, compile=args.compile,
-        return_state=True,
+        journal_seconds=args.journal_seconds, return_state=True,
     )
     if state.is_completed():
         summary = state.result()

@@ -76,3 +76,55 @@ def test_kill_9_mid_run_then_the_same_command_finishes_the_job(tmp_path):
     leftovers = [path for path in destination.rglob("*") if path.name.endswith(".partial") or ".journal" in str(path)]
     assert leftovers == []
     print(f"killed after {len(done_before)} of {IMAGES} images; the rerun redid {len(redone)}")
+
+
+def test_kill_9_of_a_bucket_run_on_gcs_then_the_same_command_finishes_the_job(gcs_emulator, tmp_path):
+    """The same through the stylize-bucket flow (its Prefect engine and ephemeral server die with it)."""
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(**gcs_emulator)
+    prefix = f"photos/kill-{tmp_path.name}"
+    images = 320
+    for index in range(images):
+        fs.pipe_file(f"{prefix}/in/set{index % 4}/{index:04}.jpg",
+                     hostile_corpus.encoded(hostile_corpus.photo((96, 64), seed=index), "JPEG"))
+    torch.manual_seed(0)
+    model = save_model(tmp_path / "model", UNet(UNetConfig()).eval(), {"name": "default-untrained"})
+    command = [sys.executable, "-m", "stylize.cli", "run", f"gs://{prefix}/in", f"gs://{prefix}/out",
+               "--model", str(model), "--home", str(tmp_path / "home"), "--device", "cpu", "--quiet",
+               "--shard-size", "80", "--batch-size", "4", "--journal-seconds", "0.2",
+               *[f"--storage-option={key}={value}" for key, value in gcs_emulator.items()]]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                   "PREFECT_HOME": str(tmp_path / "prefect")}
+
+    def finished_rows() -> list[dict]:
+        fs.invalidate_cache()
+        paths = fs.glob(f"{prefix}/out/_manifest_parts/*.parquet") + \
+            fs.glob(f"{prefix}/out/_manifest_parts/*.journal/*.parquet")
+        return [row for path in paths for row in pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()]
+
+    first = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and first.poll() is None and len(finished_rows()) < images // 4:
+        time.sleep(0.1)
+    assert first.poll() is None, f"the run ended before it could be killed: {first.communicate()}"
+    os.killpg(first.pid, signal.SIGKILL)  # the CLI and its ephemeral Prefect server, as when a worker dies
+    first.wait()
+    done_before = {row["input_uri"] for row in finished_rows() if row["status"] == "ok"}
+    assert 0 < len(done_before) < images
+    assert not fs.exists(f"{prefix}/out/manifest.parquet")
+
+    again = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=400,
+                           start_new_session=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    fs.invalidate_cache()
+    rows = pq.read_table(io.BytesIO(fs.cat_file(f"{prefix}/out/manifest.parquet"))).to_pylist()
+    assert sorted(row["input_uri"] for row in rows) == sorted(f"gs://{path}" for path in fs.find(f"{prefix}/in"))
+    assert {row["input_uri"] for row in rows if row["status"] == "skipped"} == done_before
+    assert sum(row["status"] == "ok" for row in rows) == images - len(done_before)
+    for row in rows[:: images // 16]:
+        with Image.open(io.BytesIO(fs.cat_file(row["output_uri"]))) as image:
+            image.load()
+    assert not fs.glob(f"{prefix}/out/_manifest_parts/*.journal/*")
+    print(f"flow run killed after {len(done_before)} of {images} images; the rerun redid {images - len(done_before)}")
