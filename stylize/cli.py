@@ -11,7 +11,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict
 from importlib import resources
@@ -716,19 +718,29 @@ def _add_loss_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prime-steps", type=positive_int, help="priming steps when priming is needed (default: preset)")
 
 
+def _interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "home", None) is None:
         args.home = default_home()
+    # SIGTERM (what schedulers and `kill` send) stops as cleanly as Ctrl-C: the same message, nothing half-written.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupted) if in_main_thread else None
     try:
         return args.func(args)
     except (UserError, CheckpointError, VGGWeightsError) as error:
         print(f"stylize: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("stylize: interrupted; run the same command again to resume training", file=sys.stderr)
+        print("stylize: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

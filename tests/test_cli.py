@@ -223,7 +223,8 @@ def test_an_interrupted_training_resumes_when_the_same_command_is_run_again(phot
     while not state.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert state.exists(), "no training state was checkpointed"
-    process.send_signal(signal.SIGINT)
+    # SIGTERM, as a scheduler sends; a SIGINT would be ignored where the tests run as a background job
+    process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 130
     assert "run the same command again to resume" in stderr and "Traceback" not in stderr
