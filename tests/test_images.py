@@ -43,6 +43,21 @@ def test_exif_orientation_is_applied():
     assert top_middle[2] > 200 and top_middle[0] < 60  # the blue band is now at the top
 
 
+@pytest.mark.parametrize("orientation,transpose", [
+    (1, None), (2, Image.Transpose.FLIP_LEFT_RIGHT), (3, Image.Transpose.ROTATE_180),
+    (4, Image.Transpose.FLIP_TOP_BOTTOM), (5, Image.Transpose.TRANSPOSE), (6, Image.Transpose.ROTATE_270),
+    (7, Image.Transpose.TRANSVERSE), (8, Image.Transpose.ROTATE_90),
+])
+def test_every_exif_orientation_gives_the_upright_picture(orientation, transpose):
+    stored = Image.new("RGB", (40, 20), (200, 30, 30))
+    stored.paste((30, 30, 200), (0, 0, 10, 10))  # a blue corner: shows every flip and turn
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    decoded = np.asarray(decode_image(save(stored, "PNG", exif=exif.tobytes())), dtype=int)
+    upright = np.asarray(stored if transpose is None else stored.transpose(transpose), dtype=int)
+    assert decoded.shape == upright.shape and np.abs(decoded - upright).max() == 0
+
+
 def test_transparent_pixels_are_composited_on_white():
     image = Image.new("RGBA", (4, 4), (255, 0, 0, 255))
     image.putpixel((0, 0), (0, 0, 0, 0))
