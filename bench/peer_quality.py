@@ -81,7 +81,8 @@ def main() -> None:
     parser.add_argument("--cached-priming-s", type=float, default=0.0,
                         help="also run each UNet as production does: priming (this long) done once beforehand and "
                              "cached, the whole budget for the style")
-    parser.add_argument("--unets", default="16x4,32x3", help="UNet variants as BASExDEPTH[xNORMED_LEVELS[xFIRST_SKIP_LEVEL]], comma separated")
+    parser.add_argument("--unets", default="16x4,32x3", help="UNet variants as BASExDEPTH[xNORMED_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS[xRES_LEVEL]]]], "
+                             "comma separated")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--style-lr", type=float, default=PRESETS["fast"].style.learning_rate,
                         help="the UNet's style-training learning rate (default: the fast preset's)")
@@ -116,9 +117,11 @@ def main() -> None:
 
     candidates: dict[str, tuple] = {}
     for spec in filter(None, args.unets.split(",")):
-        base, depth, *rest = (int(part) for part in spec.split("x"))  # BASExDEPTH[xNORM_LEVELS[xFIRST_SKIP_LEVEL]]
+        # BASExDEPTH[xNORM_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS[xRES_LEVEL]]]]
+        base, depth, *rest = (int(part) for part in spec.split("x"))
         config = UNetConfig(base_channels=base, depth=depth, norm_levels=rest[0] if rest else None,
-                            first_skip_level=rest[1] if len(rest) > 1 else 1)
+                            first_skip_level=rest[1] if len(rest) > 1 else 1,
+                            res_blocks=rest[2] if len(rest) > 2 else 0, res_level=rest[3] if len(rest) > 3 else 2)
         candidates[f"unet_{spec}"] = ("unet", config, args.priming_share)
         if args.cached_priming_s > 0:
             candidates[f"unet_{spec}_cached_priming"] = ("unet", config, None)

@@ -35,9 +35,13 @@ class UNetConfig:
     # Decoder levels below this one get no skip from the encoder. Level 0 (the longest skip) never has one;
     # raising it leaves the decoder freer to restyle fine detail, at some cost in content.
     first_skip_level: int = 1
+    # Residual blocks on the decoder's features at ``res_level`` (texture capacity where style lives, as in
+    # Johnson et al.'s network, which puts five at 1/4 resolution).
+    res_blocks: int = 0
+    res_level: int = 2
 
     # What a checkpoint written before a field existed meant by leaving it out.
-    LEGACY = {"norm_levels": None, "first_skip_level": 1}
+    LEGACY = {"norm_levels": None, "first_skip_level": 1, "res_blocks": 0, "res_level": 2}
 
     def norm_at(self, level: int) -> str:
         return self.norm if self.norm_levels is None or level < self.norm_levels else "none"
@@ -53,6 +57,9 @@ class UNetConfig:
             raise ValueError(f"norm_levels must not be negative, not {self.norm_levels}")
         if not 1 <= self.first_skip_level <= self.depth:
             raise ValueError(f"first_skip_level must be between 1 and depth ({self.depth}), not {self.first_skip_level}")
+
+        if self.res_blocks and not 0 <= self.res_level < self.depth:
+            raise ValueError(f"res_level must be between 0 and depth - 1 ({self.depth - 1}), not {self.res_level}")
 
     def has_skip(self, level: int) -> bool:
         return level >= self.first_skip_level
@@ -115,6 +122,18 @@ class UpBlock(nn.Module):
         return self.merge(x)
 
 
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, norm: str):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), make_norm(norm, channels), nn.ReLU(inplace=True),
+            nn.ReflectionPad2d(1), nn.Conv2d(channels, channels, 3), make_norm(norm, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
 class UNet(nn.Module):
     """Maps an RGB batch in [0, 1] (N, 3, H, W), any H and W, to a stylised RGB batch in [0, 1] of the same size."""
 
@@ -132,6 +151,8 @@ class UNet(nn.Module):
             UpBlock(c(level + 1), c(level) if config.has_skip(level) else 0, c(level), config.norm_at(level))
             for level in range(config.depth)
         )
+        level = config.res_level
+        self.residual = nn.Sequential(*(ResidualBlock(c(level), config.norm_at(level)) for _ in range(config.res_blocks)))
         self.head = nn.Sequential(nn.ReflectionPad2d(1), nn.Conv2d(c(0), 3, 3))
 
     @property
@@ -148,6 +169,8 @@ class UNet(nn.Module):
         for level in reversed(range(self.config.depth)):
             skip = features[level] if self.config.has_skip(level) else None
             x = self.up[level](x, skip)
+            if level == self.config.res_level and self.config.res_blocks:
+                x = self.residual(x)
         return torch.sigmoid(self.head(x))[..., :height, :width]
 
     def _pad_to_stride(self, images: torch.Tensor) -> torch.Tensor:

@@ -85,3 +85,20 @@ def test_norm_levels_leaves_the_deeper_levels_unnormalised():
     assert instance_norms(UNetConfig(base_channels=4, depth=3, norm_levels=0)) == 0
     with pytest.raises(ValueError):
         UNetConfig(depth=3, norm_levels=-1)
+
+
+def test_residual_blocks_at_a_level_keep_shapes_and_all_train():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(base_channels=4, depth=3, res_blocks=2, res_level=1)).train()
+    out = net(torch.rand(2, 3, 24, 40))
+    assert out.shape == (2, 3, 24, 40)
+    out.mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.residual.parameters())
+    with pytest.raises(ValueError, match="res_level"):
+        UNetConfig(depth=3, res_blocks=1, res_level=3)
+
+
+def test_checkpoints_written_before_a_field_existed_keep_their_architecture():
+    old = {"base_channels": 8, "depth": 2, "norm": "instance", "max_channels": 256}  # no norm_levels & co.
+    config = UNetConfig.from_dict(old)
+    assert config.norm_levels is None and config.first_skip_level == 1 and config.res_blocks == 0
