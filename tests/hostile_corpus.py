@@ -44,6 +44,14 @@ def photo(size=(40, 24), seed=0) -> Image.Image:
     return Image.fromarray(array, "RGB")
 
 
+def write_photos(folder: Path, count: int, size=(96, 64), groups: int = 4) -> None:
+    """``count`` small, distinct JPEG photos in ``groups`` subfolders: a plain bucket to crash runs on."""
+    for index in range(count):
+        path = folder / f"set{index % groups}" / f"photo_{index:04}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encoded(photo(size, seed=index), "JPEG"))
+
+
 def png_claiming(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims ``width`` x ``height``: a decompression bomb to any header reader."""
     def chunk(kind: bytes, data: bytes) -> bytes:

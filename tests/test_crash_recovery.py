@@ -36,10 +36,7 @@ def journaled_rows(destination: Path) -> list[dict]:
 
 def test_kill_9_mid_run_then_the_same_command_finishes_the_job(tmp_path):
     source, destination, home = tmp_path / "in", tmp_path / "out", tmp_path / "home"
-    for index in range(IMAGES):
-        path = source / f"set{index % 4}" / f"photo_{index:04}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(hostile_corpus.encoded(hostile_corpus.photo((96, 64), seed=index), "JPEG"))
+    hostile_corpus.write_photos(source, IMAGES)
     torch.manual_seed(0)
     model = save_model(tmp_path / "model", UNet(UNetConfig()).eval(), {"name": "default-untrained"})
     environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

@@ -138,11 +138,7 @@ def make_writable(folder: Path) -> None:
 
 def test_a_destination_that_becomes_read_only_fails_clearly_and_heals_on_rerun(tmp_path, capsys):
     source, destination, home = tmp_path / "in", tmp_path / "out", tmp_path / "home"
-    images = 240
-    for index in range(images):
-        path = source / f"set{index % 3}" / f"{index:04}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(hostile_corpus.encoded(hostile_corpus.photo((96, 64), seed=index), "JPEG"))
+    hostile_corpus.write_photos(source, 240, groups=3)
     torch.manual_seed(0)
     model = save_model(tmp_path / "model", UNet(UNetConfig()).eval(), {"name": "untrained"})
     command = ["run", str(source), str(destination), "--model", str(model), "--home", str(home), "--quiet",
