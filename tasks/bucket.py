@@ -199,7 +199,6 @@ class _Journal:
         self.folder, self.seconds = folder, seconds
         self.unflushed: list[dict] = []
         self.flushed_at = time.monotonic()
-        self.parts = 0
 
     def add(self, row: dict) -> None:
         if row["status"] != "error":  # error rows are redone on a rerun anyway
@@ -210,7 +209,7 @@ class _Journal:
     def flush(self) -> None:
         if self.unflushed:
             manifest.write_table(self.folder.child(f"{time.time_ns():020d}.parquet"), manifest.to_table(self.unflushed))
-            self.unflushed, self.parts = [], self.parts + 1
+            self.unflushed = []
         self.flushed_at = time.monotonic()
 
 
@@ -282,10 +281,11 @@ def stylize_shard(
                 if options.output_format == SAME_FORMAT else None
             return Job(checked, data, item.models if problem is None else (), output_format=fmt)
 
-        read_ahead = BoundedMap(readers, read, todo, ahead=max(engine.batch_size * 2, 16),
+        window = max(engine.batch_size * 2, 16)  # images in flight on each side of the engine
+        read_ahead = BoundedMap(readers, read, todo, ahead=window,
                                 cost=lambda item: min(item.size, options.max_image_bytes),
                                 budget=options.read_ahead_bytes)
-        write_behind = _WriteBehind(options.write_behind_bytes, max(engine.batch_size * 2, 16))
+        write_behind = _WriteBehind(options.write_behind_bytes, window)
         for outcome in engine.run(read_ahead):
             item: _Input = outcome.tag
             error = item.problem or outcome.error
@@ -426,11 +426,6 @@ class BoundedMap:
 
 
 _END = object()
-
-
-def bounded_map(pool: ThreadPoolExecutor, function, items: list, ahead: int) -> Iterator:
-    """``pool.map`` with at most ``ahead`` calls in flight."""
-    return iter(BoundedMap(pool, function, items, ahead))
 
 
 def run_shards(

@@ -37,7 +37,7 @@ def check_models(models: list[str], model_store: str | None, storage_options: St
     names = []
     for reference in models:
         location = model_location(reference, model_store, storage)
-        _, metadata = load_model_from(location, "cpu")
+        _, metadata = load_model_from(location, default_device())  # kept for this process: the shards reuse it
         names.append(metadata.get("name") or location.display.rstrip("/").rsplit("/", 1)[-1])
     return names
 

@@ -185,7 +185,7 @@ def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
 def test_bounded_map_keeps_order_and_every_item():
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.bucket import bounded_map
+    from tasks.bucket import BoundedMap
 
     with ThreadPoolExecutor(3) as pool:
-        assert list(bounded_map(pool, lambda x: x * x, list(range(50)), ahead=4)) == [x * x for x in range(50)]
+        assert list(BoundedMap(pool, lambda x: x * x, list(range(50)), ahead=4)) == [x * x for x in range(50)]
