@@ -13,6 +13,14 @@ if [ -x .venv/bin/python ] && [ -x .venv/bin/stylize ] && [ "$(cat "$stamp" 2>/d
     exit 0
 fi
 
+# torch's wheel for this platform unpacks to about 6 GB; fail with a clear message rather than pip's OSError halfway.
+need_gb=8
+free_gb=$(( $(df -Pk . | awk 'NR==2 {print $4}') / 1024 / 1024 ))
+if [ ! -x .venv/bin/python ] && [ "$free_gb" -lt "$need_gb" ]; then
+    echo "setup: only ${free_gb} GB free on $(df -P . | awk 'NR==2 {print $6}'); the environment needs about ${need_gb} GB" >&2
+    exit 1
+fi
+
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 
 # uv is much faster than pip (about 1 min against 3 min from nothing) but reads no pip.conf, so the local
