@@ -8,7 +8,7 @@ its own budget (``--priming-share``), although in production one priming serves 
 measured on held-out photos (every ``--held-out-every``-th file, sorted by name) that no model trained on.
 
     .venv/bin/python bench/peer_quality.py --photos DIR --style FILE [--vgg-weights FILE] [--budget-s 120]
-        [--unets 16x4,32x3] [--size 256] [--batch 8] [--out result.json] [--sheet sheet.jpg]
+        [--unets 16x2x3,16x4x3] [--size 256] [--batch 8] [--out result.json] [--sheet sheet.jpg]
 
 Prints one JSON line per model and a table; writes a contact sheet (photo | each model) of held-out photos.
 """
@@ -28,10 +28,11 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformer_net import TransformerNet  # noqa: E402
 
-from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
+from stylecore.evaluate import center_square, contact_sheet, evaluate  # noqa: E402
 from stylecore.images import decode_image, image_to_tensor, resize_long_side, tensor_to_image  # noqa: E402
 from stylecore.losses import (  # noqa: E402
     LossConfig, PerceptualLoss, StyleTarget, layers_needed, reconstruction_loss, resolve_layers,
+    style_distance_per_image,
 )
 from stylecore.model import UNet, UNetConfig  # noqa: E402
 from stylecore.stylize import autocast_for  # noqa: E402
@@ -47,13 +48,26 @@ def read_split(folder: Path, every: int, limit: int | None) -> tuple[list, list]
     return train, held
 
 
-def seconds_per_step(make_model, objective, photos, config: TrainConfig, device, steps: int = 6) -> float:
+def seconds_per_step(make_model, objective, photos, config: TrainConfig, device, steps: int = 14) -> float:
     """Seconds per step from steps 3..N of a short run (the first steps pay for allocation and autotuning)."""
     stamps: list[float] = []
     probe = TrainConfig(**{**config.to_dict(), "steps": steps, "epochs": None})
     train_network(make_model(), objective, photos[:64], probe, device,
                   on_step=lambda step, total, losses: stamps.append(time.perf_counter()))
     return (stamps[-1] - stamps[1]) / (len(stamps) - 2)
+
+
+@torch.inference_mode()
+def style_distance_by_layer(model: torch.nn.Module, loss: PerceptualLoss, photos, image_size: int) -> dict[str, float]:
+    """Each style layer's relative Gram error over the held-out photos, to see where a model falls short."""
+    device = next(model.parameters()).device
+    sums = dict.fromkeys(loss.layer_weights, 0.0)
+    for start in range(0, len(photos), 8):
+        batch = torch.stack([center_square(p, image_size) for p in photos[start : start + 8]]).to(device).float().div_(255)
+        features = loss.vgg(model(batch).float().clamp(0, 1))
+        for layer in sums:
+            sums[layer] += float(style_distance_per_image(features, loss.style_target, {layer: 1.0}, True).sum())
+    return {layer: round(total / len(photos), 4) for layer, total in sums.items()}
 
 
 def pixel_objective(outputs: torch.Tensor, photos: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -81,13 +95,16 @@ def main() -> None:
     parser.add_argument("--cached-priming-s", type=float, default=0.0,
                         help="also run each UNet as production does: priming (this long) done once beforehand and "
                              "cached, the whole budget for the style")
-    parser.add_argument("--unets", default="16x4,32x3", help="UNet variants as BASExDEPTH[xNORMED_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS[xRES_LEVEL]]]], "
+    parser.add_argument("--unets", default="16x2x3,16x4x3", help="UNet variants as BASExDEPTH[xNORMED_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS[xRES_LEVEL]]]], "
                              "comma separated")
+    parser.add_argument("--priming-content-weight", type=float, default=0.0,
+                        help="add the VGG content distance to the priming objective with this weight")
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--style-lr", type=float, default=PRESETS["fast"].style.learning_rate,
                         help="the UNet's style-training learning rate (default: the fast preset's)")
     parser.add_argument("--peer-lr", type=float, default=1e-3,
                         help="the peer's learning rate (default 1e-3, Johnson et al.'s; it diverges at 3e-3)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds weights and crops; rerun with others to see the spread")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--style-size", type=int, default=512)
@@ -110,8 +127,9 @@ def main() -> None:
     style = resize_long_side(decode_image(args.style.read_bytes()), args.style_size)
     target = StyleTarget.from_image(vgg, image_to_tensor(style).float().div(255).to(device), style_layers)
     loss = PerceptualLoss(vgg, loss_config, target).to(device)
-    style_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=args.style_lr)
-    prime_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=2e-3)
+    style_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=args.style_lr,
+                               seed=args.seed)
+    prime_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=2e-3, seed=args.seed)
     print(f"{len(train_photos)} training photos, {len(held_photos)} held out; budget {args.budget_s:.0f} s per model "
           f"on {device}", flush=True)
 
@@ -133,7 +151,11 @@ def main() -> None:
         began = time.perf_counter()
         if kind == "unet":
             style_step = seconds_per_step(lambda: UNet(unet_config), loss, train_photos, style_config, device)
-            prime_step = seconds_per_step(lambda: UNet(unet_config), pixel_objective, train_photos, prime_config, device)
+            prime_objective = pixel_objective
+            if args.priming_content_weight:  # calibrate on what priming will compute: pixel + VGG content
+                prime_objective = lambda outputs, photos: {"loss": pixel_objective(outputs, photos)["loss"]  # noqa: E731
+                                                           + args.priming_content_weight * loss(outputs, photos)["content"]}
+            prime_step = seconds_per_step(lambda: UNet(unet_config), prime_objective, train_photos, prime_config, device)
             if priming_share is None:  # cached priming: outside the budget
                 prime_steps = max(1, int(args.cached_priming_s / prime_step))
                 style_steps = max(1, int(args.budget_s / style_step))
@@ -142,7 +164,9 @@ def main() -> None:
                 style_steps = max(1, int(args.budget_s * (1 - priming_share) / style_step))
             calibration = time.perf_counter() - began
             primed = prime_autoencoder(train_photos, unet_config,
-                                       TrainConfig(**{**prime_config.to_dict(), "steps": prime_steps}), device)
+                                       TrainConfig(**{**prime_config.to_dict(), "steps": prime_steps}), device,
+                                       content_vgg=vgg if args.priming_content_weight else None,
+                                       content_weight=args.priming_content_weight)
             start = UNet(unet_config)
             start.load_state_dict(primed.model.state_dict())
             result = train_network(start, loss, train_photos,
@@ -152,12 +176,12 @@ def main() -> None:
                      "priming_s": round(primed.seconds, 1), "style_s": round(result.seconds, 1),
                      "style_step_ms": round(style_step * 1000, 1)}
         else:
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             peer_config = TrainConfig(**{**style_config.to_dict(), "learning_rate": args.peer_lr})
             style_step = seconds_per_step(TransformerNet, loss, train_photos, peer_config, device)
             style_steps = max(1, int(args.budget_s / style_step))
             calibration = time.perf_counter() - began
-            torch.manual_seed(0)
+            torch.manual_seed(args.seed)
             result = train_network(TransformerNet(), loss, train_photos,
                                    TrainConfig(**{**peer_config.to_dict(), "steps": style_steps}), device)
             seconds = result.seconds
@@ -169,6 +193,7 @@ def main() -> None:
         row = {"model": name, "device": str(device), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                "budget_s": args.budget_s, "trained_s": round(seconds, 1), "calibration_s": round(calibration, 1),
                **steps, "style_distance": round(scores.model.style, 4), "content_distance": round(scores.model.content, 4),
+               "style_by_layer": style_distance_by_layer(model, loss, held_photos, args.eval_size),
                "identity_style_distance": round(scores.identity.style, 4), "held_out": scores.images,
                "eval_size": scores.image_size, "train_size": args.size, "batch": args.batch}
         results.append(row)
