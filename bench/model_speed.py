@@ -1,7 +1,7 @@
 """Model-only stylisation throughput: this project's default UNet against the Johnson TransformerNet peer,
 same device, same run, several sizes and batch sizes (fp32 on CPU; bf16 autocast on CUDA).
 
-    .venv/bin/python bench/model_speed.py [--sizes 256,512] [--batches 1,4] [--repeats 3] [--unets 16x4,32x3]
+    .venv/bin/python bench/model_speed.py [--sizes 256,512] [--batches 1,4] [--repeats 3] [--unets 16x2,16x4]
         [--compile]   # also torch.compile'd default UNet and peer, at the second size and the largest batch
 
 Untrained weights (speed does not depend on them). Prints a table and one JSON line per measurement.

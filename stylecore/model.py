@@ -26,17 +26,20 @@ class UNetConfig:
     """Architecture of the UNet. Saved with every checkpoint, so a model can be rebuilt from it."""
 
     base_channels: int = 16  # width of the full-resolution level; doubles at each level down
-    depth: int = 4  # number of 2x downsamplings; inputs are padded to a multiple of 2**depth
+    # Number of 2x downsamplings; inputs are padded to a multiple of 2**depth. Two (bottom at 1/4, like Johnson
+    # et al.'s network) reached the same distances as four at equal training time, for half the compute per
+    # pixel (31k against 61k multiply-adds; bench/peer_quality.py, three seeds against two).
+    depth: int = 2
     norm: str = "instance"
     max_channels: int = 256
-    # Levels (from full resolution down) that are normalised; None = all. Instance norm at the two coarsest
+    # Levels (from full resolution down) that are normalised; None = all. Instance norm at the 1/8 and 1/16
     # levels of a depth-4 net made round blobs in flat areas (sky, water): measured, see bench/peer_quality.py.
     norm_levels: int | None = 3
     # Decoder levels below this one get no skip from the encoder. Level 0 (the longest skip) never has one;
     # raising it leaves the decoder freer to restyle fine detail, at some cost in content.
     first_skip_level: int = 1
     # Residual blocks on the decoder's features at ``res_level`` (texture capacity where style lives, as in
-    # Johnson et al.'s network, which puts five at 1/4 resolution).
+    # Johnson et al.'s network, which puts five at 1/4 resolution); res_level == depth puts them on the bottleneck.
     res_blocks: int = 0
     res_level: int = 2
 
@@ -58,8 +61,8 @@ class UNetConfig:
         if not 1 <= self.first_skip_level <= self.depth:
             raise ValueError(f"first_skip_level must be between 1 and depth ({self.depth}), not {self.first_skip_level}")
 
-        if self.res_blocks and not 0 <= self.res_level < self.depth:
-            raise ValueError(f"res_level must be between 0 and depth - 1 ({self.depth - 1}), not {self.res_level}")
+        if self.res_blocks and not 0 <= self.res_level <= self.depth:
+            raise ValueError(f"res_level must be between 0 and depth ({self.depth}), not {self.res_level}")
 
     def has_skip(self, level: int) -> bool:
         return level >= self.first_skip_level
@@ -166,6 +169,8 @@ class UNet(nn.Module):
         for block in self.down:
             features.append(block(features[-1]))
         x = features[-1]
+        if self.config.res_level == self.config.depth:  # residual blocks on the bottleneck
+            x = self.residual(x)
         for level in reversed(range(self.config.depth)):
             skip = features[level] if self.config.has_skip(level) else None
             x = self.up[level](x, skip)

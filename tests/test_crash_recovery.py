@@ -31,7 +31,13 @@ def journaled_rows(destination: Path) -> list[dict]:
     """Rows an interrupted run left: finished shards' parts and unfinished shards' journals."""
     parts = destination / "_manifest_parts"
     files = list(parts.glob("*.parquet")) + list(parts.glob("*.journal/*.parquet")) if parts.exists() else []
-    return [row for path in files for row in pq.read_table(io.BytesIO(path.read_bytes())).to_pylist()]
+    rows = []
+    for path in files:
+        try:
+            rows += pq.read_table(io.BytesIO(path.read_bytes())).to_pylist()
+        except FileNotFoundError:  # a running shard replaced this journal file since the listing
+            pass
+    return rows
 
 
 def test_kill_9_mid_run_then_the_same_command_finishes_the_job(tmp_path):
@@ -98,7 +104,13 @@ def test_kill_9_of_a_bucket_run_on_gcs_then_the_same_command_finishes_the_job(gc
         fs.invalidate_cache()
         paths = fs.glob(f"{prefix}/out/_manifest_parts/*.parquet") + \
             fs.glob(f"{prefix}/out/_manifest_parts/*.journal/*.parquet")
-        return [row for path in paths for row in pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()]
+        rows = []
+        for path in paths:
+            try:
+                rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
+            except FileNotFoundError:  # the running shard replaced this journal file since the listing
+                pass
+        return rows
 
     first = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, start_new_session=True)

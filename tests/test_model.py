@@ -87,15 +87,16 @@ def test_norm_levels_leaves_the_deeper_levels_unnormalised():
         UNetConfig(depth=3, norm_levels=-1)
 
 
-def test_residual_blocks_at_a_level_keep_shapes_and_all_train():
+@pytest.mark.parametrize("level", [1, 3])  # a decoder level, and the bottleneck (level == depth)
+def test_residual_blocks_at_a_level_keep_shapes_and_all_train(level):
     torch.manual_seed(0)
-    net = UNet(UNetConfig(base_channels=4, depth=3, res_blocks=2, res_level=1)).train()
+    net = UNet(UNetConfig(base_channels=4, depth=3, res_blocks=2, res_level=level)).train()
     out = net(torch.rand(2, 3, 24, 40))
     assert out.shape == (2, 3, 24, 40)
     out.mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.residual.parameters())
     with pytest.raises(ValueError, match="res_level"):
-        UNetConfig(depth=3, res_blocks=1, res_level=3)
+        UNetConfig(depth=3, res_blocks=1, res_level=4)
 
 
 def test_checkpoints_written_before_a_field_existed_keep_their_architecture():
