@@ -1,6 +1,7 @@
 """A run killed with SIGKILL half way loses nothing: running the same command again finishes the job with exactly
 one manifest row per input, every ok output decodes, nothing is half-written, and only unfinished work is redone."""
 
+import contextlib
 import io
 import os
 import signal
@@ -27,6 +28,21 @@ def stylize_command(source: Path, destination: Path, model: Path, home: Path) ->
             "--journal-seconds", "0.2"]
 
 
+@contextlib.contextmanager
+def killed_if_this_fails(process: subprocess.Popen, group: bool = False):
+    """A failing check must not leave the run it watches going on after the test."""
+    try:
+        yield
+    except BaseException:
+        if process.poll() is None:
+            if group:
+                os.killpg(process.pid, signal.SIGKILL)
+            else:
+                process.kill()
+            process.wait()
+        raise
+
+
 def journaled_rows(destination: Path) -> list[dict]:
     """Rows an interrupted run left: finished shards' parts and unfinished shards' journals."""
     parts = destination / "_manifest_parts"
@@ -50,9 +66,10 @@ def test_kill_9_mid_run_then_the_same_command_finishes_the_job(tmp_path):
     first = subprocess.Popen(stylize_command(source, destination, model, home), cwd=tmp_path, env=environment,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and first.poll() is None and len(journaled_rows(destination)) < IMAGES // 4:
-        time.sleep(0.05)
-    assert first.poll() is None, f"the run ended before it could be killed: {first.communicate()}"
+    with killed_if_this_fails(first):
+        while time.monotonic() < deadline and first.poll() is None and len(journaled_rows(destination)) < IMAGES // 4:
+            time.sleep(0.05)
+        assert first.poll() is None, f"the run ended before it could be killed: {first.communicate()}"
     first.send_signal(signal.SIGKILL)
     first.wait()
     assert first.returncode == -signal.SIGKILL
@@ -115,9 +132,10 @@ def test_kill_9_of_a_bucket_run_on_gcs_then_the_same_command_finishes_the_job(gc
     first = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and first.poll() is None and len(finished_rows()) < images // 4:
-        time.sleep(0.1)
-    assert first.poll() is None, f"the run ended before it could be killed: {first.communicate()}"
+    with killed_if_this_fails(first, group=True):
+        while time.monotonic() < deadline and first.poll() is None and len(finished_rows()) < images // 4:
+            time.sleep(0.1)
+        assert first.poll() is None, f"the run ended before it could be killed: {first.communicate()}"
     os.killpg(first.pid, signal.SIGKILL)  # the CLI and its ephemeral Prefect server, as when a worker dies
     first.wait()
     done_before = {row["input_uri"] for row in finished_rows() if row["status"] == "ok"}
