@@ -28,11 +28,10 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformer_net import TransformerNet  # noqa: E402
 
-from stylecore.evaluate import center_square, contact_sheet, evaluate  # noqa: E402
+from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
 from stylecore.images import decode_image, image_to_tensor, resize_long_side, tensor_to_image  # noqa: E402
 from stylecore.losses import (  # noqa: E402
     LossConfig, PerceptualLoss, StyleTarget, layers_needed, reconstruction_loss, resolve_layers,
-    style_distance_per_image,
 )
 from stylecore.model import UNet, UNetConfig  # noqa: E402
 from stylecore.stylize import autocast_for  # noqa: E402
@@ -55,19 +54,6 @@ def seconds_per_step(make_model, objective, photos, config: TrainConfig, device,
     train_network(make_model(), objective, photos[:64], probe, device,
                   on_step=lambda step, total, losses: stamps.append(time.perf_counter()))
     return (stamps[-1] - stamps[1]) / (len(stamps) - 2)
-
-
-@torch.inference_mode()
-def style_distance_by_layer(model: torch.nn.Module, loss: PerceptualLoss, photos, image_size: int) -> dict[str, float]:
-    """Each style layer's relative Gram error over the held-out photos, to see where a model falls short."""
-    device = next(model.parameters()).device
-    sums = dict.fromkeys(loss.layer_weights, 0.0)
-    for start in range(0, len(photos), 8):
-        batch = torch.stack([center_square(p, image_size) for p in photos[start : start + 8]]).to(device).float().div_(255)
-        features = loss.vgg(model(batch).float().clamp(0, 1))
-        for layer in sums:
-            sums[layer] += float(style_distance_per_image(features, loss.style_target, {layer: 1.0}, True).sum())
-    return {layer: round(total / len(photos), 4) for layer, total in sums.items()}
 
 
 def pixel_objective(outputs: torch.Tensor, photos: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -193,7 +179,7 @@ def main() -> None:
         row = {"model": name, "device": str(device), "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                "budget_s": args.budget_s, "trained_s": round(seconds, 1), "calibration_s": round(calibration, 1),
                **steps, "style_distance": round(scores.model.style, 4), "content_distance": round(scores.model.content, 4),
-               "style_by_layer": style_distance_by_layer(model, loss, held_photos, args.eval_size),
+               "style_by_layer": {layer: round(value, 4) for layer, value in scores.model_style_by_layer.items()},
                "identity_style_distance": round(scores.identity.style, 4), "held_out": scores.images,
                "eval_size": scores.image_size, "train_size": args.size, "batch": args.batch}
         results.append(row)

@@ -31,6 +31,7 @@ class Evaluation:
     identity: Distances
     images: int
     image_size: int
+    model_style_by_layer: dict[str, float]  # each style layer's share of model.style, to see where a model falls short
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +55,7 @@ def evaluate(
     target = loss.style_target
     model.eval()
     sums = {"model_style": 0.0, "model_content": 0.0, "identity_style": 0.0, "identity_content": 0.0}
+    by_layer = dict.fromkeys(loss.layer_weights, 0.0)
     for start in range(0, len(photos), batch_size):
         batch = torch.stack([center_square(p, image_size) for p in photos[start : start + batch_size]])
         batch = batch.to(device).float().div_(255)
@@ -68,12 +70,17 @@ def evaluate(
         sums["model_content"] += float(
             content_distance_per_image(output_features[layer], photo_features[layer], relative).sum()
         )
+        for style_layer in by_layer:
+            by_layer[style_layer] += float(
+                style_distance_per_image(output_features, target, {style_layer: 1.0}, relative).sum()
+            )
     n = len(photos)
     return Evaluation(
         model=Distances(sums["model_style"] / n, sums["model_content"] / n),
         identity=Distances(sums["identity_style"] / n, sums["identity_content"] / n),
         images=n,
         image_size=image_size,
+        model_style_by_layer={style_layer: total / n for style_layer, total in by_layer.items()},
     )
 
 

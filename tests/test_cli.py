@@ -117,6 +117,8 @@ def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(tr
     assert result["images"] == 5
     assert result["identity"]["content"] == 0.0
     assert result["identity"]["style"] > 0 and result["model"]["style"] > 0
+    by_layer = result["model_style_by_layer"]  # equal layer weights: the style distance is their mean
+    assert len(by_layer) == 4 and sum(by_layer.values()) / 4 == pytest.approx(result["model"]["style"], rel=1e-5)
     with Image.open(sheet) as image:
         assert image.width > image.height / 5  # rows of input | output
 
