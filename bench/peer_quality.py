@@ -31,11 +31,11 @@ from transformer_net import TransformerNet  # noqa: E402
 from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
 from stylecore.images import decode_image, image_to_tensor, resize_long_side, tensor_to_image  # noqa: E402
 from stylecore.losses import (  # noqa: E402
-    LossConfig, PerceptualLoss, StyleTarget, layers_needed, reconstruction_loss, resolve_layers,
+    LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers,
 )
 from stylecore.model import UNet, UNetConfig  # noqa: E402
 from stylecore.stylize import autocast_for  # noqa: E402
-from stylecore.train import PRESETS, TrainConfig, prime_autoencoder, train_network  # noqa: E402
+from stylecore.train import PRESETS, TrainConfig, autoencoder_objective, prime_autoencoder, train_network  # noqa: E402
 from stylecore.vgg import VGGFeatures, load_vgg  # noqa: E402
 
 
@@ -54,10 +54,6 @@ def seconds_per_step(make_model, objective, photos, config: TrainConfig, device,
     train_network(make_model(), objective, photos[:64], probe, device,
                   on_step=lambda step, total, losses: stamps.append(time.perf_counter()))
     return (stamps[-1] - stamps[1]) / (len(stamps) - 2)
-
-
-def pixel_objective(outputs: torch.Tensor, photos: torch.Tensor) -> dict[str, torch.Tensor]:
-    return {"loss": reconstruction_loss(outputs, photos)}
 
 
 @torch.inference_mode()
@@ -113,6 +109,7 @@ def main() -> None:
     style = resize_long_side(decode_image(args.style.read_bytes()), args.style_size)
     target = StyleTarget.from_image(vgg, image_to_tensor(style).float().div(255).to(device), style_layers)
     loss = PerceptualLoss(vgg, loss_config, target).to(device)
+    prime_objective = autoencoder_objective(vgg, args.priming_content_weight)  # what priming computes, for its timing
     style_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=args.style_lr,
                                seed=args.seed)
     prime_config = TrainConfig(image_size=args.size, batch_size=args.batch, steps=1, learning_rate=2e-3, seed=args.seed)
@@ -137,10 +134,6 @@ def main() -> None:
         began = time.perf_counter()
         if kind == "unet":
             style_step = seconds_per_step(lambda: UNet(unet_config), loss, train_photos, style_config, device)
-            prime_objective = pixel_objective
-            if args.priming_content_weight:  # calibrate on what priming will compute: pixel + VGG content
-                prime_objective = lambda outputs, photos: {"loss": pixel_objective(outputs, photos)["loss"]  # noqa: E731
-                                                           + args.priming_content_weight * loss(outputs, photos)["content"]}
             prime_step = seconds_per_step(lambda: UNet(unet_config), prime_objective, train_photos, prime_config, device)
             if priming_share is None:  # cached priming: outside the budget
                 prime_steps = max(1, int(args.cached_priming_s / prime_step))
@@ -151,8 +144,7 @@ def main() -> None:
             calibration = time.perf_counter() - began
             primed = prime_autoencoder(train_photos, unet_config,
                                        TrainConfig(**{**prime_config.to_dict(), "steps": prime_steps}), device,
-                                       content_vgg=vgg if args.priming_content_weight else None,
-                                       content_weight=args.priming_content_weight)
+                                       content_vgg=vgg, content_weight=args.priming_content_weight)
             start = UNet(unet_config)
             start.load_state_dict(primed.model.state_dict())
             result = train_network(start, loss, train_photos,

@@ -169,7 +169,7 @@ class UNet(nn.Module):
         for block in self.down:
             features.append(block(features[-1]))
         x = features[-1]
-        if self.config.res_level == self.config.depth:  # residual blocks on the bottleneck
+        if self.config.res_blocks and self.config.res_level == self.config.depth:  # on the bottleneck
             x = self.residual(x)
         for level in reversed(range(self.config.depth)):
             skip = features[level] if self.config.has_skip(level) else None

@@ -146,13 +146,21 @@ def prime_autoencoder(
     on_step: StepCallback | None = None,
     state_dir: Path | None = None,
 ) -> TrainResult:
-    """Train a fresh UNet to reconstruct its input: pixel L1, plus ``content_weight`` times the VGG content
-    distance at ``content_vgg``'s deepest layer when a VGG is given."""
+    """Train a fresh UNet to reconstruct its input (see ``autoencoder_objective``)."""
     torch.manual_seed(config.seed)
     model = UNet(model_config)
-    use_content = content_vgg is not None and content_weight > 0
-    if use_content:
+    if content_vgg is not None and content_weight > 0:
         content_vgg.to(device)
+    objective = autoencoder_objective(content_vgg, content_weight)
+    return _train(model, objective, TrainingPhotos(photos, config.image_size), config, device, on_step, state_dir)
+
+
+def autoencoder_objective(
+    content_vgg: VGGFeatures | None = None, content_weight: float = 0.0
+) -> Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]:
+    """The priming objective: pixel L1, plus ``content_weight`` times the VGG content distance at
+    ``content_vgg``'s deepest layer when a VGG is given."""
+    use_content = content_vgg is not None and content_weight > 0
 
     def objective(outputs: torch.Tensor, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         pixel = reconstruction_loss(outputs, batch)
@@ -164,7 +172,7 @@ def prime_autoencoder(
         content = content_distance_per_image(content_vgg(outputs)[layer], reference, relative=True).mean()
         return {"loss": pixel + content_weight * content, "reconstruction": pixel, "content": content}
 
-    return _train(model, objective, TrainingPhotos(photos, config.image_size), config, device, on_step, state_dir)
+    return objective
 
 
 def train_style(

@@ -43,17 +43,22 @@ def killed_if_this_fails(process: subprocess.Popen, group: bool = False):
         raise
 
 
+def rows_in(paths: list, read_bytes) -> list[dict]:
+    """Manifest rows of these Parquet files, read while a run may still be writing them."""
+    rows = []
+    for path in paths:
+        try:
+            rows += pq.read_table(io.BytesIO(read_bytes(path))).to_pylist()
+        except FileNotFoundError:  # a running shard replaced this journal file since the listing
+            pass
+    return rows
+
+
 def journaled_rows(destination: Path) -> list[dict]:
     """Rows an interrupted run left: finished shards' parts and unfinished shards' journals."""
     parts = destination / "_manifest_parts"
     files = list(parts.glob("*.parquet")) + list(parts.glob("*.journal/*.parquet")) if parts.exists() else []
-    rows = []
-    for path in files:
-        try:
-            rows += pq.read_table(io.BytesIO(path.read_bytes())).to_pylist()
-        except FileNotFoundError:  # a running shard replaced this journal file since the listing
-            pass
-    return rows
+    return rows_in(files, Path.read_bytes)
 
 
 def test_kill_9_mid_run_then_the_same_command_finishes_the_job(tmp_path):
@@ -121,13 +126,7 @@ def test_kill_9_of_a_bucket_run_on_gcs_then_the_same_command_finishes_the_job(gc
         fs.invalidate_cache()
         paths = fs.glob(f"{prefix}/out/_manifest_parts/*.parquet") + \
             fs.glob(f"{prefix}/out/_manifest_parts/*.journal/*.parquet")
-        rows = []
-        for path in paths:
-            try:
-                rows += pq.read_table(io.BytesIO(fs.cat_file(path))).to_pylist()
-            except FileNotFoundError:  # the running shard replaced this journal file since the listing
-                pass
-        return rows
+        return rows_in(paths, fs.cat_file)
 
     first = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, start_new_session=True)
