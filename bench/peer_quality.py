@@ -56,6 +56,18 @@ def seconds_per_step(make_model, objective, photos, config: TrainConfig, device,
     return (stamps[-1] - stamps[1]) / (len(stamps) - 2)
 
 
+def parse_unet_spec(spec: str) -> UNetConfig:
+    """BASExDEPTH[xNORM_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS[xRES_LEVEL]]]][/FIELD=VALUE...] to a UNetConfig."""
+    shape, *overrides = spec.split("/")
+    base, depth, *rest = (int(part) for part in shape.split("x"))
+    fields = {"base_channels": base, "depth": depth, "norm_levels": rest[0] if rest else None}
+    fields.update(zip(("first_skip_level", "res_blocks", "res_level"), rest[1:]))
+    for override in overrides:
+        key, _, value = override.partition("=")
+        fields[key] = None if value == "None" else int(value)
+    return UNetConfig(**fields)
+
+
 @torch.inference_mode()
 def stylize_whole(model: torch.nn.Module, image, device) -> Image.Image:
     batch = image_to_tensor(image).unsqueeze(0).to(device).float().div_(255)
@@ -77,8 +89,8 @@ def main() -> None:
     parser.add_argument("--cached-priming-s", type=float, default=0.0,
                         help="also run each UNet as production does: priming (this long) done once beforehand and "
                              "cached, the whole budget for the style")
-    parser.add_argument("--unets", default="16x2x3,16x4x3", help="UNet variants as BASExDEPTH[xNORMED_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS[xRES_LEVEL]]]], "
-                             "comma separated")
+    parser.add_argument("--unets", default="16x2x3,16x4x3", help="UNet variants, comma separated, as BASExDEPTH[xNORMED_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS[xRES_LEVEL]]]]"
+                             " followed by any /FIELD=VALUE of UNetConfig (16x2x3/res_blocks=2)")
     parser.add_argument("--priming-content-weight", type=float, default=0.0,
                         help="add the VGG content distance to the priming objective with this weight")
     parser.add_argument("--no-peer", action="store_true")
@@ -118,11 +130,7 @@ def main() -> None:
 
     candidates: dict[str, tuple] = {}
     for spec in filter(None, args.unets.split(",")):
-        # BASExDEPTH[xNORM_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS[xRES_LEVEL]]]]
-        base, depth, *rest = (int(part) for part in spec.split("x"))
-        config = UNetConfig(base_channels=base, depth=depth, norm_levels=rest[0] if rest else None,
-                            first_skip_level=rest[1] if len(rest) > 1 else 1,
-                            res_blocks=rest[2] if len(rest) > 2 else 0, res_level=rest[3] if len(rest) > 3 else 2)
+        config = parse_unet_spec(spec)
         candidates[f"unet_{spec}"] = ("unet", config, args.priming_share)
         if args.cached_priming_s > 0:
             candidates[f"unet_{spec}_cached_priming"] = ("unet", config, None)
