@@ -64,7 +64,9 @@ def parse_unet_spec(spec: str) -> UNetConfig:
     fields.update(zip(("first_skip_level", "res_blocks", "res_level"), rest[1:]))
     for override in overrides:
         key, _, value = override.partition("=")
-        fields[key] = None if value == "None" else int(value)
+        if key not in UNetConfig.__dataclass_fields__:
+            raise ValueError(f"UNetConfig has no field {key!r}")
+        fields[key] = None if value == "None" else int(value) if value.lstrip("-").isdigit() else value
     return UNetConfig(**fields)
 
 
@@ -89,8 +91,9 @@ def main() -> None:
     parser.add_argument("--cached-priming-s", type=float, default=0.0,
                         help="also run each UNet as production does: priming (this long) done once beforehand and "
                              "cached, the whole budget for the style")
-    parser.add_argument("--unets", default="16x2x3,16x4x3", help="UNet variants, comma separated, as BASExDEPTH[xNORMED_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS[xRES_LEVEL]]]]"
-                             " followed by any /FIELD=VALUE of UNetConfig (16x2x3/res_blocks=2)")
+    parser.add_argument("--unets", default="16x2x3,16x4x3",
+                        help="UNet variants, comma separated, as BASExDEPTH[xNORMED_LEVELS[xFIRST_SKIP_LEVEL[xRES_BLOCKS"
+                             "[xRES_LEVEL]]]] and any /FIELD=VALUE of UNetConfig (16x2x3/res_blocks=2/norm=group)")
     parser.add_argument("--priming-content-weight", type=float, default=0.0,
                         help="add the VGG content distance to the priming objective with this weight")
     parser.add_argument("--no-peer", action="store_true")
@@ -110,6 +113,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--sheet", type=Path, default=None)
     args = parser.parse_args()
+    unet_configs: dict[str, UNetConfig] = {}
+    for spec in filter(None, args.unets.split(",")):
+        try:
+            unet_configs[spec] = parse_unet_spec(spec)
+        except (TypeError, ValueError) as error:
+            parser.error(f"--unets {spec!r}: {error}")
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
@@ -130,8 +139,7 @@ def main() -> None:
           f"on {device}", flush=True)
 
     candidates: dict[str, tuple] = {}
-    for spec in filter(None, args.unets.split(",")):
-        config = parse_unet_spec(spec)
+    for spec, config in unet_configs.items():
         candidates[f"unet_{spec}"] = ("unet", config, args.priming_share)
         if args.cached_priming_s > 0:
             candidates[f"unet_{spec}_cached_priming"] = ("unet", config, None)
