@@ -14,7 +14,13 @@ import torch
 from PIL import Image, ImageOps
 
 from .images import image_to_tensor, resize_short_side
-from .losses import PerceptualLoss, content_distance_per_image, style_distance_per_image
+from .losses import (
+    PerceptualLoss,
+    content_distance_per_image,
+    style_distance_by_layer,
+    style_distance_per_image,
+    weighted_style_distance,
+)
 from .model import UNet
 from .stylize import autocast_for
 
@@ -65,15 +71,14 @@ def evaluate(
         output_features = loss.vgg(outputs)
         relative = loss.config.relative
         layer = loss.content_layer
-        sums["model_style"] += float(style_distance_per_image(output_features, target, loss.layer_weights, relative).sum())
+        model_by_layer = style_distance_by_layer(output_features, target, loss.layer_weights, relative)
+        sums["model_style"] += float(weighted_style_distance(model_by_layer, loss.layer_weights).sum())
         sums["identity_style"] += float(style_distance_per_image(photo_features, target, loss.layer_weights, relative).sum())
         sums["model_content"] += float(
             content_distance_per_image(output_features[layer], photo_features[layer], relative).sum()
         )
-        for style_layer in by_layer:
-            by_layer[style_layer] += float(
-                style_distance_per_image(output_features, target, {style_layer: 1.0}, relative).sum()
-            )
+        for style_layer, distances in model_by_layer.items():
+            by_layer[style_layer] += float(distances.sum())
     n = len(photos)
     return Evaluation(
         model=Distances(sums["model_style"] / n, sums["model_content"] / n),

@@ -12,6 +12,7 @@ loss weights then mean the same thing whatever weights are loaded, and 0 means "
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -70,18 +71,31 @@ class StyleTarget:
         return cls(grams, scales)
 
 
+def style_distance_by_layer(
+    features: dict[str, torch.Tensor], target: StyleTarget, layers: Iterable[str], relative: bool
+) -> dict[str, torch.Tensor]:
+    """Layer -> (N,) Gram MSE of each image against the style at that layer."""
+    errors = {}
+    for layer in layers:
+        gram = gram_matrix(features[layer].float())
+        error = (gram - target.grams[layer].unsqueeze(0)).pow(2).mean(dim=(1, 2))
+        errors[layer] = error / target.scales[layer] if relative else error
+    return errors
+
+
+def weighted_style_distance(by_layer: dict[str, torch.Tensor], layer_weights: dict[str, float]) -> torch.Tensor:
+    """(N,) the per-layer distances averaged with ``layer_weights``."""
+    total = 0.0
+    for layer, weight in layer_weights.items():
+        total = total + weight * by_layer[layer]
+    return total / sum(layer_weights.values())
+
+
 def style_distance_per_image(
     features: dict[str, torch.Tensor], target: StyleTarget, layer_weights: dict[str, float], relative: bool
 ) -> torch.Tensor:
     """(N,) weighted Gram MSE of each image against the style, averaged over the style layers."""
-    total = 0.0
-    for layer, weight in layer_weights.items():
-        gram = gram_matrix(features[layer].float())
-        error = (gram - target.grams[layer].unsqueeze(0)).pow(2).mean(dim=(1, 2))
-        if relative:
-            error = error / target.scales[layer]
-        total = total + weight * error
-    return total / sum(layer_weights.values())
+    return weighted_style_distance(style_distance_by_layer(features, target, layer_weights, relative), layer_weights)
 
 
 def content_distance_per_image(output: torch.Tensor, reference: torch.Tensor, relative: bool) -> torch.Tensor:
