@@ -102,6 +102,8 @@ def main() -> None:
     parser.add_argument("--peer-lr", type=float, default=5e-4,
                         help="the peer's learning rate; at Johnson et al.'s 1e-3 it collapsed into blobs in 4 of 6 "
                              "CPU runs with this loss, at 5e-4 in none")
+    parser.add_argument("--content-weight", type=float, default=LossConfig.content_weight,
+                        help="the loss's content weight, for both models (style weight 1)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights and crops; rerun with others to see the spread")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
@@ -125,7 +127,7 @@ def main() -> None:
 
     train_photos, held_photos = read_split(args.photos, args.held_out_every, args.limit)
     features, source = load_vgg(args.vgg_weights)
-    loss_config = LossConfig()
+    loss_config = LossConfig(content_weight=args.content_weight)
     vgg = VGGFeatures(features, source, layers_needed(source, loss_config)).to(device)
     style_layers, _ = resolve_layers(source, loss_config)
     style = resize_long_side(decode_image(args.style.read_bytes()), args.style_size)
@@ -190,7 +192,8 @@ def main() -> None:
                **steps, "style_distance": round(scores.model.style, 4), "content_distance": round(scores.model.content, 4),
                "style_by_layer": {layer: round(value, 4) for layer, value in scores.model_style_by_layer.items()},
                "identity_style_distance": round(scores.identity.style, 4), "held_out": scores.images,
-               "eval_size": scores.image_size, "train_size": args.size, "batch": args.batch}
+               "eval_size": scores.image_size, "train_size": args.size, "batch": args.batch,
+               "content_weight": args.content_weight}
         results.append(row)
         print(json.dumps(row), flush=True)
 
