@@ -44,6 +44,7 @@ from .images import (
 )
 from .model import UNet
 from .stylize import autocast_for, stylize_batch
+from .tiling import stylize_tiled
 
 _EXIF_ORIENTATION = 0x0112
 _DONE = object()
@@ -282,8 +283,12 @@ class StylizeEngine:
     @torch.inference_mode()
     def forward(self, model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) on the device to uint8 outputs. A batch too large for the device (out of memory, or
-        a tensor past the 2**31 elements some kernels can index) is halved, and later batches are cut smaller."""
+        a tensor past the 2**31 elements some kernels can index) is halved, and later batches are cut smaller;
+        an image over the pixel budget on its own, or too large alone, is stylised in tiles (same picture)."""
         count = len(images)
+        pixels = images[0, 0].numel()
+        if count == 1 and pixels > max(self.max_batch_pixels, MIN_TILE_PIXELS):
+            return self._forward_tiled(model, images, self.max_batch_pixels)
         if self.config.compile and count < self.batch_size:
             # a compiled model recompiles for every new shape: keep the batch dimension fixed
             images = torch.cat([images, images[-1:].expand(self.batch_size - count, -1, -1, -1)])
@@ -292,15 +297,32 @@ class StylizeEngine:
                 images = images.contiguous(memory_format=torch.channels_last)  # kept by the float conversion
             return stylize_batch(model, images)[:count].contiguous()
         except RuntimeError as error:
-            if count == 1 or not _batch_too_large(error):
+            if not _batch_too_large(error):
                 raise
             if isinstance(error, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
+            if count == 1:
+                self.max_batch_pixels = min(self.max_batch_pixels, pixels // 2)
+                return self._forward_tiled(model, images, self.max_batch_pixels)
             half = count // 2
             # Later batches are cut to what fits (also the fixed shape a compiled model is padded to).
             self.batch_size = min(self.batch_size, half)
-            self.max_batch_pixels = min(self.max_batch_pixels, half * images[0, 0].numel())
+            self.max_batch_pixels = min(self.max_batch_pixels, half * pixels)
             return torch.cat([self.forward(model, images[:half]), self.forward(model, images[half:count])])
+
+    def _forward_tiled(self, model: torch.nn.Module, images: torch.Tensor, max_pixels: int) -> torch.Tensor:
+        eager = getattr(model, "_orig_mod", model)  # tiles vary in shape: a compiled model would recompile for each
+        max_pixels = max(max_pixels, MIN_TILE_PIXELS)
+        while True:
+            try:
+                return stylize_tiled(eager, images[0].contiguous(), max_pixels).unsqueeze(0)
+            except RuntimeError as error:
+                if not _batch_too_large(error) or max_pixels <= MIN_TILE_PIXELS:
+                    raise
+                if isinstance(error, torch.cuda.OutOfMemoryError):
+                    torch.cuda.empty_cache()
+                max_pixels = max(max_pixels // 2, MIN_TILE_PIXELS)
+                self.max_batch_pixels = min(self.max_batch_pixels, max_pixels)
 
     def _encode(self, batch: _Batch) -> Iterator[Outcome]:
         def format_of(key: tuple[int, str]) -> str:
@@ -338,12 +360,16 @@ class StylizeEngine:
         return min(batch_pixels_for_memory(model, self.device) for model in self.models.values())
 
 
+MIN_TILE_PIXELS = 256 * 256  # tiles smaller than this spend most of their work on their margins
+
 # The longest side each output format can hold.
 MAX_OUTPUT_SIDE = {"JPEG": 65_500, "WEBP": 16_383, "PNG": 2**31 - 1}
 
 
 def _batch_too_large(error: RuntimeError) -> bool:
-    return isinstance(error, torch.cuda.OutOfMemoryError) or "32-bit index math" in str(error)
+    message = str(error)
+    return (isinstance(error, torch.cuda.OutOfMemoryError) or "32-bit index math" in message
+            or "can't allocate memory" in message)  # the CPU allocator, where the system refuses the memory
 
 
 def batch_pixels_for_memory(model: torch.nn.Module, device: torch.device, share: float = 0.4) -> int:

@@ -1,0 +1,114 @@
+"""Images too large for one forward pass are stylised in tiles, and the tiles give the picture one pass gives:
+no seams, no change of look, whatever the memory budget."""
+
+import pytest
+import torch
+from PIL import Image
+
+from stylecore.engine import EngineConfig, Job, StylizeEngine
+from stylecore.images import decode_image, encode_image, image_to_tensor
+from stylecore.model import UNet, UNetConfig
+from stylecore.stylize import stylize_batch
+from stylecore.tiling import split_into_tiles, stylize_tiled
+
+from conftest import ASSETS
+
+
+def photo(width: int, height: int) -> torch.Tensor:
+    image = Image.open(ASSETS / "photos" / "astronaut.jpg").convert("RGB").resize((width, height))
+    return image_to_tensor(image)
+
+
+def distinct_model(config: UNetConfig, seed: int = 0) -> UNet:
+    """A UNet whose norm layers' scales and shifts differ from their defaults, so statistics matter."""
+    torch.manual_seed(seed)
+    model = UNet(config).eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    return model
+
+
+@pytest.mark.parametrize("config", [
+    UNetConfig(base_channels=4),
+    UNetConfig(base_channels=4, depth=3, norm_levels=None),
+    UNetConfig(base_channels=4, norm="group"),
+    UNetConfig(base_channels=4, norm="batch"),
+    UNetConfig(base_channels=4, res_blocks=2, res_level=1),
+    UNetConfig(base_channels=4, depth=3, first_skip_level=2),
+], ids=["default", "depth3-all-normed", "group-norm", "batch-norm", "res-blocks", "fewer-skips"])
+def test_tiles_give_the_one_pass_picture(config):
+    model = distinct_model(config)
+    image = photo(211, 173)  # sides that are no multiple of the stride
+    whole = stylize_batch(model, image.unsqueeze(0))[0]
+    tiled = stylize_tiled(model, image, max_pixels=110 * 110)
+    assert len(list(split_into_tiles(173, 211, 110 * 110, 32, model.stride))) > 1
+    difference = (tiled.int() - whole.int()).abs()
+    assert difference.max() <= 1  # float rounding only
+    assert (difference > 0).float().mean() < 0.001
+
+
+def test_tiles_normalised_on_their_own_would_not_match():
+    """What the shared statistics are for: the same tiles with each tile's own instance-norm statistics differ."""
+    model = distinct_model(UNetConfig(base_channels=4))
+    image = photo(211, 173)
+    whole = stylize_batch(model, image.unsqueeze(0))[0]
+    independent = torch.empty_like(whole)
+    for tile in split_into_tiles(173, 211, 110 * 110, 32, model.stride):
+        result = stylize_batch(model, tile.of(image))[0]
+        independent[:, tile.top : tile.bottom, tile.left : tile.right] = result[:, tile.core_rows, tile.core_columns]
+    assert (independent.int() - whole.int()).abs().float().mean() > 2
+
+
+def test_the_model_itself_is_left_untouched():
+    model = distinct_model(UNetConfig(base_channels=4))
+    image = photo(150, 120)
+    before = stylize_batch(model, image.unsqueeze(0))
+    stylize_tiled(model, image, max_pixels=90 * 90)
+    assert torch.equal(stylize_batch(model, image.unsqueeze(0)), before)
+    assert any(isinstance(module, torch.nn.InstanceNorm2d) for module in model.modules())
+
+
+def png(image: torch.Tensor) -> bytes:
+    return encode_image(Image.fromarray(image.permute(1, 2, 0).numpy()), "PNG")
+
+
+def test_the_engine_tiles_an_image_over_its_pixel_budget_and_gives_the_same_picture():
+    model = distinct_model(UNetConfig(base_channels=4))
+    large, small = photo(400, 300), photo(64, 48)
+    config = EngineConfig(max_batch_pixels=256 * 256, output_format="png")
+    with StylizeEngine({"m": model}, "cpu", config) as engine:
+        outcomes = list(engine.run([Job(0, png(large), ("m",)), Job(1, png(small), ("m",))]))
+    for image, outcome in zip([large, small], outcomes):
+        assert outcome.error is None
+        expected = stylize_batch(model, image.unsqueeze(0))[0]
+        assert (image_to_tensor(decode_image(outcome.outputs["m"])).int() - expected.int()).abs().max() <= 1
+
+
+class MemoryLimitedUNet(UNet):
+    """A UNet on a device with room for ``largest_input`` pixels: larger inputs fail as the CPU allocator does."""
+
+    def __init__(self, largest_input: int):
+        super().__init__(UNetConfig(base_channels=4))
+        self.largest_input = largest_input
+
+    def forward(self, images):
+        pixels = images.shape[-2] * images.shape[-1]
+        if pixels > self.largest_input:
+            raise RuntimeError(f"[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: "
+                               f"you tried to allocate {pixels * 4096} bytes. Error code 12 (Cannot allocate memory)")
+        return super().forward(images)
+
+
+def test_an_image_too_large_for_memory_alone_is_stylised_in_smaller_tiles():
+    torch.manual_seed(0)
+    model = MemoryLimitedUNet(largest_input=100_000).eval()
+    image = photo(480, 360)  # 172,800 pixels: fails whole, and in tiles of half that
+    with StylizeEngine({"m": model}, "cpu", EngineConfig(output_format="png")) as engine:
+        [outcome] = list(engine.run([Job(0, png(image), ("m",))]))
+        assert engine.max_batch_pixels <= 100_000  # later images are cut to what fitted
+    assert outcome.error is None
+    reference = UNet(model.config).eval()
+    reference.load_state_dict(model.state_dict())
+    expected = stylize_batch(reference, image.unsqueeze(0))[0]
+    assert (image_to_tensor(decode_image(outcome.outputs["m"])).int() - expected.int()).abs().max() <= 1
