@@ -34,6 +34,7 @@ def stylize_bucket(
     storage_options: StorageSecrets | dict | None = None,
     shard_size: int = 256,
     batch_size: int = 0,
+    max_batch_pixels: int = 0,
     output_format: str = "jpeg",
     quality: int = 90,
     max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -46,7 +47,8 @@ def stylize_bucket(
 ) -> dict:
     """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
     ``model_store`` or model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it
-    (64 on a GPU within its free memory, 8 on a CPU); ``gpu_codec`` decodes and encodes JPEGs on the GPU;
+    (64 on a GPU within its free memory, 8 on a CPU); ``max_batch_pixels`` bounds one forward pass (0: from the GPU's
+    free memory, 8 Mpx on a CPU), and a larger image is stylised in tiles; ``gpu_codec`` decodes and encodes JPEGs on the GPU;
     ``compile`` runs the model through torch.compile. Images over ``max_pixels`` pixels or ``max_image_bytes``
     bytes get error rows. A running shard journals its finished rows every ``journal_seconds``: the most work a
     crashed worker can cost. ``storage_options`` (credentials included) are kept out of logs, manifests and
@@ -57,7 +59,8 @@ def stylize_bucket(
     check_models(models, model_store, storage_options)
     shards = ingest(source, shard_size, storage_options, exclude=destination)
     clean_destination(destination, storage_options)
-    options = {"output_format": output_format, "quality": quality, "batch_size": batch_size, "max_pixels": max_pixels,
+    options = {"output_format": output_format, "quality": quality, "batch_size": batch_size,
+               "max_batch_pixels": max_batch_pixels, "max_pixels": max_pixels,
                "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec, "compile": compile,
                "journal_seconds": journal_seconds}
     # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.

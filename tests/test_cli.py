@@ -109,6 +109,19 @@ def test_run_writes_png_and_can_leave_existing_outputs(trained, photo_dir, tmp_p
     assert "0 written" in capsys.readouterr().out  # all already done
 
 
+def test_run_with_a_small_pixel_budget_tiles_large_images_into_the_same_pictures(trained, bundled_photos, tmp_path):
+    photos = tmp_path / "large"
+    photos.mkdir()
+    Image.open(bundled_photos[0]).convert("RGB").resize((480, 400)).save(photos / "large.png")
+    whole, tiled = tmp_path / "whole", tmp_path / "tiled"
+    assert main(["run", str(photos), str(whole), "--model", "swirls", "--format", "png", "--quiet"]) == 0
+    assert main(["run", str(photos), str(tiled), "--model", "swirls", "--format", "png", "--quiet",
+                 "--max-batch-pixels", "70000"]) == 0
+    one, other = (Image.open(folder / "large.png") for folder in (whole, tiled))
+    difference = [abs(a - b) for a, b in zip(one.tobytes(), other.tobytes())]
+    assert one.size == (480, 400) and max(difference) <= 1
+
+
 def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(trained, photo_dir, tmp_path, capsys):
     sheet = tmp_path / "sheet.png"
     assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--sheet", str(sheet), "--json",
