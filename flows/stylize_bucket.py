@@ -47,12 +47,12 @@ def stylize_bucket(
 ) -> dict:
     """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
     ``model_store`` or model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it
-    (64 on a GPU within its free memory, 8 on a CPU); ``max_batch_pixels`` bounds one forward pass (0: from the GPU's
-    free memory, 8 Mpx on a CPU), and a larger image is stylised in tiles; ``gpu_codec`` decodes and encodes JPEGs on the GPU;
-    ``compile`` runs the model through torch.compile. Images over ``max_pixels`` pixels or ``max_image_bytes``
-    bytes get error rows. A running shard journals its finished rows every ``journal_seconds``: the most work a
-    crashed worker can cost. ``storage_options`` (credentials included) are kept out of logs, manifests and
-    artifacts, and are recorded by Prefect as ``**********``."""
+    (64 on a GPU within its free memory, 8 on a CPU). ``max_batch_pixels`` bounds one forward pass (0: from the
+    free memory, a quarter of it on a CPU); a larger image is stylised in tiles. ``gpu_codec`` decodes and
+    encodes JPEGs on the GPU; ``compile`` runs the model through torch.compile. Images over ``max_pixels`` pixels
+    or ``max_image_bytes`` bytes get error rows. A running shard journals its finished rows every
+    ``journal_seconds``: the most work a crashed worker can cost. ``storage_options`` (credentials included) are
+    kept out of logs, manifests and artifacts, and are recorded by Prefect as ``**********``."""
     logger = get_run_logger()
     started = time.perf_counter()
     storage_options = hide_options(storage_options)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import os
 import queue
+import re
 import threading
 import time
 import warnings
@@ -26,6 +27,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
@@ -53,7 +55,7 @@ _DONE = object()
 @dataclass(frozen=True)
 class EngineConfig:
     batch_size: int = 0  # images per batch; 0 = 64 on CUDA, 8 on CPU
-    max_batch_pixels: int = 0  # pixels per batch; 0 = from free GPU memory on CUDA, 8 Mpx on CPU
+    max_batch_pixels: int = 0  # pixels per forward pass; 0 = from free GPU memory on CUDA, free memory on CPU
     output_format: str = "jpeg"
     quality: int = 90
     max_pixels: int = DEFAULT_MAX_PIXELS  # per image; larger ones become errors before they are decoded
@@ -356,7 +358,7 @@ class StylizeEngine:
 
     def _default_batch_pixels(self) -> int:
         if not self.cuda:
-            return 8 * 1024 * 1024
+            return min(cpu_batch_pixels(model) for model in self.models.values())
         return min(batch_pixels_for_memory(model, self.device) for model in self.models.values())
 
 
@@ -385,6 +387,33 @@ def batch_pixels_for_memory(model: torch.nn.Module, device: torch.device, share:
     per_pixel = max((torch.cuda.max_memory_allocated(device) - before) / probe[:, 0].numel(), 1.0)
     free, _ = torch.cuda.mem_get_info(device)
     return max(int(free * share / per_pixel), 256 * 256)
+
+
+def cpu_batch_pixels(model: torch.nn.Module, share: float = 0.25) -> int:
+    """How many pixels one forward pass may take on the CPU: ``share`` of the memory this process may still use
+    over the memory one pixel needs (measured peak: about 40 bytes per channel of the first level, plus the
+    image's own copies). 8 Mpx where the available memory cannot be read."""
+    available = available_memory()
+    if available is None:
+        return 8 * 1024 * 1024
+    base_channels = getattr(getattr(model, "config", None), "base_channels", 16)
+    return max(int(available * share / (40 * base_channels + 100)), MIN_TILE_PIXELS)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to this process: the system's, or its container's limit if that is lower."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+        available = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
+    except (OSError, AttributeError):
+        return None
+    try:  # cgroup v2, as in containers
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            available = min(available, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)
 
 
 class _DecodeSplit:

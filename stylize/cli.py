@@ -657,9 +657,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--batch-size", type=positive_int,
                      help="images per forward pass (default: 64 on a GPU, within its free memory; 8 on a CPU)")
     run.add_argument("--max-batch-pixels", type=positive_int,
-                     help="pixels per forward pass, which bounds its memory (default: from a GPU's free memory; "
-                          "8,388,608 on a CPU, about 5 GB with the default UNet); a larger image is stylised in "
-                          "tiles, giving the same picture")
+                     help="pixels per forward pass, which bounds its memory (default: from the free memory; on a "
+                          "CPU a quarter of it, at about 700 bytes a pixel with the default UNet); a larger image is "
+                          "stylised in tiles, giving the same picture")
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model: slower start, faster on long runs of few image sizes")
     run.add_argument("--no-gpu-codec", action="store_true",

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stylecore.engine import EngineConfig, Job, StylizeEngine
+from stylecore.engine import EngineConfig, Job, StylizeEngine, available_memory, cpu_batch_pixels
 from stylecore.images import decode_image, encode_image, image_to_tensor
 from stylecore.model import UNet, UNetConfig
 from stylecore.stylize import stylize_batch
@@ -112,3 +112,12 @@ def test_an_image_too_large_for_memory_alone_is_stylised_in_smaller_tiles():
     reference.load_state_dict(model.state_dict())
     expected = stylize_batch(reference, image.unsqueeze(0))[0]
     assert (image_to_tensor(decode_image(outcome.outputs["m"])).int() - expected.int()).abs().max() <= 1
+
+
+def test_the_cpu_pixel_budget_is_a_quarter_of_free_memory_at_the_models_bytes_per_pixel():
+    available = available_memory()
+    assert available is not None and available > 0  # Linux: /proc/meminfo, or the container's cgroup limit
+    narrow, wide = UNet(UNetConfig(base_channels=8)), UNet(UNetConfig(base_channels=32))
+    assert cpu_batch_pixels(wide) < cpu_batch_pixels(narrow)
+    expected = available / 4 / (40 * 16 + 100)
+    assert 0.8 * expected < cpu_batch_pixels(UNet()) < 1.2 * expected
