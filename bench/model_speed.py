@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from transformer_net import TransformerNet  # noqa: E402
 
+from stylecore.allocator import keep_freed_memory_for_reuse  # noqa: E402
 from stylecore.model import UNet, UNetConfig  # noqa: E402
 from stylecore.stylize import autocast_for  # noqa: E402
 
@@ -52,8 +53,11 @@ def main() -> None:
                         help="UNet variants BASExDEPTH; the first is the one compared with the peer")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="on the CPU, leave glibc's malloc as it is (the project keeps freed memory for reuse)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    kept = device.type == "cpu" and not args.system_malloc and keep_freed_memory_for_reuse()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)
@@ -88,7 +92,7 @@ def main() -> None:
             if compiled:
                 print(f"{name} compiled and measured in {time.perf_counter() - began:.0f}s", file=sys.stderr)
         row = {"bench": "model_speed", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-               "size": size, "batch": batch, "compiled": compiled,
+               "size": size, "batch": batch, "compiled": compiled, "keep_freed_memory": kept,
                **{f"{name}_img_per_s": round(rate, 1) for name, rate in rates.items()},
                "default_over_peer": round(rates[first] / rates["transformer_net"], 2)}
         rows.append(row)
