@@ -41,7 +41,7 @@ VGG=$DATA/vgg19_normalised_relu3_1.pth
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -c "import torch, torchvision, sys;
 print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.is_available())"; } >> "$OUT/suite.log"
 
-part tests 45 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py
+part tests 45 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py tests/test_tiling.py
 part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES --unets 16x2,16x4 --repeats 5 --compile
 part stages 60 $PY bench/engine_stages.py --images $N1 --size $SIZE --photos $DATA/photos
 part e2e_10k_compiled 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --photos $DATA/photos --work /tmp/eb
@@ -50,5 +50,6 @@ part e2e_10k 45 $PY bench/engine_throughput.py --images $N10 --size $SIZE --phot
 part training 240 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT
 part peer_quality 90 $PY bench/peer_quality.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG \
   --budget-s $BUDGET --size 256 --batch 8 --unets 16x2x3,16x4x3 --priming-share 0.02 --sheet "$OUT/peer_sheet.jpg"
+part large_image 40 $PY bench/large_image.py --width 6000 --height 4000 --budgets 0,4194304
 part e2e_1k_cpu_codec 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --no-gpu-codec --photos $DATA/photos --work /tmp/eb
 echo "== done; $(( DEADLINE - $(date +%s) ))s before the deadline" | tee -a "$OUT/suite.log"

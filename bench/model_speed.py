@@ -5,6 +5,7 @@ same device, same run, several sizes and batch sizes (fp32 on CPU; bf16 autocast
         [--compile]   # also torch.compile'd default UNet and peer, at the second size and the largest batch
 
 Untrained weights (speed does not depend on them). Prints a table and one JSON line per measurement.
+``STYLIZE_KEEP_FREED_MEMORY=0`` measures with glibc's malloc left as it is (see stylecore/allocator.py).
 """
 
 from __future__ import annotations
@@ -53,11 +54,9 @@ def main() -> None:
                         help="UNet variants BASExDEPTH; the first is the one compared with the peer")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--system-malloc", action="store_true",
-                        help="on the CPU, leave glibc's malloc as it is (the project keeps freed memory for reuse)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    kept = device.type == "cpu" and not args.system_malloc and keep_freed_memory_for_reuse()
+    kept = keep_freed_memory_for_reuse()  # applied on import; STYLIZE_KEEP_FREED_MEMORY=0 to compare without
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(0)

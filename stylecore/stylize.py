@@ -6,7 +6,6 @@ from contextlib import nullcontext
 
 import torch
 
-from .allocator import keep_freed_memory_for_reuse
 from .model import UNet
 
 
@@ -22,8 +21,6 @@ def autocast_for(device: torch.device):
 def stylize_batch(model: UNet, images: torch.Tensor) -> torch.Tensor:
     """(N, 3, H, W) uint8 or [0, 1] float images, on the model's device, to uint8 stylised images on the same device."""
     device = next(model.parameters()).device
-    if device.type == "cpu":
-        keep_freed_memory_for_reuse()
     batch = images.to(device, non_blocking=True)
     if batch.dtype == torch.uint8:
         batch = batch.float().div_(255)

@@ -18,7 +18,6 @@ from typing import Callable
 import torch
 from PIL import Image
 
-from .allocator import keep_freed_memory_for_reuse
 from .checkpoint import load_state, save_state
 from .images import image_to_tensor, resize_short_side
 from .losses import PerceptualLoss, content_distance_per_image, reconstruction_loss
@@ -213,8 +212,6 @@ def _train(
     state_dir: Path | None,
 ) -> TrainResult:
     device = torch.device(device)
-    if device.type == "cpu":
-        keep_freed_memory_for_reuse()
     total_steps = config.total_steps(len(photos))
     model.to(device).train()
     if isinstance(objective, torch.nn.Module):

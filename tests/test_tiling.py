@@ -121,3 +121,13 @@ def test_the_cpu_pixel_budget_is_a_quarter_of_free_memory_at_the_models_bytes_pe
     assert cpu_batch_pixels(wide) < cpu_batch_pixels(narrow)
     expected = available / 4 / (40 * 16 + 100)
     assert 0.8 * expected < cpu_batch_pixels(UNet()) < 1.2 * expected
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_on_a_gpu_tiles_match_one_pass_up_to_bf16_rounding():
+    model = distinct_model(UNetConfig()).cuda()
+    image = photo(1000, 700).cuda()
+    whole = stylize_batch(model, image.unsqueeze(0))[0]
+    tiled = stylize_tiled(model, image, max_pixels=300 * 300)
+    difference = (tiled.int() - whole.int()).abs().float()
+    assert difference.mean() < 1.0 and difference.max() <= 16
