@@ -107,7 +107,7 @@ class SharedStatisticsNetwork(nn.Module):
         for parent in list(self.network.modules()):
             for name, child in parent.named_children():
                 if isinstance(child, (nn.InstanceNorm2d, nn.GroupNorm)):
-                    shared = _SharedStatisticsNorm(child)
+                    shared = _SharedStatisticsNorm(child, model.stride)
                     setattr(parent, name, shared)
                     self.norms.append(shared)
 
@@ -137,8 +137,9 @@ class _StopForward(Exception):
 
 
 class _SharedStatisticsNorm(nn.Module):
-    def __init__(self, norm: nn.InstanceNorm2d | nn.GroupNorm):
+    def __init__(self, norm: nn.InstanceNorm2d | nn.GroupNorm, stride: int):
         super().__init__()
+        self.stride = stride
         self.groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else norm.num_features
         self.eps = norm.eps
         self.weight, self.bias = norm.weight, norm.bias
@@ -157,7 +158,7 @@ class _SharedStatisticsNorm(nn.Module):
         n, c, h, w = x.shape
         grouped = x.float().reshape(n, self.groups, c // self.groups, h, w)
         if self.window is not None:
-            centre = _centre_at_level(grouped, self.window, h, w).double()
+            centre = _centre_at_level(grouped, self.window, self.stride).double()
             sums = torch.stack([torch.full_like(centre[0, :, 0, 0, 0], centre[0, 0].numel()),
                                 centre.sum(dim=(0, 2, 3, 4)), centre.pow(2).sum(dim=(0, 2, 3, 4))])
             self.sums = sums if self.sums is None else self.sums + sums
@@ -172,12 +173,17 @@ class _SharedStatisticsNorm(nn.Module):
         return out.to(x.dtype)
 
 
-def _centre_at_level(grouped: torch.Tensor, tile: Tile, h: int, w: int) -> torch.Tensor:
+def _centre_at_level(grouped: torch.Tensor, tile: Tile, stride: int) -> torch.Tensor:
     """The part of a tile's feature map at some level that belongs to its centre. A centre at the image's bottom or
     right edge runs to the end of the map, taking in the rows and columns the network padded the image with, as the
     whole-image pass does."""
-    scale = -(-(tile.y1 - tile.y0) // h)  # 2 ** level (the map covers the tile padded up to the stride)
-    rows = slice((tile.top - tile.y0) // scale, None if tile.bottom == tile.y1 else (tile.bottom - tile.y0) // scale)
-    columns = slice((tile.left - tile.x0) // scale,
-                    None if tile.right == tile.x1 else (tile.right - tile.x0) // scale)
+    def padded(side: int) -> int:  # as UNet._pad_to_stride
+        return max(-(-side // stride) * stride, 2 * stride)
+
+    row_scale = padded(tile.y1 - tile.y0) // grouped.shape[-2]  # 2 ** level
+    column_scale = padded(tile.x1 - tile.x0) // grouped.shape[-1]
+    rows = slice((tile.top - tile.y0) // row_scale,
+                 None if tile.bottom == tile.y1 else (tile.bottom - tile.y0) // row_scale)
+    columns = slice((tile.left - tile.x0) // column_scale,
+                    None if tile.right == tile.x1 else (tile.right - tile.x0) // column_scale)
     return grouped[..., rows, columns]

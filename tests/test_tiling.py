@@ -48,6 +48,15 @@ def test_tiles_give_the_one_pass_picture(config):
     assert (difference > 0).float().mean() < 0.001
 
 
+@pytest.mark.parametrize("width, height", [(900, 6), (7, 700), (300, 9)])
+def test_thin_images_too(width, height):
+    model = distinct_model(UNetConfig(base_channels=4))
+    image = photo(width, height)
+    whole = stylize_batch(model, image.unsqueeze(0))[0]
+    tiled = stylize_tiled(model, image, max_pixels=64 * 64)
+    assert (tiled.int() - whole.int()).abs().max() <= 1
+
+
 def test_tiles_normalised_on_their_own_would_not_match():
     """What the shared statistics are for: the same tiles with each tile's own instance-norm statistics differ."""
     model = distinct_model(UNetConfig(base_channels=4))
