@@ -386,7 +386,7 @@ def batch_pixels_for_memory(model: torch.nn.Module, device: torch.device, share:
     torch.cuda.synchronize(device)
     per_pixel = max((torch.cuda.max_memory_allocated(device) - before) / probe[:, 0].numel(), 1.0)
     free, _ = torch.cuda.mem_get_info(device)
-    return max(int(free * share / per_pixel), 256 * 256)
+    return max(int(free * share / per_pixel), MIN_TILE_PIXELS)
 
 
 def cpu_batch_pixels(model: torch.nn.Module, share: float = 0.25) -> int:

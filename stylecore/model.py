@@ -178,11 +178,15 @@ class UNet(nn.Module):
                 x = self.residual(x)
         return torch.sigmoid(self.head(x))[..., :height, :width]
 
+    def padded_side(self, side: int) -> int:
+        """The side an input of this side is padded to: a multiple of the stride, and at least twice it, so every
+        level stays at least 2 pixels wide for its reflection padding."""
+        return max(-(-side // self.stride) * self.stride, 2 * self.stride)
+
     def _pad_to_stride(self, images: torch.Tensor) -> torch.Tensor:
-        # Every level must stay at least 2 pixels wide for its reflection padding, hence the 2 * stride floor.
         height, width = images.shape[-2:]
-        pad_h = max(-(-height // self.stride) * self.stride, 2 * self.stride) - height
-        pad_w = max(-(-width // self.stride) * self.stride, 2 * self.stride) - width
+        pad_h = self.padded_side(height) - height
+        pad_w = self.padded_side(width) - width
         if pad_h == 0 and pad_w == 0:
             return images
         # Reflection needs the pad to be smaller than the side; tiny images fall back to replicate.

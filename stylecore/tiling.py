@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -107,7 +107,7 @@ class SharedStatisticsNetwork(nn.Module):
         for parent in list(self.network.modules()):
             for name, child in parent.named_children():
                 if isinstance(child, (nn.InstanceNorm2d, nn.GroupNorm)):
-                    shared = _SharedStatisticsNorm(child, model.stride)
+                    shared = _SharedStatisticsNorm(child, self.network.padded_side)
                     setattr(parent, name, shared)
                     self.norms.append(shared)
 
@@ -137,9 +137,9 @@ class _StopForward(Exception):
 
 
 class _SharedStatisticsNorm(nn.Module):
-    def __init__(self, norm: nn.InstanceNorm2d | nn.GroupNorm, stride: int):
+    def __init__(self, norm: nn.InstanceNorm2d | nn.GroupNorm, padded_side: Callable[[int], int]):
         super().__init__()
-        self.stride = stride
+        self.padded_side = padded_side
         self.groups = norm.num_groups if isinstance(norm, nn.GroupNorm) else norm.num_features
         self.eps = norm.eps
         self.weight, self.bias = norm.weight, norm.bias
@@ -158,7 +158,7 @@ class _SharedStatisticsNorm(nn.Module):
         n, c, h, w = x.shape
         grouped = x.float().reshape(n, self.groups, c // self.groups, h, w)
         if self.window is not None:
-            centre = _centre_at_level(grouped, self.window, self.stride).double()
+            centre = _centre_at_level(grouped, self.window, self.padded_side).double()
             sums = torch.stack([torch.full_like(centre[0, :, 0, 0, 0], centre[0, 0].numel()),
                                 centre.sum(dim=(0, 2, 3, 4)), centre.pow(2).sum(dim=(0, 2, 3, 4))])
             self.sums = sums if self.sums is None else self.sums + sums
@@ -173,15 +173,12 @@ class _SharedStatisticsNorm(nn.Module):
         return out.to(x.dtype)
 
 
-def _centre_at_level(grouped: torch.Tensor, tile: Tile, stride: int) -> torch.Tensor:
+def _centre_at_level(grouped: torch.Tensor, tile: Tile, padded_side: Callable[[int], int]) -> torch.Tensor:
     """The part of a tile's feature map at some level that belongs to its centre. A centre at the image's bottom or
     right edge runs to the end of the map, taking in the rows and columns the network padded the image with, as the
     whole-image pass does."""
-    def padded(side: int) -> int:  # as UNet._pad_to_stride
-        return max(-(-side // stride) * stride, 2 * stride)
-
-    row_scale = padded(tile.y1 - tile.y0) // grouped.shape[-2]  # 2 ** level
-    column_scale = padded(tile.x1 - tile.x0) // grouped.shape[-1]
+    row_scale = padded_side(tile.y1 - tile.y0) // grouped.shape[-2]  # 2 ** level
+    column_scale = padded_side(tile.x1 - tile.x0) // grouped.shape[-1]
     rows = slice((tile.top - tile.y0) // row_scale,
                  None if tile.bottom == tile.y1 else (tile.bottom - tile.y0) // row_scale)
     columns = slice((tile.left - tile.x0) // column_scale,
