@@ -12,7 +12,7 @@ PY=${PY:-python3}
 DEADLINE=$(( $(date +%s) + ${DEADLINE_S:-580} ))
 ONLY=${ONLY:-}  # space-separated part names to run (default: all)
 SCALE=${SCALE:-1}  # 0 for a quick dry run on a CPU
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # keeps carried wheels' folder
 mkdir -p "$OUT"
 
 part() {
@@ -42,12 +42,13 @@ VGG=$DATA/vgg19_normalised_relu3_1.pth
 print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.is_available())"; } >> "$OUT/suite.log"
 
 part tests 45 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py tests/test_tiling.py
-part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES --unets 16x2,16x4 --repeats 5 --compile
-part stages 60 $PY bench/engine_stages.py --images $N1 --size $SIZE --photos $DATA/photos
 part e2e_10k_compiled 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --photos $DATA/photos --work /tmp/eb
+part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES --unets 16x2,16x4 --repeats 5 --compile
+part training 240 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT \
+  --sheet "$OUT/training_sheet.jpg" --save-model "$OUT/model"
 part e2e_1k 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --photos $DATA/photos --work /tmp/eb
 part e2e_10k 45 $PY bench/engine_throughput.py --images $N10 --size $SIZE --photos $DATA/photos --work /tmp/eb
-part training 240 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT
+part stages 60 $PY bench/engine_stages.py --images $N1 --size $SIZE --photos $DATA/photos
 part peer_quality 90 $PY bench/peer_quality.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG \
   --budget-s $BUDGET --size 256 --batch 8 --unets 16x2x3,16x4x3 --priming-share 0.02 --sheet "$OUT/peer_sheet.jpg"
 part large_image 40 $PY bench/large_image.py --width 6000 --height 4000 --budgets 0,4194304

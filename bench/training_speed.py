@@ -2,11 +2,12 @@
 style with a preset, and the style and content distance the model reaches on held-out photos.
 
     python bench/training_speed.py --photos DIR --style FILE [--vgg-weights FILE] [--preset full]
-        [--train-limit N] [--device cuda] [--out result.json]
+        [--train-limit N] [--device cuda] [--out result.json] [--sheet sheet.jpg] [--save-model DIR]
 
 Held out: every 10th photo of DIR (sorted by name), 40 of the 400 shared photos; training: the others, or the
 first N of them with --train-limit (a small subset makes the `full` preset affordable on a CPU). Prints one
-JSON line.
+JSON line; --sheet writes a contact sheet (photo | output) of six held-out photos, --save-model the trained model
+(to evaluate or look at elsewhere).
 """
 
 from __future__ import annotations
@@ -22,11 +23,13 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from stylecore.evaluate import evaluate  # noqa: E402
-from stylecore.images import decode_image, image_to_tensor, resize_long_side  # noqa: E402
+from stylecore.checkpoint import save_model  # noqa: E402
+from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
+from stylecore.images import decode_image, image_to_tensor, resize_long_side, tensor_to_image  # noqa: E402
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers  # noqa: E402
 from stylecore.model import UNetConfig  # noqa: E402
 from stylecore.recipes import run_priming, run_style_training  # noqa: E402
+from stylecore.stylize import stylize_batch  # noqa: E402
 from stylecore.train import PRESETS  # noqa: E402
 from stylecore.vgg import VGGFeatures, load_vgg  # noqa: E402
 
@@ -48,6 +51,8 @@ def main() -> None:
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--sheet", type=Path, default=None)
+    parser.add_argument("--save-model", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -99,6 +104,11 @@ def main() -> None:
     print(json.dumps(row), flush=True)
     if args.out is not None:
         args.out.write_text(json.dumps(row, indent=1))
+    if args.sheet is not None:
+        outputs = [tensor_to_image(stylize_batch(model, image_to_tensor(photo)[None])[0].cpu()) for photo in held[:6]]
+        contact_sheet([[photo, output] for photo, output in zip(held, outputs)]).save(args.sheet, quality=92)
+    if args.save_model is not None:
+        save_model(args.save_model, model.cpu(), {k: v for k, v in style_meta.items() if k != "history"})
 
 
 if __name__ == "__main__":
