@@ -3,15 +3,17 @@ engine_throughput's ratio). One JSON line of img/s per stage.
 
     python bench/engine_stages.py --images 2000 --size 512 [--photos DIR] [--work DIR]
 
-Stages: read (8 threads, storage layer), header (PIL header probe, one thread), decode on the GPU (nvjpeg,
-batches) and on the CPU (PIL, one thread per core), model (the engine's forward), encode on the GPU and on the
-CPU, write (8 threads, storage layer's atomic write), and the engine alone on bytes held in memory (decode,
-model and encode overlapped, no storage).
+Stages: read (16 threads, storage layer), header (PIL header probe, one thread), decode on the CPU (one thread
+per core: libjpeg-turbo through torchvision as the engine does, and PIL's path for comparison), model (the
+engine's forward), encode on the GPU (nvjpeg) and on the CPU (torchvision, and PIL for comparison), write (16
+threads, storage layer's atomic write), and the engine alone on bytes held in memory (decode, model and encode
+overlapped, no storage).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import shutil
@@ -21,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from PIL import Image, JpegImagePlugin
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -30,7 +33,14 @@ from engine_throughput import make_images  # noqa: E402
 
 from stylecore import engine as engine_module  # noqa: E402
 from stylecore.engine import EngineConfig, Job, StylizeEngine  # noqa: E402
-from stylecore.images import decode_image, encode_image, image_to_tensor, tensor_to_image  # noqa: E402
+from stylecore.images import (  # noqa: E402
+    decode_image,
+    decode_plain_jpeg,
+    encode_image,
+    encode_jpeg_tensor,
+    image_to_tensor,
+    tensor_to_image,
+)
 from stylecore.model import UNet, UNetConfig  # noqa: E402
 from tasks.storage import Location, read_bytes, write_bytes  # noqa: E402
 
@@ -64,17 +74,17 @@ def main() -> None:
     n, b = len(paths), args.batch
     rates: dict[str, float] = {}
 
-    with ThreadPoolExecutor(8) as io_pool, ThreadPoolExecutor(cores) as cpu_pool:
+    with ThreadPoolExecutor(16) as io_pool, ThreadPoolExecutor(cores) as cpu_pool:
         datas: list[bytes] = []
-        rates["read_8_threads"] = timed(lambda: datas.extend(io_pool.map(lambda p: read_bytes(Location(str(p))), paths)),
+        rates["read_16_threads"] = timed(lambda: datas.extend(io_pool.map(lambda p: read_bytes(Location(str(p))), paths)),
                                         n, device)
         rates["header_1_thread"] = timed(lambda: [engine_module._Header.read(d, 10**9) for d in datas], n, device)
         decoded: list[torch.Tensor] = []
-        rates[f"decode_cpu_{cores}_threads"] = timed(
-            lambda: decoded.extend(cpu_pool.map(lambda d: image_to_tensor(decode_image(d)), datas)), n, device)
-        if device.type == "cuda":
-            rates["decode_gpu_nvjpeg"] = timed(
-                lambda: [engine_module._nvjpeg_decode(datas[i:i + b], device) for i in range(0, n, b)], n, device)
+        encode_jpeg_tensor(decode_plain_jpeg(datas[0]))  # loads the codec library: not a stage's cost
+        rates[f"decode_cpu_{cores}_threads"] = timed(lambda: decoded.extend(cpu_pool.map(decode_plain_jpeg, datas)),
+                                                      n, device)
+        rates[f"decode_cpu_pil_{cores}_threads"] = timed(
+            lambda: list(cpu_pool.map(lambda d: image_to_tensor(decode_image(d)), datas)), n, device)
         model = UNet(UNetConfig()).eval().to(device)
         engine = StylizeEngine({"m": model}, device, EngineConfig(batch_size=b))
         batch = torch.stack(decoded[:b]).to(device)
@@ -86,13 +96,18 @@ def main() -> None:
             rates["encode_gpu_nvjpeg"] = timed(
                 lambda: [engine_module._nvjpeg_encode(list(outputs), 90) for _ in range(max(1, n // b))],
                 max(1, n // b) * b, device)
+            sampling = JpegImagePlugin.get_sampling(Image.open(io.BytesIO(engine_module._nvjpeg_encode([outputs[0]], 90)[0])))
+            print(f"nvjpeg chroma sampling: {({0: '4:4:4', 1: '4:2:2', 2: '4:2:0'}).get(sampling, sampling)}",
+                  file=sys.stderr)
         cpu_outputs = outputs.cpu()
         rates[f"encode_cpu_{cores}_threads"] = timed(
+            lambda: list(cpu_pool.map(lambda i: encode_jpeg_tensor(cpu_outputs[i % b], 90), range(n))), n, device)
+        rates[f"encode_cpu_pil_{cores}_threads"] = timed(
             lambda: list(cpu_pool.map(lambda i: encode_image(tensor_to_image(cpu_outputs[i % b]), "jpeg", 90),
                                       range(n))), n, device)
         target = args.work / "written"
         shutil.rmtree(target, ignore_errors=True)
-        rates["write_8_threads"] = timed(
+        rates["write_16_threads"] = timed(
             lambda: list(io_pool.map(lambda i: write_bytes(Location(str(target / f"d{i // 1000}" / f"{i}.jpg")),
                                                            datas[i]), range(n))), n, device)
         for gpu_codec in ((True, False) if device.type == "cuda" else (False,)):

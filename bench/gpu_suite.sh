@@ -43,6 +43,8 @@ print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.
 
 part tests 45 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py tests/test_tiling.py
 part e2e_10k_compiled 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --photos $DATA/photos --work /tmp/eb
+part e2e_10k_compiled_cpu_codec 70 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --no-gpu-codec \
+  --photos $DATA/photos --work /tmp/eb
 part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES --unets 16x2,16x4 --repeats 5 --compile
 part training 240 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT \
   --sheet "$OUT/training_sheet.jpg" --save-model "$OUT/model"

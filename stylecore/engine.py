@@ -5,9 +5,10 @@ encodes while the models run on this one:
 
     decode  ->  stylise (every model)  ->  encode
 
-On CUDA each stage has its own stream. Plain RGB JPEGs are decoded on the GPU (nvjpeg, batched) and JPEG outputs
-are encoded there; everything else (PNG, WebP, CMYK or EXIF-rotated JPEGs, ...) and every error takes the CPU path
-through PIL in a thread pool, which gives the same pictures and the same error messages. A batch is cut by a
+On CUDA each stage has its own stream. Decoding and encoding run in a thread pool on the CPU: plain RGB JPEGs
+through libjpeg-turbo without the GIL (torchvision), everything else (PNG, WebP, CMYK or EXIF-rotated JPEGs, ...)
+and every error through PIL, which gives the same pictures and the same error messages. On CUDA, JPEG outputs
+are encoded on the GPU (nvjpeg) unless ``gpu_codec`` is off. A batch is cut by a
 pixel budget as well as by a count, so memory stays bounded whatever the image sizes: at most
 ``queue_batches`` batches wait between two stages.
 
@@ -39,7 +40,9 @@ from .images import (
     ImageTooLargeError,
     check_pixel_count,
     decode_image,
+    decode_plain_jpeg,
     encode_image,
+    encode_jpeg_tensor,
     image_to_tensor,
     output_format,
     tensor_to_image,
@@ -59,10 +62,10 @@ class EngineConfig:
     output_format: str = "jpeg"
     quality: int = 90
     max_pixels: int = DEFAULT_MAX_PIXELS  # per image; larger ones become errors before they are decoded
-    gpu_codec: bool = True  # nvjpeg decode and encode on CUDA where the image allows it
+    gpu_codec: bool = True  # JPEG outputs encoded by nvjpeg on CUDA
     compile: bool = False  # torch.compile the models (pays off for long runs of few distinct sizes)
     channels_last: bool = True  # on CUDA
-    cpu_threads: int = 0  # PIL decode/encode threads; 0 = the number of cores
+    cpu_threads: int = 0  # decode/encode threads; 0 = the number of cores
     queue_batches: int = 2
 
     def __post_init__(self) -> None:
@@ -121,7 +124,6 @@ class StylizeEngine:
         if config.compile:
             self.models = {name: torch.compile(model) for name, model in self.models.items()}
         self.gpu_jpeg = self.cuda and config.gpu_codec
-        self._decode_split = _DecodeSplit()
         self._threads = config.cpu_threads or os.cpu_count() or 2
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="codec")
 
@@ -205,49 +207,26 @@ class StylizeEngine:
     def _decode(self, group: list[tuple[Job, "_Header"]], began: float) -> _Batch:
         outcomes = [Outcome(job.tag) for job, _ in group]
         images: list[torch.Tensor | None] = [None] * len(group)
-        candidates = [i for i, (_, header) in enumerate(group) if self.gpu_jpeg and header.gpu_decodable]
-        # nvjpeg and the PIL threads decode at the same time, each its share, so that both finish together.
-        on_gpu = candidates[: len(candidates) - round(len(candidates) * self._decode_split.cpu_share())]
-        gpu_set = set(on_gpu)
-        on_cpu = [i for i in range(len(group)) if i not in gpu_set]
-        cpu_seconds: list[float] = []
 
-        def cpu_decode(index: int) -> torch.Tensor | str:
+        def decode(index: int) -> torch.Tensor | str:
             job, header = group[index]
             if header.error is not None:
                 return header.error
-            decode_began = time.perf_counter()
             try:
-                tensor = image_to_tensor(decode_image(job.data, self.config.max_pixels))
+                if header.plain_jpeg:
+                    tensor = decode_plain_jpeg(job.data)
+                else:
+                    tensor = image_to_tensor(decode_image(job.data, self.config.max_pixels))
             except ImageDecodeError as error:
                 return str(error)
-            if header.gpu_decodable:
-                cpu_seconds.append(time.perf_counter() - decode_began)
             return tensor.pin_memory() if self.cuda else tensor
 
-        cpu_futures = [self._pool.submit(cpu_decode, index) for index in on_cpu]
-        if on_gpu:
-            gpu_began = time.perf_counter()
-            try:
-                decoded = _nvjpeg_decode([group[i][0].data for i in on_gpu], self.device)
-                torch.cuda.current_stream(self.device).synchronize()  # this stage's own stream: times the decode
-                self._decode_split.record("gpu", len(on_gpu), time.perf_counter() - gpu_began)
-                for i, image in zip(on_gpu, decoded):
-                    images[i] = image
-            except RuntimeError:  # nvjpeg refuses the batch: let PIL decode each, with a precise error if bad
-                cpu_futures += [self._pool.submit(cpu_decode, index) for index in on_gpu]
-                on_cpu = on_cpu + on_gpu
-        for index, future in zip(on_cpu, cpu_futures):
-            result = future.result()
+        for index, result in enumerate(self._pool.map(decode, range(len(group)))):
             if isinstance(result, str):
                 outcomes[index].error = result
             else:
                 images[index] = result.to(self.device, non_blocking=True)
-        if self.gpu_jpeg and cpu_seconds:  # the pool's capacity: its threads over one JPEG's decode time
-            self._decode_split.record("cpu", self._threads * len(cpu_seconds), sum(cpu_seconds))
-        for outcome, image in zip(outcomes, images):
-            if image is not None:
-                outcome.height, outcome.width = (int(side) for side in image.shape[-2:])
+                outcomes[index].height, outcomes[index].width = (int(side) for side in result.shape[-2:])
         for job, _ in group:
             job.data = b""  # decoded: let the encoded bytes go now, not when the batch is written
         return _Batch([job for job, _ in group], outcomes, images, began=began)
@@ -340,8 +319,11 @@ class StylizeEngine:
 
         def cpu_encode(key: tuple[int, str]) -> bytes | str:
             try:
-                return encode_image(tensor_to_image(batch.results[key].cpu()), format_of(key), self.config.quality)
-            except (OSError, ValueError) as error:  # the encoder refuses this image: its error, not the run's
+                image = batch.results[key].cpu()
+                if format_of(key) == "JPEG":
+                    return encode_jpeg_tensor(image, self.config.quality)
+                return encode_image(tensor_to_image(image), format_of(key), self.config.quality)
+            except (OSError, ValueError, RuntimeError) as error:  # the encoder refuses this image: its error, not the run's
                 return f"cannot encode as {format_of(key)}: {error}"
 
         encoded.update(zip(on_cpu, self._pool.map(cpu_encode, on_cpu)))
@@ -416,36 +398,12 @@ def available_memory() -> int | None:
     return max(available, 0)
 
 
-class _DecodeSplit:
-    """Which share of the JPEGs the CPU threads decode while nvjpeg decodes the rest: the CPU's share of the
-    two measured rates (moving averages), so both finish a batch at about the same time on any machine."""
-
-    def __init__(self, initial_cpu_share: float = 0.25, smoothing: float = 0.3):
-        self.rates: dict[str, float] = {}
-        self.initial_cpu_share = initial_cpu_share
-        self.smoothing = smoothing
-        self.lock = threading.Lock()
-
-    def record(self, path: str, images: int, seconds: float) -> None:
-        rate = images / max(seconds, 1e-6)
-        with self.lock:
-            previous = self.rates.get(path)
-            self.rates[path] = rate if previous is None else previous + self.smoothing * (rate - previous)
-
-    def cpu_share(self) -> float:
-        with self.lock:
-            if "gpu" not in self.rates or "cpu" not in self.rates:
-                return self.initial_cpu_share
-            share = self.rates["cpu"] / (self.rates["cpu"] + self.rates["gpu"])
-        return min(max(share, 0.05), 0.95)  # keep measuring both paths
-
-
 @dataclass
 class _Header:
     """What the image's header says, read without decoding its pixels."""
 
     pixels: int = 0
-    gpu_decodable: bool = False
+    plain_jpeg: bool = False  # RGB, upright as stored: decode_plain_jpeg gives decode_image's pixels
     error: str | None = None  # set when the header alone shows the image cannot be used
 
     @classmethod
@@ -466,16 +424,7 @@ class _Header:
             return cls(error=f"{width}x{height} is too large for {fmt} output (at most {max_side:,} pixels a side); "
                              "choose another output format")
         plain_jpeg = image.format == "JPEG" and image.mode == "RGB" and orientation in (0, 1)
-        return cls(pixels=width * height, gpu_decodable=plain_jpeg)
-
-
-def _nvjpeg_decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
-    from torchvision.io import ImageReadMode, decode_jpeg
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision >= 0.29 marks its image codecs deprecated
-        return decode_jpeg([torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas],
-                           mode=ImageReadMode.RGB, device=device)
+        return cls(pixels=width * height, plain_jpeg=plain_jpeg)
 
 
 def _nvjpeg_encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
@@ -483,9 +432,7 @@ def _nvjpeg_encode(images: list[torch.Tensor], quality: int) -> list[bytes]:
         return []
     from torchvision.io import encode_jpeg
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        encoded = encode_jpeg(images, quality=quality)
+    encoded = encode_jpeg(images, quality=quality)
     sizes = [int(e.numel()) for e in encoded]
     flat = torch.cat(encoded).cpu()  # one copy back instead of one per image
     return [bytes(chunk.numpy()) for chunk in torch.split(flat, sizes)]

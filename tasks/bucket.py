@@ -142,7 +142,7 @@ class ShardOptions:
     max_batch_pixels: int = 0  # 0: automatic (from free GPU memory)
     gpu_codec: bool = True
     compile: bool = False
-    io_threads: int = 8
+    io_threads: int = 16  # reads and writes each: 8 wrote 1,869 files/s on an H200 box, under its 2,500 img/s
     read_ahead_bytes: int = 256 * 2**20  # input bytes read but not yet decoded, at most (one file always fits)
     write_behind_bytes: int = 256 * 2**20  # output bytes encoded but not yet written, at most
     journal_seconds: float = 5.0  # how often finished rows are journaled: what a crash can cost at most
