@@ -7,6 +7,7 @@ it is complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import uuid
@@ -89,7 +90,11 @@ def read_input(location: Location, max_bytes: int) -> bytes:
     InputError; anything else (the store failing) propagates, for the caller to retry."""
     fs, path = location.filesystem()
     try:
-        data = fs.cat_file(path, start=0, end=max_bytes + 1)
+        if isinstance(fs, LocalFileSystem):  # 3x faster than fsspec's cat_file for small files
+            with open(path, "rb") as file:
+                data = file.read(max_bytes + 1)
+        else:
+            data = fs.cat_file(path, start=0, end=max_bytes + 1)
     except FileNotFoundError:
         raise InputError("file not found (deleted or moved since the listing)") from None
     except IsADirectoryError:
@@ -106,15 +111,20 @@ def write_bytes(location: Location, data: bytes) -> None:
     fs, path = location.filesystem()
     if isinstance(fs, LocalFileSystem):
         parent = posixpath.dirname(path)
-        os.makedirs(parent, exist_ok=True)
         temporary = posixpath.join(parent, f".{posixpath.basename(path)[:200]}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
         try:
-            with open(temporary, "wb") as file:
+            try:
+                file = open(temporary, "wb")
+            except FileNotFoundError:  # the folder is new (cheaper than makedirs before every write)
+                os.makedirs(parent, exist_ok=True)
+                file = open(temporary, "wb")
+            with file:
                 file.write(data)
             os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
+        except BaseException:
+            with contextlib.suppress(OSError):
                 os.unlink(temporary)
+            raise
     else:
         fs.pipe_file(path, data)
 
@@ -150,15 +160,27 @@ def remove_partial_files(destination: Location) -> int:
     return removed
 
 
-def is_inside(root: Location, target: Location) -> bool:
-    """Whether ``target`` really lies under ``root``: on a local disk symbolic links are resolved, so a link
-    inside the destination cannot lead a write elsewhere. Object stores have no links."""
-    fs, root_path = root.filesystem()
-    if not isinstance(fs, LocalFileSystem):
-        return True
-    _, target_path = target.filesystem()
-    real_root = os.path.realpath(root_path)
-    return os.path.commonpath([os.path.realpath(target_path), real_root]) == real_root
+class InsideCheck:
+    """Whether targets really lie under ``root``: on a local disk symbolic links are resolved, so a link inside
+    the destination cannot lead a write elsewhere (object stores have no links). Each folder's links are
+    resolved once: resolving every path in full cost a bucket run 16 lstat calls an image."""
+
+    def __init__(self, root: Location):
+        fs, root_path = root.filesystem()
+        self.local = isinstance(fs, LocalFileSystem)
+        self.real_root = os.path.realpath(root_path) if self.local else ""
+        self.real_folders: dict[str, str] = {}
+
+    def allows(self, target: Location) -> bool:
+        if not self.local:
+            return True
+        _, path = target.filesystem()
+        folder, name = posixpath.split(path)
+        real_folder = self.real_folders.get(folder)
+        if real_folder is None:
+            real_folder = self.real_folders[folder] = os.path.realpath(folder)
+        real = os.path.realpath(path) if os.path.islink(path) else posixpath.join(real_folder, name)
+        return os.path.commonpath([real, self.real_root]) == self.real_root
 
 
 def exists(location: Location) -> bool:

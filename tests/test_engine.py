@@ -26,6 +26,11 @@ def encoded(size: tuple[int, int], fmt: str = "JPEG", seed: int = 0, **save) -> 
     return buffer.getvalue()
 
 
+def luma(image: torch.Tensor) -> torch.Tensor:
+    red, green, blue = image.float()
+    return 0.299 * red + 0.587 * green + 0.114 * blue
+
+
 def run(engine: StylizeEngine, datas: list[bytes], models=("m",)) -> list:
     return list(engine.run(Job(index, data, tuple(models)) for index, data in enumerate(datas)))
 
@@ -154,10 +159,9 @@ def test_gpu_codec_gives_the_same_pictures_as_the_cpu_path():
     for cpu, gpu in zip(results[False], results[True]):
         assert (cpu.error is None) == (gpu.error is None)
         assert (cpu.width, cpu.height) == (gpu.width, gpu.height)
-        if cpu.error is None:
-            a = image_to_tensor(decode_image(cpu.outputs["m"])).float()
-            b = image_to_tensor(decode_image(gpu.outputs["m"])).float()
-            assert (a - b).abs().mean() < 3.0  # nvjpeg's and libjpeg's DCT and chroma subsampling differ by a little
+        if cpu.error is None:  # nvjpeg keeps full chroma (4:4:4), libjpeg halves it (4:2:0): compare brightness
+            a, b = (luma(image_to_tensor(decode_image(outcome.outputs["m"]))) for outcome in (cpu, gpu))
+            assert (a - b).abs().mean() < 2.0
     assert (results[True][1].width, results[True][1].height) == (64, 96)
 
 
