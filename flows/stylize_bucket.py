@@ -48,9 +48,9 @@ def stylize_bucket(
     """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
     ``model_store`` or model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it
     (64 on a GPU within its free memory, 8 on a CPU). ``max_batch_pixels`` bounds one forward pass (0: from the
-    free memory, a quarter of it on a CPU); a larger image is stylised in tiles. ``gpu_codec`` decodes and
-    encodes JPEGs on the GPU; ``compile`` runs the model through torch.compile. Images over ``max_pixels`` pixels
-    or ``max_image_bytes`` bytes get error rows. A running shard journals its finished rows every
+    free memory, a quarter of it on a CPU); a larger image is stylised in tiles. ``gpu_codec`` encodes JPEG
+    outputs on the GPU (inputs are decoded on the CPU); ``compile`` runs the model through torch.compile. Images
+    over ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished rows every
     ``journal_seconds``: the most work a crashed worker can cost. ``storage_options`` (credentials included) are
     kept out of logs, manifests and artifacts, and are recorded by Prefect as ``**********``."""
     logger = get_run_logger()

@@ -334,7 +334,7 @@ class StylizeEngine:
                 if format_of(key) == "JPEG":
                     return encode_jpeg_tensor(image, self.config.quality)
                 return encode_image(tensor_to_image(image), format_of(key), self.config.quality)
-            except (OSError, ValueError, RuntimeError) as error:  # the encoder refuses this image: its error, not the run's
+            except (OSError, ValueError, RuntimeError) as error:  # the encoder refuses it: its error, not the run's
                 return f"cannot encode as {format_of(key)}: {error}"
 
         encoded.update(zip(on_cpu, self._map(cpu_encode, on_cpu)))

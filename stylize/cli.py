@@ -663,7 +663,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model: slower start, faster on long runs of few image sizes")
     run.add_argument("--no-gpu-codec", action="store_true",
-                     help="decode and encode JPEGs with PIL on the CPU even on a GPU (default: nvjpeg on the GPU)")
+                     help="encode JPEG outputs on the CPU even on a GPU (default: nvjpeg, full chroma; inputs "
+                          "are always decoded on the CPU)")
     run.add_argument("--max-pixels", type=positive_int, default=image_io.DEFAULT_MAX_PIXELS,
                      help=f"refuse images with more pixels (default {image_io.DEFAULT_MAX_PIXELS:,})")
     run.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_IMAGE_BYTES,
