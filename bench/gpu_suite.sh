@@ -4,7 +4,8 @@
 #
 #   DATA=.gpu OUT=/tmp/suite DEADLINE_S=580 [ONLY="stages training"] bash bench/gpu_suite.sh
 #
-# DATA holds photos/ (the shared photos), vgg19_normalised_relu3_1.pth (+ .json) and style.jpg.
+# DATA holds photos/ (the shared photos), vgg19_normalised_relu3_1.pth (+ .json) and style.jpg; bench/gpu_prepare.sh
+# makes it, and .whl/ with the wheels the device's Python lacks.
 set -u
 OUT=${OUT:-/tmp/gpu-suite}
 DATA=${DATA:-.gpu}

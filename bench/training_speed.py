@@ -2,7 +2,8 @@
 style with a preset, and the style and content distance the model reaches on held-out photos.
 
     python bench/training_speed.py --photos DIR --style FILE [--vgg-weights FILE] [--preset full]
-        [--train-limit N] [--device cuda] [--out result.json] [--sheet sheet.jpg] [--save-model DIR]
+        [--train-limit N] [--content-weight W] [--device cuda] [--out result.json] [--sheet sheet.jpg]
+        [--save-model DIR]
 
 Held out: every 10th photo of DIR (sorted by name), 40 of the 400 shared photos; training: the others, or the
 first N of them with --train-limit (a small subset makes the `full` preset affordable on a CPU). Prints one
@@ -50,6 +51,7 @@ def main() -> None:
     parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
     parser.add_argument("--train-limit", type=int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--content-weight", type=float, default=LossConfig.content_weight)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--sheet", type=Path, default=None)
     parser.add_argument("--save-model", type=Path, default=None)
@@ -63,7 +65,7 @@ def main() -> None:
     train = [decode_image(p.read_bytes()) for i, p in enumerate(paths) if i % 10 != 0][: args.train_limit]
     preset = PRESETS[args.preset]
     features, source = load_vgg(args.vgg_weights)
-    loss_config = LossConfig()
+    loss_config = LossConfig(content_weight=args.content_weight)
     vgg = VGGFeatures(features, source, layers_needed(source, loss_config))
     style = decode_image(args.style.read_bytes())
 
@@ -97,7 +99,7 @@ def main() -> None:
         "priming_img_per_s": round(step_rate(prime_meta["history"], preset.prime.batch_size), 1),
         "style_steps": style_meta["steps"], "style_s": round(style_s, 1),
         "style_img_per_s": round(step_rate(style_meta["history"], preset.style.batch_size), 1),
-        "crop": preset.style.image_size, "batch": preset.style.batch_size,
+        "crop": preset.style.image_size, "batch": preset.style.batch_size, "content_weight": args.content_weight,
         "style_distance": round(scores.model.style, 4), "content_distance": round(scores.model.content, 4),
         "identity_style_distance": round(scores.identity.style, 4),
     }
