@@ -96,7 +96,8 @@ def main() -> None:
             rates["encode_gpu_nvjpeg"] = timed(
                 lambda: [engine_module._nvjpeg_encode(list(outputs), 90) for _ in range(max(1, n // b))],
                 max(1, n // b) * b, device)
-            sampling = JpegImagePlugin.get_sampling(Image.open(io.BytesIO(engine_module._nvjpeg_encode([outputs[0]], 90)[0])))
+            sample = engine_module._nvjpeg_encode([outputs[0]], 90)[0]
+            sampling = JpegImagePlugin.get_sampling(Image.open(io.BytesIO(sample)))
             print(f"nvjpeg chroma sampling: {({0: '4:4:4', 1: '4:2:2', 2: '4:2:0'}).get(sampling, sampling)}",
                   file=sys.stderr)
         cpu_outputs = outputs.cpu()

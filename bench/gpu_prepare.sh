@@ -32,9 +32,14 @@ EOF
 )
 rm -rf .whl && mkdir -p .whl
 for requirement in $versions; do
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYTHON_VERSION" --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl "$requirement" 2>&1 | grep -v "^WARNING: Location" || true
+  if ! python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYTHON_VERSION" \
+      --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+      --platform manylinux2014_x86_64 -d .whl "$requirement" > .whl/download.log 2>&1; then
+    grep -v "^WARNING: Location" .whl/download.log >&2
+    echo "gpu_prepare: no wheel of $requirement for Python $PYTHON_VERSION" >&2
+    exit 1
+  fi
 done
+rm .whl/download.log
 ls .whl
 du -sh .gpu .whl

@@ -50,9 +50,9 @@ def stylize_bucket(
     (64 on a GPU within its free memory, 8 on a CPU). ``max_batch_pixels`` bounds one forward pass (0: from the
     free memory, a quarter of it on a CPU); a larger image is stylised in tiles. ``gpu_codec`` encodes JPEG
     outputs on the GPU (inputs are decoded on the CPU); ``compile`` runs the model through torch.compile. Images
-    over ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished rows every
-    ``journal_seconds``: the most work a crashed worker can cost. ``storage_options`` (credentials included) are
-    kept out of logs, manifests and artifacts, and are recorded by Prefect as ``**********``."""
+    over ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished
+    rows every ``journal_seconds``: the most work a crashed worker can cost. ``storage_options`` (credentials
+    included) are kept out of logs, manifests and artifacts, and are recorded by Prefect as ``**********``."""
     logger = get_run_logger()
     started = time.perf_counter()
     storage_options = hide_options(storage_options)

@@ -225,7 +225,7 @@ class StylizeEngine:
                 return header.error
             try:
                 if header.plain_jpeg:
-                    tensor = decode_plain_jpeg(job.data)
+                    tensor = decode_plain_jpeg(job.data, self.config.max_pixels)
                 else:
                     tensor = image_to_tensor(decode_image(job.data, self.config.max_pixels))
             except ImageDecodeError as error:

@@ -8,6 +8,7 @@ from their header, before any pixel is decoded (decompression bombs).
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
@@ -106,17 +107,18 @@ def encode_image(image: Image.Image, fmt: str = "jpeg", quality: int = 90) -> by
     return buffer.getvalue()
 
 
-def decode_plain_jpeg(data: bytes) -> torch.Tensor:
+def decode_plain_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """A baseline or progressive RGB JPEG without EXIF rotation (what ``decode_image`` would return as is) to a
     uint8 (3, H, W) tensor: the same libjpeg-turbo decode as PIL's, same pixels, but it releases the GIL for the
     whole decode, so threads scale with cores (PIL's path: 5x slower per image and GIL-bound)."""
     codecs = _torchvision_codecs()
-    if codecs is None:
-        return image_to_tensor(decode_image(data))
-    try:
-        return codecs.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=codecs.ImageReadMode.RGB)
-    except RuntimeError:  # libjpeg refuses it: PIL says precisely why (or decodes what libjpeg-turbo would not)
-        return image_to_tensor(decode_image(data))
+    if codecs is not None:
+        try:
+            return codecs.decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                      mode=codecs.ImageReadMode.RGB)
+        except RuntimeError:  # libjpeg refuses it: PIL says precisely why (or decodes what libjpeg-turbo would not)
+            pass
+    return image_to_tensor(decode_image(data, max_pixels))
 
 
 def encode_jpeg_tensor(image: torch.Tensor, quality: int = 90) -> bytes:
@@ -128,6 +130,7 @@ def encode_jpeg_tensor(image: torch.Tensor, quality: int = 90) -> bytes:
     return bytes(codecs.encode_jpeg(image.contiguous(), quality=quality).numpy())
 
 
+@functools.cache  # once, not on every image
 def _torchvision_codecs():
     """torchvision.io where it still has its image codecs (deprecated from 0.29), else None: PIL is used."""
     try:
