@@ -3,9 +3,11 @@ emulator, with peak RSS per run (each run in its own process).
 
     .venv/bin/python bench/bucket_throughput.py --images 1000 --size 128          # the matrix below
     .venv/bin/python bench/bucket_throughput.py --images 1000 --size 128 --only flow-local
+    .venv/bin/python bench/bucket_throughput.py --images 10000 --size 64 --runs model,loop-local --workers 2
 
-Runs: model (forward only, batch of decoded tensors), loop-local (the shard function over every shard, no
-Prefect), flow-local and flow-gcs (the stylize-bucket flow). Prints a table and one JSON line per run.
+Runs: model (forward only, batch of decoded tensors), loop-local (run_shards, what `stylize run` does on local
+folders: no Prefect, in --workers processes), flow-local and flow-gcs (the stylize-bucket flow). Prints a table
+and one JSON line per run.
 Input photos: ../shared/data/photos when present, else the bundled ones, centre-cropped to SIZE and
 re-encoded as JPEG. Not part of the tests.
 """
@@ -42,7 +44,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int) -> dict:
+def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, workers: int = 1) -> dict:
     import torch
 
     from stylecore.model import UNet, UNetConfig
@@ -75,13 +77,14 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int) ->
                 "peak_rss_mb": round(peak_rss_mb(), 1)}
 
     if kind == "loop-local":
-        from tasks.bucket import ShardOptions, list_shards, stylize_shard
+        from tasks.bucket import ShardOptions, run_shards
         from tasks.models import load_model_from
 
         model, _ = load_model_from(store.child("models/bench"))
         source, destination = Location(str(images)), Location(str(work / "out-loop"))
-        for shard in list_shards(source, shard_size):
-            stylize_shard(shard, source, destination, {"bench": model}, ShardOptions(batch_size=batch))
+        summary = run_shards(source, destination, {"bench": model}, ShardOptions(batch_size=batch, workers=workers),
+                             shard_size)
+        assert summary["counts"]["ok"] == count, summary
     else:
         from flows.stylize_bucket import stylize_bucket
 
@@ -116,8 +119,10 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int) ->
                 "img_per_s": round(count / summary["seconds"], 2), "peak_rss_mb": round(peak_rss_mb(), 1),
                 "process_seconds": round(process_seconds, 2)}
     seconds = time.perf_counter() - started
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"run": kind, "images": count, "seconds": round(seconds, 2), "img_per_s": round(count / seconds, 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1)}
+            "peak_rss_mb": round(peak_rss_mb(), 1), "workers": workers,
+            "worker_peak_rss_mb": round(children, 1) if workers > 1 else None}
 
 
 def main() -> None:
@@ -126,13 +131,15 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=1, help="loop-local's shard worker processes (default 1)")
     parser.add_argument("--only", choices=RUNS, help="run just this one")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--work", type=Path, help="(internal) working folder holding images/")
     args = parser.parse_args()
 
     if args.only and args.work:
-        print(json.dumps(run_one(args.only, args.work / "images", args.work, args.batch, args.shard_size)))
+        print(json.dumps(run_one(args.only, args.work / "images", args.work, args.batch, args.shard_size,
+                                 args.workers)))
         return
 
     with tempfile.TemporaryDirectory(prefix="stylize-bench-") as folder:
@@ -142,7 +149,8 @@ def main() -> None:
         results = []
         for kind in [args.only] if args.only else args.runs.split(","):
             command = [sys.executable, __file__, "--only", kind, "--work", str(work), "--images", str(args.images),
-                       "--size", str(args.size), "--batch", str(args.batch), "--shard-size", str(args.shard_size)]
+                       "--size", str(args.size), "--batch", str(args.batch), "--shard-size", str(args.shard_size),
+                       "--workers", str(args.workers)]
             process = subprocess.run(command, capture_output=True, text=True, env=env)
             if process.returncode != 0:
                 sys.exit(f"{kind} failed:\n{process.stderr[-3000:]}")

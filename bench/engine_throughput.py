@@ -1,13 +1,14 @@
 """End to end against model only, in one process, on whatever device is there (the GPU benchmark; the CPU one
 with Prefect is bucket_throughput.py).
 
-    python bench/engine_throughput.py --images 10000 --size 512 [--compile] [--no-gpu-codec] [--photos DIR]
+    python bench/engine_throughput.py --images 10000 --size 512 [--compile] [--no-gpu-codec] [--workers N] [--photos DIR]
 
 Writes N JPEGs of SIZE x SIZE (crops of the photos, re-encoded) to a temporary folder, builds the shard
 engine once, then times (1) model only: the engine's forward on a decoded uint8 batch already on the device
 (same model object, same compile, same autocast and memory format) and (2) end to end: every shard through
-tasks.bucket.stylize_shard from local disk to local disk with its manifest parts, no Prefect. Prints one JSON line
-with both rates, their ratio and the process's peak RSS.
+tasks.bucket.run_shards from local disk to local disk with the manifest, no Prefect, in --workers processes (each
+with its own engine; their start, a few seconds, is in the time; the steady rate leaves it out). Prints one JSON
+line with the rates, their ratios and the peak RSS of this process and of the largest worker.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from stylecore.model import UNet, UNetConfig  # noqa: E402
-from tasks.bucket import ShardOptions, engine_for, list_shards, stylize_shard  # noqa: E402
+from tasks.bucket import ShardOptions, engine_for, run_shards  # noqa: E402
 from tasks.storage import Location  # noqa: E402
 
 
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=UNetConfig.depth)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-gpu-codec", action="store_true")
+    parser.add_argument("--workers", type=int, default=1, help="shard worker processes (default 1)")
     parser.add_argument("--photos", type=Path, default=REPO / "stylecore" / "assets" / "photos")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, default=None, help="folder for the images (kept between runs)")
@@ -107,24 +110,31 @@ def main() -> None:
     synchronize(device)
     model_rate = repeats * batch / (time.perf_counter() - began)
 
-    shards = list_shards(Location(str(images)), args.shard_size)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the model-only batches' memory, for the workers' budgets
+    finished: list[tuple[float, int]] = []  # (when, how many) as images finish
     began = time.perf_counter()
-    counts: dict[str, int] = {}
-    for shard in shards:
-        result = stylize_shard(shard, Location(str(images)), Location(str(destination)), {"bench": model}, options)
-        for name, value in result.counts.items():
-            counts[name] = counts.get(name, 0) + value
+    summary = run_shards(Location(str(images)), Location(str(destination)), {"bench": model},
+                         replace(options, workers=args.workers), args.shard_size,
+                         on_progress=lambda count: finished.append((time.perf_counter(), count)))
+    counts = summary["counts"]
     synchronize(device)
     seconds = time.perf_counter() - began
     e2e_rate = args.images / seconds
+    # Without the start (workers' imports, compiles, first batch): from the first images done to the last.
+    steady_rate = (sum(c for _, c in finished[1:]) / (finished[-1][0] - finished[0][0])
+                   if len(finished) > 2 and finished[-1][0] > finished[0][0] else e2e_rate)
     row = {
         "bench": "engine_throughput", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "images": args.images, "size": args.size, "batch": batch,
         "batch_pixels": engine.max_batch_pixels, "unet": f"{args.base}x{args.depth}", "compile": args.compile,
         "gpu_codec": engine.gpu_jpeg, "shard_size": args.shard_size, "warmup_s": round(warmup_s, 1),
         "model_img_per_s": round(model_rate, 1), "e2e_img_per_s": round(e2e_rate, 1),
-        "e2e_over_model": round(e2e_rate / model_rate, 3), "e2e_seconds": round(seconds, 2), "counts": counts,
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "e2e_over_model": round(e2e_rate / model_rate, 3), "e2e_seconds": round(seconds, 2),
+        "e2e_steady_img_per_s": round(steady_rate, 1), "steady_over_model": round(steady_rate / model_rate, 3),
+        "counts": counts,
+        "workers": args.workers, "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
     }
     print(json.dumps(row), flush=True)
     engine.close()

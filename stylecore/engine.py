@@ -67,6 +67,9 @@ class EngineConfig:
     channels_last: bool = True  # on CUDA
     cpu_threads: int = 0  # decode/encode threads; 0 = the number of cores
     queue_batches: int = 2
+    # This engine's share of the machine when several processes share it (shard workers): scales the default
+    # pixel budget, which is otherwise taken from all the free memory.
+    memory_fraction: float = 1.0
 
     def __post_init__(self) -> None:
         output_format(self.output_format)  # raises ValueError for an unknown format
@@ -76,6 +79,8 @@ class EngineConfig:
             raise ValueError("batch_size, max_batch_pixels and cpu_threads must not be negative")
         if self.max_pixels < 1 or self.queue_batches < 1:
             raise ValueError("max_pixels and queue_batches must be at least 1")
+        if not 0 < self.memory_fraction <= 1:
+            raise ValueError("memory_fraction must be above 0 and at most 1")
 
 
 @dataclass
@@ -350,9 +355,10 @@ class StylizeEngine:
             yield outcome
 
     def _default_batch_pixels(self) -> int:
+        fraction = self.config.memory_fraction
         if not self.cuda:
-            return min(cpu_batch_pixels(model) for model in self.models.values())
-        return min(batch_pixels_for_memory(model, self.device) for model in self.models.values())
+            return min(cpu_batch_pixels(model, 0.25 * fraction) for model in self.models.values())
+        return min(batch_pixels_for_memory(model, self.device, 0.4 * fraction) for model in self.models.values())
 
 
 MIN_TILE_PIXELS = 256 * 256  # tiles smaller than this spend most of their work on their margins

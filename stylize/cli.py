@@ -34,7 +34,8 @@ from stylecore.stylize import stylize_batch
 from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
 from stylecore.vgg import VGGFeatures, VGGWeightsError, load_vgg
 from tasks import manifest
-from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, SAME_FORMAT, ShardOptions, run_shards
+from tasks.bucket import AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, SAME_FORMAT, ShardOptions, run_shards
+from tasks.workers import WorkerDied
 from tasks.secrets import hide_options
 from tasks.storage import Location, StorageError
 
@@ -365,7 +366,8 @@ def shard_options_from(args: argparse.Namespace) -> ShardOptions:
     return ShardOptions(output_format=args.format, quality=args.quality, batch_size=args.batch_size or 0,
                         max_batch_pixels=args.max_batch_pixels or 0,
                         max_pixels=args.max_pixels, max_image_bytes=args.max_bytes, gpu_codec=not args.no_gpu_codec,
-                        compile=args.compile, skip_existing=args.skip_existing, journal_seconds=args.journal_seconds)
+                        compile=args.compile, skip_existing=args.skip_existing, journal_seconds=args.journal_seconds,
+                        workers=args.workers)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -388,7 +390,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = run_shards(Location(str(source.resolve())), Location(str(destination.resolve())), {name: model},
                              shard_options_from(args), args.shard_size, on_progress=progress_bar.update,
                              on_total=lambda total: setattr(progress_bar, "total", total))
-    except StorageError as error:
+    except (StorageError, WorkerDied) as error:
         raise UserError(str(error)) from None
     except OSError as error:  # storage failed: full disk, read-only destination, no permission, I/O error
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
@@ -400,8 +402,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - started
     counts = summary["counts"]
     rate = summary["redone"] / seconds if seconds > 0 else 0.0
+    processes = f" in {summary['workers']} processes" if summary["workers"] > 1 else ""
     print(f"{counts['ok']} written to {destination}, {counts['error']} not stylised (see the manifest's error "
-          f"column), {counts['skipped']} already done; {seconds:.1f}s, {rate:.1f} img/s with {name}; "
+          f"column), {counts['skipped']} already done; {seconds:.1f}s, {rate:.1f} img/s with {name}{processes}; "
           f"manifest: {summary['manifest_uri']}")
     for row in error_rows(summary["manifest_uri"]):
         print(f"stylize: warning: skipping {row['input_uri']}: {row['error']}", file=sys.stderr)
@@ -419,6 +422,8 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
 
     if args.format == "same":
         raise UserError("--format same is only for local folders; choose jpeg, png or webp for buckets")
+    if args.workers > 1:
+        raise UserError("--workers is only for local folders; the stylize-bucket flow runs two shards at once")
     model = args.model
     if not is_url(model) and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
@@ -557,6 +562,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or more, not {text}")
+    return value
+
+
 def quality(text: str) -> int:
     value = int(text)
     if not 1 <= value <= 100:
@@ -677,6 +689,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--shard-size", type=positive_int, default=256,
                      help="images per shard: the unit of retries and of the manifest parts (default 256)")
     run.add_argument("--retries", type=int, default=3, help="retries of a failed shard, for URLs (default 3)")
+    run.add_argument("--workers", type=non_negative_int, default=0,
+                     help="processes stylising shards side by side, each with its share of the cores and of the "
+                          "memory (local folders). Per-image file work in one process tops out at a few hundred "
+                          "images a second; workers take seconds to start. Default 0: one per four cores, at least "
+                          f"two, from {AUTO_WORKERS_MIN_IMAGES:,} images up; one below")
     run.set_defaults(func=cmd_run)
 
     evaluate_parser = commands.add_parser("eval", parents=[common, vgg],

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 import threading
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from stylecore.engine import EngineConfig, Job, Outcome, StylizeEngine
@@ -148,12 +149,21 @@ class ShardOptions:
     journal_seconds: float = 5.0  # how often finished rows are journaled: what a crash can cost at most
     skip_existing: bool = False  # treat an existing output as done even without a manifest row
     flow_run_id: str | None = None
+    # Processes running shards side by side on this machine (run_shards), each engine with its share of the cores
+    # and of the memory budget; 0 = auto_workers().
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ValueError("workers must not be negative")
 
     def engine_config(self) -> EngineConfig:
         fmt = "jpeg" if self.output_format == SAME_FORMAT else self.output_format
         return EngineConfig(batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels,
                             output_format=fmt, quality=self.quality, max_pixels=self.max_pixels,
-                            gpu_codec=self.gpu_codec, compile=self.compile)
+                            gpu_codec=self.gpu_codec, compile=self.compile,
+                            cpu_threads=max(1, (os.cpu_count() or 1) // self.workers) if self.workers > 1 else 0,
+                            memory_fraction=1 / max(self.workers, 1))
 
 
 @dataclass
@@ -441,16 +451,36 @@ def run_shards(
     on_progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
 ) -> dict:
-    """Every shard of ``source`` one after the other in this process (no Prefect), then the manifest."""
+    """Every shard of ``source`` (no Prefect), then the manifest: one after the other in this process, or in
+    ``options.workers`` processes side by side."""
     remove_partial_files(destination)
     shards = list_shards(source, shard_size, exclude=destination)
+    images = sum(len(shard) for shard in shards)
     if on_total is not None:
-        on_total(sum(len(shard) for shard in shards))
-    results = [stylize_shard(shard, source, destination, models, options, on_progress) for shard in shards]
+        on_total(images)
+    workers = options.workers or auto_workers(images)
+    options = replace(options, workers=max(1, min(workers, len(shards))))  # no idle workers
+    if options.workers > 1:
+        from .workers import stylize_in_processes  # it imports this module
+
+        results = stylize_in_processes(shards, source, destination, models, options, on_progress)
+    else:
+        results = [stylize_shard(shard, source, destination, models, options, on_progress) for shard in shards]
     summary = combine_parts(destination, [shard.shard_id for shard in shards])
-    summary.update({"images": sum(len(shard) for shard in shards), "shards": len(shards),
+    summary.update({"images": images, "shards": len(shards), "workers": options.workers,
                     "redone": sum(result.redone for result in results)})
     return summary
+
+
+AUTO_WORKERS_MIN_IMAGES = 2000  # a worker takes seconds to start (imports, CUDA, compile): not worth it for fewer
+
+
+def auto_workers(images: int) -> int:
+    """Shard worker processes for a run of ``images``: one per four cores, at least two, for large runs. On 2 CPU
+    cores at 64 px (bench/engine_throughput.py) two workers ran 0.81x the model's rate once started, one 0.52x."""
+    if images < AUTO_WORKERS_MIN_IMAGES:
+        return 1
+    return max(2, (os.cpu_count() or 1) // 4)
 
 
 def combine_parts(destination: Location, shard_ids: list[str]) -> dict:

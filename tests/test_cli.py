@@ -99,6 +99,17 @@ def test_run_stylises_every_image_with_the_same_relative_paths_and_skips_bad_fil
     assert "1 not stylised" in captured.out
 
 
+def test_run_in_worker_processes_writes_every_output_and_one_manifest(trained, photo_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", str(photo_dir), str(out), "--model", "swirls", "--workers", "2", "--shard-size", "2",
+                 "--quiet"]) == 0
+    inputs = sorted(p.relative_to(photo_dir).with_suffix(".jpg") for p in photo_dir.rglob("*.jpg"))
+    assert sorted(p.relative_to(out) for p in out.rglob("*.jpg")) == inputs
+    assert [row["status"] for row in pq.read_table(out / "manifest.parquet").to_pylist()] == ["ok"] * len(inputs)
+    printed = capsys.readouterr().out
+    assert f"{len(inputs)} written" in printed and "in 2 processes" in printed
+
+
 def test_run_writes_png_and_can_leave_existing_outputs(trained, photo_dir, tmp_path, capsys):
     out = tmp_path / "png"
     assert main(["run", str(photo_dir), str(out), "--model", str(trained), "--format", "png", "--quiet"]) == 0
@@ -168,6 +179,8 @@ def test_demo_runs_the_whole_job(home, tmp_path, capsys):
         (lambda d: ["run", str(d["tmp"] / "nope"), str(d["tmp"] / "out"), "--model", "x"], "source folder not found"),
         (lambda d: ["run", str(d["photos"]), str(d["tmp"] / "out"), "--model", "nosuchmodel"], "no model 'nosuchmodel'"),
         (lambda d: ["run", str(d["photos"]), str(d["tmp"] / "out"), "--model", "x", "--format", "bmp"], "unknown output format"),
+        (lambda d: ["run", "gs://bucket/in", "gs://bucket/out", "--model", "x", "--workers", "2"],
+         "--workers is only for local folders"),
         (lambda d: ["eval", "--model", "nosuchmodel", "--photos", str(d["photos"])], "no model 'nosuchmodel'"),
         (lambda d: ["prime", str(d["tmp"] / "nope")], "photo folder not found"),
         (lambda d: ["train", str(d["style"]), "--photos", str(d["photos"]), "--name", "x", "--vgg-weights",

@@ -1,0 +1,93 @@
+"""Shards in worker processes (`stylize run --workers N`): the same outputs and rows as one process, progress
+for every image, and a failing shard fails the run without losing the others' work."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from stylecore.model import UNet, UNetConfig
+from tasks import manifest
+from tasks.bucket import AUTO_WORKERS_MIN_IMAGES, MANIFEST_NAME, ShardOptions, auto_workers, run_shards
+from tasks.storage import Location
+
+PHOTOS = Path(__file__).resolve().parent.parent / "stylecore" / "assets" / "photos"
+
+
+def small_photos(folder: Path, keys: list[str]) -> None:
+    sources = sorted(PHOTOS.glob("*.jpg"))
+    for index, key in enumerate(keys):
+        path = folder / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ImageOps.fit(Image.open(sources[index % len(sources)]).convert("RGB"), (40 + index, 32)).save(path, "JPEG")
+
+
+def model() -> UNet:
+    torch.manual_seed(0)
+    return UNet(UNetConfig(base_channels=4, depth=2)).eval()
+
+
+def rows_by_input(destination: Path, root: Path) -> dict[str, dict]:
+    table = manifest.read_table(Location(str(destination / MANIFEST_NAME)))
+    return {Path(row["input_uri"]).relative_to(root).as_posix(): row for row in table.to_pylist()}
+
+
+def pixels(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB"), dtype=np.int16)
+
+
+def test_worker_processes_give_the_outputs_and_rows_of_one_process(tmp_path):
+    keys = [f"set{index % 3}/photo{index}.jpg" for index in range(7)]
+    small_photos(tmp_path / "in", keys)
+    source = Location(str(tmp_path / "in"))
+    alone = run_shards(source, Location(str(tmp_path / "alone")), {"m": model()}, ShardOptions(batch_size=2), 3)
+    progress: list[int] = []
+    shared = run_shards(source, Location(str(tmp_path / "shared")), {"m": model()},
+                        ShardOptions(batch_size=2, workers=2), 3, on_progress=progress.append)
+
+    assert alone["counts"] == shared["counts"] == {"ok": 7, "skipped": 0, "error": 0}
+    assert shared["shards"] == 3 and sum(progress) == 7
+    rows = rows_by_input(tmp_path / "shared", tmp_path / "in")
+    assert sorted(rows) == sorted(keys)
+    for key in keys:
+        assert (rows[key]["width"], rows[key]["height"]) == Image.open(tmp_path / "in" / key).size
+        # the same picture: one process's threads and another's may round a float differently
+        difference = np.abs(pixels(tmp_path / "alone" / key) - pixels(tmp_path / "shared" / key))
+        assert difference.mean() < 0.5, key
+
+
+def test_a_failing_shard_fails_the_run_and_the_other_shards_keep_their_work(tmp_path):
+    keys = ["a/1.jpg", "b/2.jpg", "c/3.jpg", "d/4.jpg"]
+    small_photos(tmp_path / "in", keys)
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "b").write_text("a file where the folder b/ must go")  # the write of b/2.jpg fails
+    options = ShardOptions(workers=2)
+
+    with pytest.raises(OSError):
+        run_shards(source, destination, {"m": model()}, options, shard_size=1)
+    written = {path.relative_to(tmp_path / "out").as_posix() for path in (tmp_path / "out").glob("?/*.jpg")}
+    assert "b/2.jpg" not in written and written  # the shards that ran kept their outputs
+
+    (tmp_path / "out" / "b").unlink()
+    again = run_shards(source, destination, {"m": model()}, options, shard_size=1)
+    assert again["counts"]["ok"] + again["counts"]["skipped"] == 4 and again["counts"]["error"] == 0
+    assert again["redone"] == 4 - len(written)  # what was written before is not done twice
+
+
+def test_workers_take_their_share_of_the_cores_and_memory():
+    alone, quarter = ShardOptions().engine_config(), ShardOptions(workers=4).engine_config()
+    assert alone.memory_fraction == 1 and alone.cpu_threads == 0  # 0: every core
+    assert quarter.memory_fraction == 0.25 and quarter.cpu_threads >= 1
+    with pytest.raises(ValueError):
+        ShardOptions(workers=-1)
+
+
+def test_automatic_workers_start_only_for_runs_worth_their_start():
+    assert auto_workers(AUTO_WORKERS_MIN_IMAGES - 1) == 1
+    assert auto_workers(AUTO_WORKERS_MIN_IMAGES) >= 2
