@@ -42,8 +42,13 @@ VGG=$DATA/vgg19_normalised_relu3_1.pth
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -c "import torch, torchvision, sys;
 print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.is_available())"; } >> "$OUT/suite.log"
 
-part tests 45 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py tests/test_tiling.py
+part tests 75 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py tests/test_tiling.py \
+  tests/test_workers.py
 part e2e_10k_compiled 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --photos $DATA/photos --work /tmp/eb
+part e2e_10k_compiled_workers4 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 4 \
+  --shard-size 250 --photos $DATA/photos --work /tmp/eb
+part e2e_10k_compiled_workers8 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 8 \
+  --shard-size 250 --photos $DATA/photos --work /tmp/eb
 part e2e_10k_compiled_cpu_codec 70 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --no-gpu-codec \
   --photos $DATA/photos --work /tmp/eb
 part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES --unets 16x2,16x4 --repeats 5 --compile

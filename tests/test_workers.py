@@ -61,6 +61,20 @@ def test_worker_processes_give_the_outputs_and_rows_of_one_process(tmp_path):
         assert difference.mean() < 0.5, key
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_worker_processes_share_one_gpu(tmp_path):
+    keys = [f"photo{index}.jpg" for index in range(7)]
+    small_photos(tmp_path / "in", keys)
+    source = Location(str(tmp_path / "in"))
+    alone = run_shards(source, Location(str(tmp_path / "alone")), {"m": model().cuda()}, ShardOptions(batch_size=2), 3)
+    shared = run_shards(source, Location(str(tmp_path / "shared")), {"m": model().cuda()},
+                        ShardOptions(batch_size=2, workers=2), 3)
+    assert alone["counts"] == shared["counts"] == {"ok": 7, "skipped": 0, "error": 0} and shared["workers"] == 2
+    for key in keys:
+        difference = np.abs(pixels(tmp_path / "alone" / key) - pixels(tmp_path / "shared" / key))
+        assert difference.mean() < 0.5, key
+
+
 def test_a_failing_shard_fails_the_run_and_the_other_shards_keep_their_work(tmp_path):
     keys = ["a/1.jpg", "b/2.jpg", "c/3.jpg", "d/4.jpg"]
     small_photos(tmp_path / "in", keys)
