@@ -9,14 +9,15 @@ with every other shard's rows; running the flow again redoes only what is missin
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from stylecore.images import DEFAULT_MAX_PIXELS
-from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES
+from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, auto_workers
 from tasks.secrets import StorageSecrets, hide_options, redact
 from tasks.stylize_tasks import check_models, clean_destination, combine_manifest, ingest, record_run, stylize_shard_task
 
@@ -44,6 +45,7 @@ def stylize_bucket(
     retries: int = 3,
     retry_delay_seconds: float = 5.0,
     journal_seconds: float = 5.0,
+    workers: int = 0,
 ) -> dict:
     """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
     ``model_store`` or model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it
@@ -51,8 +53,11 @@ def stylize_bucket(
     free memory, a quarter of it on a CPU); a larger image is stylised in tiles. ``gpu_codec`` encodes JPEG
     outputs on the GPU (inputs are decoded on the CPU); ``compile`` runs the model through torch.compile. Images
     over ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished
-    rows every ``journal_seconds``: the most work a crashed worker can cost. ``storage_options`` (credentials
-    included) are kept out of logs, manifests and artifacts, and are recorded by Prefect as ``**********``."""
+    rows every ``journal_seconds``: the most work a crashed worker can cost. ``workers`` > 1 runs shards in that many
+    processes (each with its share of the cores and memory: one process's per-image Python work tops out at a few
+    hundred images a second); 0 picks one per four cores, at least two, for runs of 2,000 images or more, and
+    otherwise two shards at a time in threads. ``storage_options`` (credentials included) are kept out of logs,
+    manifests and artifacts, and are recorded by Prefect as ``**********``."""
     logger = get_run_logger()
     started = time.perf_counter()
     storage_options = hide_options(storage_options)
@@ -68,19 +73,25 @@ def stylize_bucket(
                              "shard_size": shard_size, **options}, storage_options)
     delays = [retry_delay_seconds * 2**attempt for attempt in range(retries)]  # exponential backoff
     shard_task = stylize_shard_task.with_options(retries=retries, retry_delay_seconds=delays)
-    futures = [shard_task.submit(shard, source, destination, models, model_store, options, storage_options)
-               for shard in shards]
-
+    workers = max(1, min(workers or auto_workers(sum(len(s) for s in shards)), len(shards)))
     progress = create_progress_artifact(0.0, description=f"shards of {redact(source)} done")
     per_shard, failed = [], []
-    for done, future in enumerate(as_completed(futures), start=1):
-        try:
-            result = future.result()
-            per_shard.append({"shard_id": result["shard_id"], "images": result["images"], **result["counts"],
-                              "seconds": round(result["seconds"], 2)})
-        except Exception as error:  # the task already retried; record it and let the other shards finish
-            failed.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
-        update_progress_artifact(progress, 100.0 * done / max(len(futures), 1))
+    # Worker processes take their tasks from this flow's own pool; otherwise the flow's threads run two at a time.
+    with ProcessPoolTaskRunner(workers) if workers > 1 else nullcontext() as processes:
+        futures = []
+        for shard in shards:
+            arguments = {"shard": shard, "source": source, "destination": destination, "models": models,
+                         "model_store": model_store, "options": {**options, "workers": workers},
+                         "storage_options": storage_options}
+            futures.append(processes.submit(shard_task, arguments) if processes else shard_task.submit(**arguments))
+        for done, future in enumerate(as_completed(futures), start=1):
+            try:
+                result = future.result()
+                per_shard.append({"shard_id": result["shard_id"], "images": result["images"], **result["counts"],
+                                  "seconds": round(result["seconds"], 2)})
+            except Exception as error:  # the task already retried; record it and let the other shards finish
+                failed.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+            update_progress_artifact(progress, 100.0 * done / max(len(futures), 1))
     if not futures:
         update_progress_artifact(progress, 100.0)
 
@@ -91,7 +102,8 @@ def stylize_bucket(
                            f"{error}; run the flow again to redo only the missing images") from None
     seconds = time.perf_counter() - started
     images = sum(len(s) for s in shards)
-    summary.update({"images": images, "shards": len(shards), "failed_shards": len(failed), "seconds": round(seconds, 2),
+    summary.update({"images": images, "shards": len(shards), "failed_shards": len(failed), "workers": workers,
+                    "seconds": round(seconds, 2),
                     "images_per_second": round(images / seconds, 2) if seconds > 0 else 0.0})
     if per_shard:
         create_table_artifact(per_shard, key="stylize-bucket-shards", description="per-shard counts")

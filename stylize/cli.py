@@ -422,8 +422,6 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
 
     if args.format == "same":
         raise UserError("--format same is only for local folders; choose jpeg, png or webp for buckets")
-    if args.workers > 1:
-        raise UserError("--workers is only for local folders; the stylize-bucket flow runs two shards at once")
     model = args.model
     if not is_url(model) and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
@@ -433,7 +431,7 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or 0, max_batch_pixels=args.max_batch_pixels or 0, output_format=args.format,
         quality=args.quality, max_pixels=args.max_pixels,
         max_image_bytes=args.max_bytes, retries=args.retries, gpu_codec=not args.no_gpu_codec, compile=args.compile,
-        journal_seconds=args.journal_seconds, return_state=True,
+        journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,
     )
     if state.is_completed():
         summary = state.result()
@@ -691,7 +689,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--retries", type=int, default=3, help="retries of a failed shard, for URLs (default 3)")
     run.add_argument("--workers", type=non_negative_int, default=0,
                      help="processes stylising shards side by side, each with its share of the cores and of the "
-                          "memory (local folders). Per-image file work in one process tops out at a few hundred "
+                          "memory. Per-image file work in one process tops out at a few hundred "
                           "images a second; workers take seconds to start. Default 0: one per four cores, at least "
                           f"two, from {AUTO_WORKERS_MIN_IMAGES:,} images up; one below")
     run.set_defaults(func=cmd_run)

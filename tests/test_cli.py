@@ -179,8 +179,6 @@ def test_demo_runs_the_whole_job(home, tmp_path, capsys):
         (lambda d: ["run", str(d["tmp"] / "nope"), str(d["tmp"] / "out"), "--model", "x"], "source folder not found"),
         (lambda d: ["run", str(d["photos"]), str(d["tmp"] / "out"), "--model", "nosuchmodel"], "no model 'nosuchmodel'"),
         (lambda d: ["run", str(d["photos"]), str(d["tmp"] / "out"), "--model", "x", "--format", "bmp"], "unknown output format"),
-        (lambda d: ["run", "gs://bucket/in", "gs://bucket/out", "--model", "x", "--workers", "2"],
-         "--workers is only for local folders"),
         (lambda d: ["eval", "--model", "nosuchmodel", "--photos", str(d["photos"])], "no model 'nosuchmodel'"),
         (lambda d: ["prime", str(d["tmp"] / "nope")], "photo folder not found"),
         (lambda d: ["train", str(d["style"]), "--photos", str(d["photos"]), "--name", "x", "--vgg-weights",

@@ -12,7 +12,7 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from flows.retry_failed import retry_failed
 from flows.stylize_bucket import ShardsFailed, stylize_bucket
@@ -69,6 +69,21 @@ def test_a_bucket_is_stylised_with_a_typed_manifest_readable_by_pyarrow_and_duck
 
     again = stylize_bucket(str(tmp_path / "in"), str(destination), ["tiny"], model_store=model_store, shard_size=3)
     assert again["counts"] == {"ok": 0, "skipped": 7, "error": 2}
+
+
+def test_shards_can_run_in_worker_processes_as_tasks_of_the_same_flow_run(tmp_path, model_store):
+    make_bucket(tmp_path / "in", 7, broken=2)
+    state = stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny"], model_store=model_store,
+                           shard_size=3, workers=2, return_state=True)
+    summary, flow_run_id = state.result(), state.state_details.flow_run_id
+    assert summary["workers"] == 2 and summary["failed_shards"] == 0
+    assert summary["counts"] == {"ok": 7, "skipped": 0, "error": 2}
+    table = pq.read_table(tmp_path / "out" / "manifest.parquet")
+    assert table.num_rows == 9 and set(table.column("flow_run_id").to_pylist()) == {str(flow_run_id)}
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    shard_runs = [run for run in task_runs if run.name.startswith("stylize-shard-")]
+    assert len(shard_runs) == 3 and all(run.state.is_completed() for run in shard_runs)
 
 
 def test_a_run_leaves_progress_table_and_summary_artifacts(tmp_path, model_store):
