@@ -4,10 +4,10 @@ engine_throughput's ratio). One JSON line of img/s per stage.
     python bench/engine_stages.py --images 2000 --size 512 [--photos DIR] [--work DIR]
 
 Stages: read (16 threads, storage layer), header (PIL header probe, one thread), decode on the CPU (one thread
-per core: libjpeg-turbo through torchvision as the engine does, and PIL's path for comparison), model (the
-engine's forward), encode on the GPU (nvjpeg) and on the CPU (torchvision, and PIL for comparison), write (16
-threads, storage layer's atomic write), and the engine alone on bytes held in memory (decode, model and encode
-overlapped, no storage).
+per core: libjpeg-turbo through torchvision as the engine does, and PIL's path for comparison; on a GPU batched
+nvjpeg too, warmed up), model (the engine's forward), encode on the GPU (nvjpeg, warmed up) and on the CPU
+(torchvision, and PIL for comparison), write (16 threads, storage layer's atomic write), and the engine alone on
+bytes held in memory (decode, model and encode overlapped, no storage).
 """
 
 from __future__ import annotations
@@ -85,6 +85,14 @@ def main() -> None:
                                                       n, device)
         rates[f"decode_cpu_pil_{cores}_threads"] = timed(
             lambda: list(cpu_pool.map(lambda d: image_to_tensor(decode_image(d)), datas)), n, device)
+        if device.type == "cuda":  # batched nvjpeg, after a warm-up batch (its first call sets nvjpeg up)
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            encoded = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+            decode_jpeg(encoded[:b], mode=ImageReadMode.RGB, device=device)
+            rates["decode_gpu_nvjpeg_batched"] = timed(
+                lambda: [decode_jpeg(encoded[i:i + b], mode=ImageReadMode.RGB, device=device) for i in range(0, n, b)],
+                n, device)
         model = UNet(UNetConfig()).eval().to(device)
         engine = StylizeEngine({"m": model}, device, EngineConfig(batch_size=b))
         batch = torch.stack(decoded[:b]).to(device)
@@ -93,6 +101,7 @@ def main() -> None:
                                      max(1, n // b) * b, device)
         outputs = engine.forward(engine.models["m"], batch)
         if device.type == "cuda":
+            engine_module._nvjpeg_encode(list(outputs), 90)  # warm-up: the first call sets nvjpeg up
             rates["encode_gpu_nvjpeg"] = timed(
                 lambda: [engine_module._nvjpeg_encode(list(outputs), 90) for _ in range(max(1, n // b))],
                 max(1, n // b) * b, device)
