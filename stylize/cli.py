@@ -35,9 +35,9 @@ from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
 from stylecore.vgg import VGGFeatures, VGGWeightsError, load_vgg
 from tasks import manifest
 from tasks.bucket import AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, SAME_FORMAT, ShardOptions, run_shards
-from tasks.workers import WorkerDied
 from tasks.secrets import hide_options
 from tasks.storage import Location, StorageError
+from tasks.workers import WorkerDied
 
 VGG_VARIABLE = "STYLIZE_VGG_WEIGHTS"
 
@@ -390,8 +390,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = run_shards(Location(str(source.resolve())), Location(str(destination.resolve())), {name: model},
                              shard_options_from(args), args.shard_size, on_progress=progress_bar.update,
                              on_total=lambda total: setattr(progress_bar, "total", total))
-    except (StorageError, WorkerDied) as error:
+    except StorageError as error:
         raise UserError(str(error)) from None
+    except WorkerDied as error:
+        print(f"stylize: error: {error}", file=sys.stderr)
+        return 1
     except OSError as error:  # storage failed: full disk, read-only destination, no permission, I/O error
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
         print(f"stylize: error: storage failed: {error.strerror or error}{where}; fix it and run the same "

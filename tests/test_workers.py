@@ -4,6 +4,9 @@ for every image, and a failing shard fails the run without losing the others' wo
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +18,7 @@ from stylecore.model import UNet, UNetConfig
 from tasks import manifest
 from tasks.bucket import AUTO_WORKERS_MIN_IMAGES, MANIFEST_NAME, ShardOptions, auto_workers, run_shards
 from tasks.storage import Location
+from tasks.workers import WorkerDied
 
 PHOTOS = Path(__file__).resolve().parent.parent / "stylecore" / "assets" / "photos"
 
@@ -92,6 +96,24 @@ def test_a_failing_shard_fails_the_run_and_the_other_shards_keep_their_work(tmp_
     again = run_shards(source, destination, {"m": model()}, options, shard_size=1)
     assert again["counts"]["ok"] + again["counts"]["skipped"] == 4 and again["counts"]["error"] == 0
     assert again["redone"] == 4 - len(written)  # what was written before is not done twice
+
+
+def test_a_killed_worker_stops_the_run_with_a_clear_error_and_a_rerun_finishes_it(tmp_path):
+    keys = [f"photo{index:02}.jpg" for index in range(12)]
+    small_photos(tmp_path / "in", keys)
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    killed: list[int] = []
+
+    def kill_a_worker(count: int) -> None:  # as the kernel's out-of-memory killer would, once work is under way
+        if not killed:
+            victim = multiprocessing.active_children()[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            killed.append(victim.pid)
+
+    with pytest.raises(WorkerDied, match="run the same command again"):
+        run_shards(source, destination, {"m": model()}, ShardOptions(workers=2), 1, on_progress=kill_a_worker)
+    again = run_shards(source, destination, {"m": model()}, ShardOptions(workers=2), 1)
+    assert again["counts"]["ok"] + again["counts"]["skipped"] == 12 and again["counts"]["error"] == 0
 
 
 def test_workers_take_their_share_of_the_cores_and_memory():
