@@ -44,21 +44,21 @@ print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.
 
 part tests 75 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py tests/test_tiling.py \
   tests/test_workers.py
-part e2e_10k_compiled 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --photos $DATA/photos --work /tmp/eb
 part e2e_10k_compiled_workers4 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 4 \
   --shard-size 250 --photos $DATA/photos --work /tmp/eb
-part e2e_10k_compiled_workers8 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 8 \
-  --shard-size 250 --photos $DATA/photos --work /tmp/eb
-part e2e_10k_compiled_cpu_codec 70 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --no-gpu-codec \
-  --photos $DATA/photos --work /tmp/eb
-part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES --unets 16x2,16x4 --repeats 5 --compile
 part training 240 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT \
   --sheet "$OUT/training_sheet.jpg" --save-model "$OUT/model"
-part e2e_1k 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --photos $DATA/photos --work /tmp/eb
-part e2e_10k 45 $PY bench/engine_throughput.py --images $N10 --size $SIZE --photos $DATA/photos --work /tmp/eb
 part stages 60 $PY bench/engine_stages.py --images $N1 --size $SIZE --photos $DATA/photos
+part e2e_10k_compiled_workers8 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 8 \
+  --shard-size 250 --photos $DATA/photos --work /tmp/eb
+part e2e_10k_compiled 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --photos $DATA/photos --work /tmp/eb
+part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES --unets 16x2,16x4 --repeats 5 --compile
+part e2e_10k_compiled_cpu_codec 70 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --no-gpu-codec \
+  --photos $DATA/photos --work /tmp/eb
 part peer_quality 90 $PY bench/peer_quality.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG \
   --budget-s $BUDGET --size 256 --batch 8 --unets 16x2x3,16x4x3 --priming-share 0.02 --sheet "$OUT/peer_sheet.jpg"
+part e2e_1k 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --photos $DATA/photos --work /tmp/eb
+part e2e_10k 45 $PY bench/engine_throughput.py --images $N10 --size $SIZE --photos $DATA/photos --work /tmp/eb
 part large_image 40 $PY bench/large_image.py --width 6000 --height 4000 --budgets 0,4194304
 part e2e_1k_cpu_codec 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --no-gpu-codec --photos $DATA/photos --work /tmp/eb
 echo "== done; $(( DEADLINE - $(date +%s) ))s before the deadline" | tee -a "$OUT/suite.log"

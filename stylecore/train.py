@@ -81,7 +81,11 @@ PRESETS: dict[str, Preset] = {
     ),
     # The original project's budget: ~60 epochs priming, ~120 epochs style, 256 px crops. Meant for a GPU.
     "full": Preset(
-        prime=TrainConfig(image_size=256, batch_size=8, epochs=60, learning_rate=2e-3, checkpoint_every=500),
+        # Priming in batches of 16: half the steps for the same epochs. A GPU step of this small net costs about
+        # the same at 8 or 16 crops (launch-bound: 2,700 steps of 8 took 36.6 s on an H200), and the style trained
+        # from it is no worse (CPU, 128 px, 48 photos, 2 seeds: style 0.1283 / content 0.4938 against 0.1298 /
+        # 0.5035 when primed in batches of 8).
+        prime=TrainConfig(image_size=256, batch_size=16, epochs=60, learning_rate=2e-3, checkpoint_every=500),
         style=TrainConfig(image_size=256, batch_size=8, epochs=120, learning_rate=1e-3, checkpoint_every=500),
         style_size=512,
     ),
