@@ -34,9 +34,9 @@ part() {
 }
 
 if (( SCALE )); then
-  N1=1000; N10=10000; SIZES=256,512,1024; BATCHES=1,8,64; PRESET=full; BUDGET=15; LIMIT=""; SIZE=512
+  N1=1000; N10=10000; SIZES=256,512,1024; BATCHES=1,8,64; PRESET=full; BUDGET=15; LIMIT=""; SIZE=512; SHARD=250
 else
-  N1=40; N10=80; SIZES=64,96; BATCHES=1,2; PRESET=fast; BUDGET=3; LIMIT="--train-limit 8"; SIZE=64
+  N1=40; N10=80; SIZES=64,96; BATCHES=1,2; PRESET=fast; BUDGET=3; LIMIT="--train-limit 8"; SIZE=64; SHARD=20
 fi
 VGG=$DATA/vgg19_normalised_relu3_1.pth
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -c "import torch, torchvision, sys;
@@ -45,12 +45,12 @@ print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.
 part tests 75 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py tests/test_tiling.py \
   tests/test_workers.py
 part e2e_10k_compiled_workers4 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 4 \
-  --shard-size 250 --photos $DATA/photos --work /tmp/eb
+  --shard-size $SHARD --photos $DATA/photos --work /tmp/eb
 part training 240 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT \
   --sheet "$OUT/training_sheet.jpg" --save-model "$OUT/model"
 part stages 60 $PY bench/engine_stages.py --images $N1 --size $SIZE --photos $DATA/photos
 part e2e_10k_compiled_workers8 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 8 \
-  --shard-size 250 --photos $DATA/photos --work /tmp/eb
+  --shard-size $SHARD --photos $DATA/photos --work /tmp/eb
 part e2e_10k_compiled 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --photos $DATA/photos --work /tmp/eb
 part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES --unets 16x2,16x4 --repeats 5 --compile
 part e2e_10k_compiled_cpu_codec 70 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --no-gpu-codec \
