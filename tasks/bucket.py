@@ -460,7 +460,7 @@ def run_shards(
     on_total: Callable[[int], None] | None = None,
 ) -> dict:
     """Every shard of ``source`` (no Prefect), then the manifest: one after the other in this process, or in
-    ``options.workers`` processes side by side."""
+    ``options.workers`` processes side by side (spawned: a calling script needs ``if __name__ == "__main__":``)."""
     remove_partial_files(destination)
     shards = list_shards(source, shard_size, exclude=destination)
     images = sum(len(shard) for shard in shards)
