@@ -40,8 +40,10 @@ class Location:
     options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
-        options = dict(self.options)
-        fs, path = url_to_fs(self.url, **options)
+        if self.url.startswith("/") and not self.options:  # a local path: what url_to_fs gives, in a fifth of its time
+            fs, path = _LOCAL, _LOCAL._strip_protocol(self.url)  # (15 us a call, three calls an image in a shard)
+        else:
+            fs, path = url_to_fs(self.url, **dict(self.options))
         return fs, path.rstrip("/") or "/"
 
     def child(self, relative: str) -> "Location":
@@ -57,6 +59,9 @@ class Location:
 
     def __repr__(self) -> str:
         return f"Location({self.display!r})"
+
+
+_LOCAL = LocalFileSystem()
 
 
 class Listed(NamedTuple):
