@@ -132,8 +132,8 @@ def main() -> None:
         "model_img_per_s": round(model_rate, 1), "e2e_img_per_s": round(e2e_rate, 1),
         "e2e_over_model": round(e2e_rate / model_rate, 3), "e2e_seconds": round(seconds, 2),
         "e2e_steady_img_per_s": round(steady_rate, 1), "steady_over_model": round(steady_rate / model_rate, 3),
-        "counts": counts,
-        "workers": summary["workers"], "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "counts": counts, "workers": summary["workers"],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "worker_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1)
         if summary["workers"] > 1 else None,  # otherwise the children are make_images' encoders
     }

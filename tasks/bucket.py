@@ -24,6 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
+import torch
+
 from stylecore.engine import EngineConfig, Job, Outcome, StylizeEngine
 from stylecore.images import DEFAULT_MAX_PIXELS, EXTENSIONS, output_format
 from stylecore.model import UNet
@@ -162,7 +164,7 @@ class ShardOptions:
         return EngineConfig(batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels,
                             output_format=fmt, quality=self.quality, max_pixels=self.max_pixels,
                             gpu_codec=self.gpu_codec, compile=self.compile,
-                            cpu_threads=max(1, (os.cpu_count() or 1) // self.workers) if self.workers > 1 else 0,
+                            cpu_threads=cores_per_worker(self.workers) if self.workers > 1 else 0,
                             memory_fraction=1 / max(self.workers, 1))
 
 
@@ -191,10 +193,19 @@ _engines: dict[tuple, StylizeEngine] = {}
 _engines_lock = threading.Lock()
 
 
+def cores_per_worker(workers: int) -> int:
+    """A shard worker's share of this machine's cores: its codec threads and its torch threads."""
+    return max(1, (os.cpu_count() or 1) // max(workers, 1))
+
+
+def models_device(models: dict[str, UNet]) -> torch.device:
+    return next(next(iter(models.values())).parameters()).device
+
+
 def engine_for(models: dict[str, UNet], options: ShardOptions) -> StylizeEngine:
     """One engine per set of models and settings, kept for the process: it holds the compiled models and the
     measured batch budget, which later shards reuse."""
-    device = next(next(iter(models.values())).parameters()).device
+    device = models_device(models)
     key = (tuple((name, id(model)) for name, model in models.items()), str(device), options.engine_config())
     with _engines_lock:
         if key not in _engines:

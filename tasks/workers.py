@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
-import os
 import queue
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -23,7 +22,7 @@ import torch
 
 from stylecore.model import UNet
 
-from .bucket import Shard, ShardOptions, ShardResult, stylize_shard
+from .bucket import Shard, ShardOptions, ShardResult, cores_per_worker, models_device, stylize_shard
 from .storage import Location
 
 PROGRESS_SECONDS = 0.2  # how often a worker reports finished images to the parent
@@ -37,7 +36,7 @@ def stylize_in_processes(shards: list[Shard], source: Location, destination: Loc
                          options: ShardOptions, on_progress: Callable[[int], None] | None = None) -> list[ShardResult]:
     """Every shard, in ``options.workers`` processes. The first failure stops the shards not yet started, lets the
     running ones finish (their work is kept), and is raised here."""
-    device = str(next(next(iter(models.values())).parameters()).device)
+    device = str(models_device(models))
     # Workers get the models on the CPU (a CUDA tensor would cross as an IPC handle tied to this process).
     cpu_models = {name: copy.deepcopy(model).cpu() for name, model in models.items()}
     context = multiprocessing.get_context("spawn")  # forking a process that has used CUDA or threads is unsafe
@@ -87,7 +86,7 @@ _worker: dict = {}  # this worker process's models and progress queue
 
 
 def _start_worker(models: dict[str, UNet], device: str, workers: int, progress: multiprocessing.Queue) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(cores_per_worker(workers))
     _worker["models"] = {name: model.to(device).eval() for name, model in models.items()}
     _worker["progress"] = progress
 
