@@ -108,16 +108,18 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
             source, destination = "gs://bench/in", "gs://bench/out"
             started = time.perf_counter()
         summary = stylize_bucket(source, destination, ["bench"], model_store=store.url, storage_options=options,
-                                 shard_size=shard_size, batch_size=batch)
+                                 shard_size=shard_size, batch_size=batch, workers=workers)
         if server is not None:
             server.stop()
         assert summary["counts"]["ok"] == count, summary
         # The flow's own wall time: Prefect's one-off ephemeral server start (7-16 s per process) is left out,
         # as it is when a server is running; it is reported separately.
         process_seconds = time.perf_counter() - started
+        children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         return {"run": kind, "images": count, "seconds": summary["seconds"],
                 "img_per_s": round(count / summary["seconds"], 2), "peak_rss_mb": round(peak_rss_mb(), 1),
-                "process_seconds": round(process_seconds, 2)}
+                "process_seconds": round(process_seconds, 2), "workers": summary["workers"],
+                "worker_peak_rss_mb": round(children, 1) if summary["workers"] > 1 else None}
     seconds = time.perf_counter() - started
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"run": kind, "images": count, "seconds": round(seconds, 2), "img_per_s": round(count / seconds, 2),
@@ -131,7 +133,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=1, help="loop-local's shard worker processes (default 1)")
+    parser.add_argument("--workers", type=int, default=1, help="shard worker processes of loop-local and the flows (default 1)")
     parser.add_argument("--only", choices=RUNS, help="run just this one")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--work", type=Path, help="(internal) working folder holding images/")

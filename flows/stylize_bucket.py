@@ -14,12 +14,14 @@ from contextlib import nullcontext
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from stylecore.images import DEFAULT_MAX_PIXELS
-from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES
+from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, auto_workers
 from tasks.secrets import StorageSecrets, hide_options, redact
-from tasks.stylize_tasks import check_models, clean_destination, combine_manifest, ingest, record_run, stylize_shard_task
+from tasks.stylize_tasks import (
+    check_models, clean_destination, combine_manifest, ingest, open_shard_workers, record_run, stylize_shard_task,
+)
 
 
 class ShardsFailed(RuntimeError):
@@ -45,7 +47,7 @@ def stylize_bucket(
     retries: int = 3,
     retry_delay_seconds: float = 5.0,
     journal_seconds: float = 5.0,
-    workers: int = 1,
+    workers: int = 0,
 ) -> dict:
     """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
     ``model_store`` or model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it
@@ -53,12 +55,13 @@ def stylize_bucket(
     free memory, a quarter of it on a CPU); a larger image is stylised in tiles. ``gpu_codec`` encodes JPEG
     outputs on the GPU (inputs are decoded on the CPU); ``compile`` runs the model through torch.compile. Images
     over ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished
-    rows every ``journal_seconds``: the most work a crashed worker can cost. ``workers`` 1 runs two shards at a
-    time in this process's threads; N > 1 runs shards as tasks in N worker processes, each with its share of the
-    cores and memory (one process's per-image Python work tops out at a few hundred images a second; on 2 CPU
-    cores against a Prefect server the threads were faster: 175 against 155 img/s). ``storage_options``
-    (credentials included) are kept out of logs, manifests and artifacts, and are recorded by Prefect as
-    ``**********``."""
+    rows every ``journal_seconds``: the most work a crashed worker can cost. ``workers`` N > 1 runs
+    shards in N worker processes, each holding the models with its share of the cores and memory (one process's
+    per-image Python work tops out at a few hundred images a second), each shard still a task of this flow run,
+    retried in fresh processes if a worker dies; 1 runs two shards at a time in this process's threads; 0 (the
+    default) picks 1 below 2,000 images and one per four cores, at least two, from there (as ``stylize run``).
+    ``storage_options`` (credentials included) are kept out of logs, manifests and artifacts, and are recorded by
+    Prefect as ``**********``."""
     logger = get_run_logger()
     started = time.perf_counter()
     storage_options = hide_options(storage_options)
@@ -74,17 +77,21 @@ def stylize_bucket(
                              "shard_size": shard_size, **options}, storage_options)
     delays = [retry_delay_seconds * 2**attempt for attempt in range(retries)]  # exponential backoff
     shard_task = stylize_shard_task.with_options(retries=retries, retry_delay_seconds=delays)
-    workers = max(1, min(workers, len(shards)))
+    if workers < 0:
+        raise ValueError(f"workers must not be negative, not {workers}")
+    workers = max(1, min(workers or auto_workers(sum(len(s) for s in shards)), len(shards)))
     progress = create_progress_artifact(0.0, description=f"shards of {redact(source)} done")
     per_shard, failed = [], []
-    # Worker processes take their tasks from this flow's own pool; otherwise the flow's threads run two at a time.
-    with ProcessPoolTaskRunner(workers) if workers > 1 else nullcontext() as processes:
+    with open_shard_workers(models, model_store, workers, storage_options) if workers > 1 else nullcontext() as pool, \
+            ThreadPoolTaskRunner(2 * workers) if pool else nullcontext() as threads:
         futures = []
         for shard in shards:
             arguments = {"shard": shard, "source": source, "destination": destination, "models": models,
-                         "model_store": model_store, "options": {**options, "workers": workers},
-                         "storage_options": storage_options}
-            futures.append(processes.submit(shard_task, arguments) if processes else shard_task.submit(**arguments))
+                         "model_store": model_store, "options": options, "storage_options": storage_options}
+            # With worker processes each shard task (in a thread of this flow) hands its shard to them; two
+            # tasks a worker keep one queued while the other's task run is recorded.
+            futures.append(threads.submit(shard_task, {**arguments, "workers": pool}) if pool
+                           else shard_task.submit(**arguments))
         for done, future in enumerate(as_completed(futures), start=1):
             try:
                 result = future.result()

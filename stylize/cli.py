@@ -434,7 +434,7 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or 0, max_batch_pixels=args.max_batch_pixels or 0, output_format=args.format,
         quality=args.quality, max_pixels=args.max_pixels,
         max_image_bytes=args.max_bytes, retries=args.retries, gpu_codec=not args.no_gpu_codec, compile=args.compile,
-        journal_seconds=args.journal_seconds, workers=args.workers or 1, return_state=True,
+        journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,
     )
     if state.is_completed():
         summary = state.result()
@@ -693,9 +693,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=non_negative_int, default=0,
                      help="processes stylising shards side by side, each with its share of the cores and of the "
                           "memory. Per-image file work in one process tops out at a few hundred "
-                          "images a second; workers take seconds to start. Default 0: for folders one per four "
-                          f"cores, at least two, from {AUTO_WORKERS_MIN_IMAGES:,} images up, one below; for URLs "
-                          "one (the flow's two threads)")
+                          "images a second; workers take seconds to start. Default 0: one per four cores, at "
+                          f"least two, from {AUTO_WORKERS_MIN_IMAGES:,} images up, one below (for URLs: the "
+                          "flow's two threads)")
     run.set_defaults(func=cmd_run)
 
     evaluate_parser = commands.add_parser("eval", parents=[common, vgg],

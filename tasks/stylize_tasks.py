@@ -9,12 +9,16 @@ import json
 from dataclasses import asdict
 
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+
+from stylecore.model import UNet
 
 from .bucket import PARTS_FOLDER, Shard, ShardOptions, combine_parts, list_shards, stylize_shard
 from .models import default_device, load_model_from, model_location
 from .secrets import StorageSecrets, redact, reveal_options
 from .storage import Location, read_bytes, remove_partial_files, write_bytes
+from .workers import ShardWorkers
 
 
 @task(name="ingest")
@@ -48,20 +52,40 @@ def clean_destination(destination: str, storage_options: StorageSecrets | dict |
     return remove_partial_files(Location(destination, reveal_options(storage_options)))
 
 
-@task(name="stylize-shard", task_run_name="stylize-shard-{shard.shard_id}")
-def stylize_shard_task(shard: Shard, source: str, destination: str, models: list[str], model_store: str | None,
-                       options: dict, storage_options: StorageSecrets | dict | None = None) -> dict:
-    """Stylise one shard with every model; storage failures raise (and are retried), bad images become rows."""
-    storage = reveal_options(storage_options)
+def load_models(models: list[str], model_store: str | None, storage: dict) -> dict[str, UNet]:
+    """Each model by reference, under its own name (kept for this process: shards reuse them)."""
     device = default_device()
     loaded = {}
     for reference in models:
         location = model_location(reference, model_store, storage)
         model, metadata = load_model_from(location, device)
         loaded[metadata.get("name") or location.display.rstrip("/").rsplit("/", 1)[-1]] = model
-    shard_options = ShardOptions(**options, flow_run_id=str(flow_run.id) if flow_run.id else None)
+    return loaded
+
+
+def open_shard_workers(models: list[str], model_store: str | None, count: int,
+                       storage_options: StorageSecrets | dict | None = None) -> ShardWorkers:
+    """``count`` worker processes holding the models, for ``stylize_shard_task(workers=...)``; a context manager."""
+    return ShardWorkers(load_models(models, model_store, reveal_options(storage_options)), count)
+
+
+# No Prefect cache: a shard's own manifest part and journal say what is done, and the workers cannot be hashed.
+@task(name="stylize-shard", task_run_name="stylize-shard-{shard.shard_id}", cache_policy=NO_CACHE)
+def stylize_shard_task(shard: Shard, source: str, destination: str, models: list[str], model_store: str | None,
+                       options: dict, storage_options: StorageSecrets | dict | None = None,
+                       workers: ShardWorkers | None = None) -> dict:
+    """Stylise one shard with every model, here or in one of ``workers`` (which hold the models already); storage
+    failures raise (and are retried), bad images become rows."""
+    storage = reveal_options(storage_options)
+    shard_options = ShardOptions(**options, workers=workers.count if workers else 1,
+                                 flow_run_id=str(flow_run.id) if flow_run.id else None)
+    source_location, destination_location = Location(source, storage), Location(destination, storage)
     try:
-        result = stylize_shard(shard, Location(source, storage), Location(destination, storage), loaded, shard_options)
+        if workers is not None:
+            result = workers.run(shard, source_location, destination_location, shard_options)
+        else:
+            loaded = load_models(models, model_store, storage)
+            result = stylize_shard(shard, source_location, destination_location, loaded, shard_options)
     except Exception as error:  # the message (not the traceback's locals) is what Prefect records and logs
         raise ShardError(f"shard {shard.shard_id}: {type(error).__name__}: {redact(error, storage)}") from None
     get_run_logger().info("shard %s: %s in %.1fs", shard.shard_id, result.counts, result.seconds)

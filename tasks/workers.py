@@ -5,14 +5,18 @@ process's global interpreter lock, so one process tops out at a few hundred imag
 on 2 CPU cores, with a model that costs nothing (32 px), one process ran 660-780 img/s end to end and two workers
 1,050 once started.
 Each worker process loads the models once, builds its own engine with its share of the cores and of the memory
-budget (``ShardOptions.workers``), and takes shards from the parent until none are left.
+budget (``ShardOptions.workers``), and takes shards from this process until none are left. ``ShardWorkers`` is
+the pool (the stylize-bucket flow's shard tasks hand their shards to it); ``stylize_in_processes`` runs a list of
+shards through one (``run_shards``, what ``stylize run`` does on folders).
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import multiprocessing
 import queue
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -32,25 +36,107 @@ class WorkerDied(RuntimeError):
     """A worker process ended without finishing its shard (killed, or out of memory)."""
 
 
+WORKER_DIED = ("a worker process ended unexpectedly (killed, or out of memory); finished images are kept: run the "
+               "same command again to do the rest")
+
+
+class ShardWorkers:
+    """``count`` spawned processes, each holding ``models``, that stylise the shards submitted from any thread of
+    this process. A worker that dies breaks the processes it ran with: their shards raise ``WorkerDied`` and the
+    next submit starts fresh processes, so a retried shard runs again. Use it as a context manager."""
+
+    def __init__(self, models: dict[str, UNet], count: int):
+        if count < 1:
+            raise ValueError(f"count must be at least 1, not {count}")
+        self.count = count
+        self.models = list(models)
+        self._device = str(models_device(models))
+        # Workers get the models on the CPU (a CUDA tensor would cross as an IPC handle tied to this process).
+        self._cpu_models = {name: copy.deepcopy(model).cpu() for name, model in models.items()}
+        self._context = multiprocessing.get_context("spawn")  # forking a process that has used CUDA or threads is unsafe
+        self._lock = threading.Lock()
+        self._listeners: dict[int, Callable[[int], None]] = {}  # per submitted shard, until close: progress may lag
+        self._tickets = itertools.count()
+        self._pool: ProcessPoolExecutor | None = None
+        self._progress: multiprocessing.Queue | None = None
+        self._closing = threading.Event()
+        self._forwarder = threading.Thread(target=self._forward_progress, name="shard-workers-progress", daemon=True)
+
+    def __enter__(self) -> "ShardWorkers":
+        with self._lock:
+            self._start()
+        self._forwarder.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def submit(self, shard: Shard, source: Location, destination: Location, options: ShardOptions,
+               on_progress: Callable[[int], None] | None = None) -> Future:
+        """Queue ``shard``; its future gives the ShardResult, or raises what the shard raised (BrokenProcessPool
+        when a worker died). ``on_progress`` is called from a background thread with counts of finished images."""
+        with self._lock:
+            if self._pool is None:
+                raise RuntimeError("these shard workers are closed")
+            ticket = next(self._tickets)
+            if on_progress is not None:
+                self._listeners[ticket] = on_progress
+            try:
+                return self._pool.submit(_run_shard, ticket, shard, source, destination, options)
+            except BrokenProcessPool:  # a worker died since the last submit: start afresh
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._start()
+                return self._pool.submit(_run_shard, ticket, shard, source, destination, options)
+
+    def run(self, shard: Shard, source: Location, destination: Location, options: ShardOptions,
+            on_progress: Callable[[int], None] | None = None) -> ShardResult:
+        """Stylise ``shard`` in a worker and wait for it."""
+        try:
+            return self.submit(shard, source, destination, options, on_progress).result()
+        except BrokenProcessPool:
+            raise WorkerDied(WORKER_DIED) from None
+
+    def close(self) -> None:
+        """Let running and queued shards finish, stop the workers, and deliver the last progress."""
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+        self._closing.set()
+        if self._forwarder.is_alive():
+            self._forwarder.join()
+
+    def _start(self) -> None:
+        self._progress = self._context.Queue()
+        self._pool = ProcessPoolExecutor(self.count, mp_context=self._context, initializer=_start_worker,
+                                         initargs=(self._cpu_models, self._device, self.count, self._progress))
+
+    def _forward_progress(self) -> None:
+        while True:
+            try:
+                ticket, count = self._progress.get(timeout=0.1)
+            except queue.Empty:
+                if self._closing.is_set():
+                    return
+                continue
+            except (EOFError, OSError):  # the queue of processes replaced after a worker died
+                continue
+            listener = self._listeners.get(ticket)
+            if listener is not None:
+                listener(count)
+
+
 def stylize_in_processes(shards: list[Shard], source: Location, destination: Location, models: dict[str, UNet],
                          options: ShardOptions, on_progress: Callable[[int], None] | None = None) -> list[ShardResult]:
     """Every shard, in ``options.workers`` processes. The first failure stops the shards not yet started, lets the
     running ones finish (their work is kept), and is raised here."""
-    device = str(models_device(models))
-    # Workers get the models on the CPU (a CUDA tensor would cross as an IPC handle tied to this process).
-    cpu_models = {name: copy.deepcopy(model).cpu() for name, model in models.items()}
-    context = multiprocessing.get_context("spawn")  # forking a process that has used CUDA or threads is unsafe
-    progress = context.Queue()
-    report = on_progress or (lambda count: None)
     results: list[ShardResult] = []
     failure: BaseException | None = None
-    with ProcessPoolExecutor(options.workers, mp_context=context, initializer=_start_worker,
-                             initargs=(cpu_models, device, options.workers, progress)) as pool:
-        pending: set[Future] = {pool.submit(_run_shard, shard, source, destination, options) for shard in shards}
+    with ShardWorkers(models, options.workers) as workers:
+        pending: set[Future] = {workers.submit(shard, source, destination, options, on_progress) for shard in shards}
         try:
             while pending:
-                done, pending = wait(pending, timeout=PROGRESS_SECONDS, return_when=FIRST_COMPLETED)
-                _forward_progress(progress, report)
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     if future.cancelled():
                         continue
@@ -65,21 +151,11 @@ def stylize_in_processes(shards: list[Shard], source: Location, destination: Loc
             for future in pending:
                 future.cancel()
             raise
-    _forward_progress(progress, report)
     if isinstance(failure, BrokenProcessPool):
-        raise WorkerDied("a worker process ended unexpectedly (killed, or out of memory); finished images are "
-                         "kept: run the same command again to do the rest") from failure
+        raise WorkerDied(WORKER_DIED) from failure
     if failure is not None:
         raise failure
     return results
-
-
-def _forward_progress(progress: multiprocessing.Queue, report: Callable[[int], None]) -> None:
-    while True:
-        try:
-            report(progress.get_nowait())
-        except queue.Empty:
-            return
 
 
 _worker: dict = {}  # this worker process's models and progress queue
@@ -91,7 +167,8 @@ def _start_worker(models: dict[str, UNet], device: str, workers: int, progress: 
     _worker["progress"] = progress
 
 
-def _run_shard(shard: Shard, source: Location, destination: Location, options: ShardOptions) -> ShardResult:
+def _run_shard(ticket: int, shard: Shard, source: Location, destination: Location,
+               options: ShardOptions) -> ShardResult:
     progress: multiprocessing.Queue = _worker["progress"]
     unreported, reported_at = 0, time.monotonic()
 
@@ -99,11 +176,11 @@ def _run_shard(shard: Shard, source: Location, destination: Location, options: S
         nonlocal unreported, reported_at
         unreported += count
         if time.monotonic() - reported_at >= PROGRESS_SECONDS:
-            progress.put(unreported)
+            progress.put((ticket, unreported))
             unreported, reported_at = 0, time.monotonic()
 
     try:
         return stylize_shard(shard, source, destination, _worker["models"], options, on_progress)
     finally:
         if unreported:
-            progress.put(unreported)
+            progress.put((ticket, unreported))

@@ -140,7 +140,7 @@ def test_each_deployment_runs_for_real_and_failed_batches_heal(served, photo_dir
         photos(root / "bucket", 9)
         bucket = {"source": str(root / "bucket"), "destination": str(root / "out"), "models": ["e2e"],
                   "model_store": str(store), "shard_size": 3}
-        flow_run, seconds = run("stylize-bucket/stylize-bucket", bucket)
+        flow_run, seconds = run("stylize-bucket/stylize-bucket", {**bucket, "workers": 2})  # spawned by the runner
         assert flow_run.state.is_completed(), flow_run.state
         assert manifest.counts(manifest.read_table(Location(str(root / "out" / "manifest.parquet"))))["ok"] == 9
         print(f"stylize-bucket: {seconds:.1f}s from run_deployment to Completed")

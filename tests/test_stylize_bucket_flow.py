@@ -1,6 +1,11 @@
 """The stylize-bucket flow on a real (temporary) Prefect server: outputs, manifest, retries, failed shards, rerun."""
 
 import io
+import multiprocessing
+import os
+import signal
+import threading
+import time
 import uuid
 
 import duckdb
@@ -84,6 +89,33 @@ def test_shards_can_run_in_worker_processes_as_tasks_of_the_same_flow_run(tmp_pa
         task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     shard_runs = [run for run in task_runs if run.name.startswith("stylize-shard-")]
     assert len(shard_runs) == 3 and all(run.state.is_completed() for run in shard_runs)
+
+
+def test_a_shard_whose_worker_process_is_killed_is_retried_and_the_run_completes(tmp_path, model_store):
+    make_bucket(tmp_path / "in", 30)
+    killed: list[int] = []
+
+    def kill_a_worker_once_outputs_appear() -> None:  # as the kernel's out-of-memory killer would
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not any((tmp_path / "out").glob("part*/*.jpg")):
+            time.sleep(0.005)
+        workers = multiprocessing.active_children()
+        if workers:
+            os.kill(workers[0].pid, signal.SIGKILL)
+            killed.append(workers[0].pid)
+
+    killer = threading.Thread(target=kill_a_worker_once_outputs_appear)
+    killer.start()
+    state = stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny"], model_store=model_store,
+                           shard_size=1, workers=2, retry_delay_seconds=0, return_state=True)
+    killer.join()
+    assert killed and state.is_completed()
+    summary, flow_run_id = state.result(), state.state_details.flow_run_id
+    assert summary["counts"]["ok"] + summary["counts"]["skipped"] == 30 and summary["failed_shards"] == 0
+    with get_client(sync_client=True) as client:
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    retried = [run for run in task_runs if run.name.startswith("stylize-shard-") and run.run_count > 1]
+    assert retried, "no shard was running or queued when its worker was killed"
 
 
 def test_a_run_leaves_progress_table_and_summary_artifacts(tmp_path, model_store):

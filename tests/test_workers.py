@@ -7,6 +7,7 @@ import io
 import multiprocessing
 import os
 import signal
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -16,9 +17,9 @@ from PIL import Image, ImageOps
 
 from stylecore.model import UNet, UNetConfig
 from tasks import manifest
-from tasks.bucket import AUTO_WORKERS_MIN_IMAGES, MANIFEST_NAME, ShardOptions, auto_workers, run_shards
+from tasks.bucket import AUTO_WORKERS_MIN_IMAGES, MANIFEST_NAME, ShardOptions, auto_workers, list_shards, run_shards
 from tasks.storage import Location
-from tasks.workers import WorkerDied
+from tasks.workers import ShardWorkers, WorkerDied
 
 PHOTOS = Path(__file__).resolve().parent.parent / "stylecore" / "assets" / "photos"
 
@@ -43,6 +44,20 @@ def rows_by_input(destination: Path, root: Path) -> dict[str, dict]:
 
 def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(path.read_bytes())).convert("RGB"), dtype=np.int16)
+
+
+class WorkerKiller:
+    """A progress callback that SIGKILLs one worker process the first time it is called, as the kernel's
+    out-of-memory killer would once work is under way."""
+
+    def __init__(self):
+        self.killed: list[int] = []
+
+    def __call__(self, count: int) -> None:
+        if not self.killed:
+            victim = multiprocessing.active_children()[0]
+            os.kill(victim.pid, signal.SIGKILL)
+            self.killed.append(victim.pid)
 
 
 def test_worker_processes_give_the_outputs_and_rows_of_one_process(tmp_path):
@@ -102,18 +117,29 @@ def test_a_killed_worker_stops_the_run_with_a_clear_error_and_a_rerun_finishes_i
     keys = [f"photo{index:02}.jpg" for index in range(12)]
     small_photos(tmp_path / "in", keys)
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
-    killed: list[int] = []
-
-    def kill_a_worker(count: int) -> None:  # as the kernel's out-of-memory killer would, once work is under way
-        if not killed:
-            victim = multiprocessing.active_children()[0]
-            os.kill(victim.pid, signal.SIGKILL)
-            killed.append(victim.pid)
+    kill_a_worker = WorkerKiller()
 
     with pytest.raises(WorkerDied, match="run the same command again"):
         run_shards(source, destination, {"m": model()}, ShardOptions(workers=2), 1, on_progress=kill_a_worker)
     again = run_shards(source, destination, {"m": model()}, ShardOptions(workers=2), 1)
     assert again["counts"]["ok"] + again["counts"]["skipped"] == 12 and again["counts"]["error"] == 0
+
+
+def test_after_a_worker_dies_the_same_workers_start_afresh_and_a_retried_shard_finishes(tmp_path):
+    """What lets the stylize-bucket flow retry a shard whose worker was killed."""
+    small_photos(tmp_path / "in", [f"photo{index:02}.jpg" for index in range(12)])
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    shards = list_shards(source, 1)
+    kill_a_worker = WorkerKiller()
+    options = ShardOptions(workers=2)
+    with ShardWorkers({"m": model()}, 2) as workers:
+        futures = [workers.submit(shard, source, destination, options, kill_a_worker) for shard in shards]
+        lost = [shard for shard, future in zip(shards, futures) if future.exception() is not None]
+        assert kill_a_worker.killed and lost, "the kill came after every shard had finished"
+        assert all(isinstance(futures[shards.index(shard)].exception(), BrokenProcessPool) for shard in lost)
+        retried = [workers.run(shard, source, destination, options) for shard in lost]
+    assert all(result.counts["ok"] + result.counts["skipped"] == 1 for result in retried)
+    assert {path.name for path in (tmp_path / "out").glob("*.jpg")} == {f"photo{index:02}.jpg" for index in range(12)}
 
 
 def test_workers_take_their_share_of_the_cores_and_memory():
