@@ -68,8 +68,8 @@ class ShardWorkers:
         self._forwarder.start()
         return self
 
-    def __exit__(self, *exc_info) -> None:
-        self.close()
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.close(cancel_queued=error_type is not None)
 
     def submit(self, shard: Shard, source: Location, destination: Location, options: ShardOptions,
                on_progress: Callable[[int], None] | None = None) -> Future:
@@ -96,12 +96,13 @@ class ShardWorkers:
         except BrokenProcessPool:
             raise WorkerDied(WORKER_DIED) from None
 
-    def close(self) -> None:
-        """Let running and queued shards finish, stop the workers, and deliver the last progress."""
+    def close(self, cancel_queued: bool = False) -> None:
+        """Let running shards (and queued ones, unless ``cancel_queued``) finish, stop the workers, and deliver the
+        last progress."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=cancel_queued)
         self._closing.set()
         if self._forwarder.is_alive():
             self._forwarder.join()
