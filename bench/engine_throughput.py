@@ -1,7 +1,7 @@
 """End to end against model only, in one process, on whatever device is there (the GPU benchmark; the CPU one
 with Prefect is bucket_throughput.py).
 
-    python bench/engine_throughput.py --images 10000 --size 512 [--compile] [--no-gpu-codec] [--workers N] [--photos DIR]
+    python bench/engine_throughput.py --images 10000 --size 512 [--compile] [--no-gpu-codec] [--gpu-decode] [--workers N] [--photos DIR]
 
 Writes N JPEGs of SIZE x SIZE (crops of the photos, re-encoded) to a temporary folder, builds the shard
 engine once, then times (1) model only: the engine's forward on a decoded uint8 batch already on the device
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=UNetConfig.depth)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-gpu-codec", action="store_true")
+    parser.add_argument("--gpu-decode", action="store_true", help="decode JPEG inputs by nvjpeg on a GPU")
     parser.add_argument("--workers", type=int, default=1, help="shard worker processes (default 1)")
     parser.add_argument("--photos", type=Path, default=REPO / "stylecore" / "assets" / "photos")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -90,7 +91,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = UNet(UNetConfig(base_channels=args.base, depth=args.depth)).eval().to(device)
-    options = ShardOptions(batch_size=args.batch, compile=args.compile, gpu_codec=not args.no_gpu_codec)
+    options = ShardOptions(batch_size=args.batch, compile=args.compile, gpu_codec=not args.no_gpu_codec,
+                           gpu_decode=args.gpu_decode)
     engine = engine_for({"bench": model}, options)
     batch = engine.batch_size
 
@@ -128,7 +130,8 @@ def main() -> None:
         "bench": "engine_throughput", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "images": args.images, "size": args.size, "batch": batch,
         "batch_pixels": engine.max_batch_pixels, "unet": f"{args.base}x{args.depth}", "compile": args.compile,
-        "gpu_codec": engine.gpu_jpeg, "shard_size": args.shard_size, "warmup_s": round(warmup_s, 1),
+        "gpu_codec": engine.gpu_jpeg, "gpu_decode": engine.gpu_decode, "shard_size": args.shard_size,
+        "warmup_s": round(warmup_s, 1),
         "model_img_per_s": round(model_rate, 1), "e2e_img_per_s": round(e2e_rate, 1),
         "e2e_over_model": round(e2e_rate / model_rate, 3), "e2e_seconds": round(seconds, 2),
         "e2e_steady_img_per_s": round(steady_rate, 1), "steady_over_model": round(steady_rate / model_rate, 3),

@@ -46,6 +46,8 @@ part tests 75 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engin
   tests/test_workers.py
 part e2e_10k_compiled_workers4 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 4 \
   --shard-size $SHARD --photos $DATA/photos --work /tmp/eb
+part e2e_10k_compiled_workers4_gpu_decode 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile \
+  --workers 4 --gpu-decode --shard-size $SHARD --photos $DATA/photos --work /tmp/eb
 part training 240 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT \
   --sheet "$OUT/training_sheet.jpg" --save-model "$OUT/model"
 part stages 60 $PY bench/engine_stages.py --images $N1 --size $SIZE --photos $DATA/photos

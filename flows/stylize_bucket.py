@@ -43,25 +43,25 @@ def stylize_bucket(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
     gpu_codec: bool = True,
+    gpu_decode: bool = False,
     compile: bool = False,
     retries: int = 3,
     retry_delay_seconds: float = 5.0,
     journal_seconds: float = 5.0,
     workers: int = 0,
 ) -> dict:
-    """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in
-    ``model_store`` or model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it
-    (64 on a GPU within its free memory, 8 on a CPU). ``max_batch_pixels`` bounds one forward pass (0: from the
-    free memory, a quarter of it on a CPU); a larger image is stylised in tiles. ``gpu_codec`` encodes JPEG
-    outputs on the GPU (inputs are decoded on the CPU); ``compile`` runs the model through torch.compile. Images
-    over ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished
-    rows every ``journal_seconds``: the most work a crashed worker can cost. ``workers`` N > 1 runs
-    shards in N worker processes, each holding the models with its share of the cores and memory (one process's
-    per-image Python work tops out at a few hundred images a second), each shard still a task of this flow run,
-    retried in fresh processes if a worker dies; 1 runs two shards at a time in this process's threads; 0 (the
-    default) picks 1 below 2,000 images and one per four cores, at least two, from there (as ``stylize run``).
-    ``storage_options`` (credentials included) are kept out of logs, manifests and artifacts, and are recorded by
-    Prefect as ``**********``."""
+    """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in ``model_store`` or
+    model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it (64 on a GPU within its free
+    memory, 8 on a CPU). ``max_batch_pixels`` bounds one forward pass (0: from the free memory, a quarter of it on a
+    CPU); a larger image is stylised in tiles. ``gpu_codec`` encodes JPEG outputs on the GPU, ``gpu_decode`` decodes
+    plain JPEG inputs there (default: in CPU threads); ``compile`` runs the model through torch.compile. Images over
+    ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished rows
+    every ``journal_seconds``: the most work a crashed worker can cost. ``workers`` N > 1 runs shards in N worker
+    processes, each holding the models with its share of the cores and memory (one process's per-image Python work
+    tops out at a few hundred images a second), each shard still a task of this flow run, retried in fresh processes
+    if a worker dies; 1 runs two shards at a time in this process's threads; 0 (the default) picks 1 below 2,000
+    images and one per four cores, at least two, from there (as ``stylize run``). ``storage_options`` (credentials
+    included) are kept out of logs, manifests and artifacts, and are recorded by Prefect as ``**********``."""
     logger = get_run_logger()
     started = time.perf_counter()
     storage_options = hide_options(storage_options)
@@ -70,7 +70,8 @@ def stylize_bucket(
     clean_destination(destination, storage_options)
     options = {"output_format": output_format, "quality": quality, "batch_size": batch_size,
                "max_batch_pixels": max_batch_pixels, "max_pixels": max_pixels,
-               "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec, "compile": compile,
+               "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec,
+               "gpu_decode": gpu_decode, "compile": compile,
                "journal_seconds": journal_seconds}
     # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.
     record_run(destination, {"source": source, "models": models, "model_store": model_store,

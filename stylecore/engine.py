@@ -8,7 +8,8 @@ encodes while the models run on this one:
 On CUDA each stage has its own stream. Decoding and encoding run in a thread pool on the CPU: plain RGB JPEGs
 through libjpeg-turbo without the GIL (torchvision), everything else (PNG, WebP, CMYK or EXIF-rotated JPEGs, ...)
 and every error through PIL, which gives the same pictures and the same error messages. On CUDA, JPEG outputs
-are encoded on the GPU (nvjpeg) unless ``gpu_codec`` is off. A batch is cut by a
+are encoded on the GPU (nvjpeg) unless ``gpu_codec`` is off, and with ``gpu_decode`` plain JPEG inputs are
+decoded there too. A batch is cut by a
 pixel budget as well as by a count, so memory stays bounded whatever the image sizes: at most
 ``queue_batches`` batches wait between two stages.
 
@@ -63,6 +64,10 @@ class EngineConfig:
     quality: int = 90
     max_pixels: int = DEFAULT_MAX_PIXELS  # per image; larger ones become errors before they are decoded
     gpu_codec: bool = True  # JPEG outputs encoded by nvjpeg on CUDA
+    # Plain RGB JPEG inputs decoded by nvjpeg on CUDA, a batch at a time, instead of in the CPU threads. Off by
+    # default: timed once with nvjpeg's set-up inside, it ran 179 img/s on an H200 against 4,293 for 16 CPU threads;
+    # bench/engine_stages.py times it warmed up, bench/engine_throughput.py --gpu-decode end to end.
+    gpu_decode: bool = False
     compile: bool = False  # torch.compile the models (pays off for long runs of few distinct sizes)
     channels_last: bool = True  # on CUDA
     cpu_threads: int = 0  # decode/encode threads; 0 = the number of cores
@@ -129,6 +134,7 @@ class StylizeEngine:
         if config.compile:
             self.models = {name: torch.compile(model) for name, model in self.models.items()}
         self.gpu_jpeg = self.cuda and config.gpu_codec
+        self.gpu_decode = self.cuda and config.gpu_decode
         self._threads = config.cpu_threads or os.cpu_count() or 2
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="codec")
 
@@ -237,12 +243,23 @@ class StylizeEngine:
                 return str(error)
             return tensor.pin_memory() if self.cuda else tensor
 
-        for index, result in enumerate(self._map(decode, range(len(group)))):
+        on_gpu = [i for i, (_, header) in enumerate(group) if self.gpu_decode and header.plain_jpeg]
+        if on_gpu:
+            try:
+                for index, image in zip(on_gpu, _nvjpeg_decode([group[i][0].data for i in on_gpu], self.device)):
+                    images[index] = image
+            except RuntimeError:  # nvjpeg refuses the batch (a corrupt JPEG): the CPU path says which, and why
+                on_gpu = []
+        decoded_on_gpu = set(on_gpu)
+        on_cpu = [i for i in range(len(group)) if i not in decoded_on_gpu]
+        for index, result in zip(on_cpu, self._map(decode, on_cpu)):
             if isinstance(result, str):
                 outcomes[index].error = result
             else:
                 images[index] = result.to(self.device, non_blocking=True)
-                outcomes[index].height, outcomes[index].width = (int(side) for side in result.shape[-2:])
+        for outcome, image in zip(outcomes, images):
+            if image is not None:
+                outcome.height, outcome.width = (int(side) for side in image.shape[-2:])
         for job, _ in group:
             job.data = b""  # decoded: let the encoded bytes go now, not when the batch is written
         return _Batch([job for job, _ in group], outcomes, images, began=began)
@@ -442,6 +459,15 @@ class _Header:
                              "choose another output format")
         plain_jpeg = image.format == "JPEG" and image.mode == "RGB" and orientation in (0, 1)
         return cls(pixels=width * height, plain_jpeg=plain_jpeg)
+
+
+def _nvjpeg_decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision >= 0.29 marks its image codecs deprecated
+        return decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas],
+                           mode=ImageReadMode.RGB, device=device)
 
 
 def _nvjpeg_encode(images: list[torch.Tensor], quality: int) -> list[bytes]:

@@ -366,8 +366,8 @@ def shard_options_from(args: argparse.Namespace) -> ShardOptions:
     return ShardOptions(output_format=args.format, quality=args.quality, batch_size=args.batch_size or 0,
                         max_batch_pixels=args.max_batch_pixels or 0,
                         max_pixels=args.max_pixels, max_image_bytes=args.max_bytes, gpu_codec=not args.no_gpu_codec,
-                        compile=args.compile, skip_existing=args.skip_existing, journal_seconds=args.journal_seconds,
-                        workers=args.workers)
+                        gpu_decode=args.gpu_decode, compile=args.compile, skip_existing=args.skip_existing,
+                        journal_seconds=args.journal_seconds, workers=args.workers)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -434,7 +434,7 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or 0, max_batch_pixels=args.max_batch_pixels or 0, output_format=args.format,
         quality=args.quality, max_pixels=args.max_pixels,
         max_image_bytes=args.max_bytes, retries=args.retries, gpu_codec=not args.no_gpu_codec, compile=args.compile,
-        journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,
+        gpu_decode=args.gpu_decode, journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,
     )
     if state.is_completed():
         summary = state.result()
@@ -676,8 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model: slower start, faster on long runs of few image sizes")
     run.add_argument("--no-gpu-codec", action="store_true",
-                     help="encode JPEG outputs on the CPU even on a GPU (default: nvjpeg, full chroma; inputs "
-                          "are always decoded on the CPU)")
+                     help="encode JPEG outputs on the CPU even on a GPU (default: nvjpeg, full chroma)")
+    run.add_argument("--gpu-decode", action="store_true",
+                     help="on a GPU, decode plain JPEG inputs there (nvjpeg, a batch at a time) instead of in CPU "
+                          "threads (the default)")
     run.add_argument("--max-pixels", type=positive_int, default=image_io.DEFAULT_MAX_PIXELS,
                      help=f"refuse images with more pixels (default {image_io.DEFAULT_MAX_PIXELS:,})")
     run.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_IMAGE_BYTES,

@@ -144,6 +144,7 @@ class ShardOptions:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per input file, checked before and while reading
     max_batch_pixels: int = 0  # 0: automatic (from free GPU memory)
     gpu_codec: bool = True
+    gpu_decode: bool = False
     compile: bool = False
     io_threads: int = 16  # reads and writes each: 8 wrote 1,869 files/s on an H200 box, 16 wrote 2,886
     read_ahead_bytes: int = 256 * 2**20  # input bytes read but not yet decoded, at most (one file always fits)
@@ -163,7 +164,7 @@ class ShardOptions:
         fmt = "jpeg" if self.output_format == SAME_FORMAT else self.output_format
         return EngineConfig(batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels,
                             output_format=fmt, quality=self.quality, max_pixels=self.max_pixels,
-                            gpu_codec=self.gpu_codec, compile=self.compile,
+                            gpu_codec=self.gpu_codec, gpu_decode=self.gpu_decode, compile=self.compile,
                             cpu_threads=cores_per_worker(self.workers) if self.workers > 1 else 0,
                             memory_fraction=1 / max(self.workers, 1))
 

@@ -53,7 +53,8 @@ class ShardWorkers:
         self._device = str(models_device(models))
         # Workers get the models on the CPU (a CUDA tensor would cross as an IPC handle tied to this process).
         self._cpu_models = {name: copy.deepcopy(model).cpu() for name, model in models.items()}
-        self._context = multiprocessing.get_context("spawn")  # forking a process that has used CUDA or threads is unsafe
+        # Spawned: forking a process that has used CUDA or threads is unsafe.
+        self._context = multiprocessing.get_context("spawn")
         self._lock = threading.Lock()
         self._listeners: dict[int, Callable[[int], None]] = {}  # per submitted shard, until close: progress may lag
         self._tickets = itertools.count()

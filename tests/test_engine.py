@@ -165,6 +165,30 @@ def test_gpu_codec_gives_the_same_pictures_as_the_cpu_path():
     assert (results[True][1].width, results[True][1].height) == (64, 96)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_decode_gives_the_pictures_of_the_cpu_decode_and_broken_jpegs_still_say_why():
+    model = tiny_model()
+    jpegs = []
+    for quality, options in ((95, {}), (80, {"progressive": True}), (90, {"subsampling": "4:4:4"})):
+        buffer = io.BytesIO()
+        Image.effect_mandelbrot((96, 64), (-2, -1, 1, quality / 50), 60).convert("RGB").save(buffer, "JPEG",
+                                                                                            quality=quality, **options)
+        jpegs.append(buffer.getvalue())
+    datas = [*jpegs, jpegs[0][: len(jpegs[0]) // 2], encoded((40, 24), "PNG"), b"garbage"]
+    results = {}
+    for gpu_decode in (False, True):
+        config = EngineConfig(gpu_decode=gpu_decode, gpu_codec=False, output_format="png")
+        with StylizeEngine({"m": model}, "cuda", config) as engine:
+            results[gpu_decode] = run(engine, datas)
+    for cpu, gpu in zip(results[False], results[True]):
+        assert (cpu.error is None) == (gpu.error is None), (cpu.error, gpu.error)
+        assert (cpu.width, cpu.height) == (gpu.width, gpu.height)
+        if cpu.error is None:  # nvjpeg's and libjpeg-turbo's inverse DCTs round differently
+            a, b = (image_to_tensor(decode_image(outcome.outputs["m"])).float() for outcome in (cpu, gpu))
+            assert (a - b).abs().mean() < 2.0
+    assert "truncated" in results[True][3].error
+
+
 class IndexLimitedUNet(UNet):
     """A real UNet that, like some CUDA kernels, refuses a batch past a size (torch's own message)."""
 
