@@ -37,13 +37,7 @@ def ingest(source: str, shard_size: int = 256, storage_options: StorageSecrets |
 def check_models(models: list[str], model_store: str | None, storage_options: StorageSecrets | dict | None = None) -> list[str]:
     """Load every model once (checksums verified) before any shard starts, so a missing, truncated or tampered
     checkpoint stops the run at once with its reason instead of failing every shard."""
-    storage = reveal_options(storage_options)
-    names = []
-    for reference in models:
-        location = model_location(reference, model_store, storage)
-        _, metadata = load_model_from(location, default_device())  # kept for this process: the shards reuse it
-        names.append(metadata.get("name") or location.display.rstrip("/").rsplit("/", 1)[-1])
-    return names
+    return list(load_models(models, model_store, reveal_options(storage_options)))
 
 
 @task(name="clean-destination")
@@ -53,13 +47,18 @@ def clean_destination(destination: str, storage_options: StorageSecrets | dict |
 
 
 def load_models(models: list[str], model_store: str | None, storage: dict) -> dict[str, UNet]:
-    """Each model by reference, under its own name (kept for this process: shards reuse them)."""
+    """Each model by reference, under its own name (kept for this process: shards reuse them). Two models of one
+    name would write the same outputs: refused."""
     device = default_device()
-    loaded = {}
+    loaded, references = {}, {}
     for reference in models:
         location = model_location(reference, model_store, storage)
         model, metadata = load_model_from(location, device)
-        loaded[metadata.get("name") or location.display.rstrip("/").rsplit("/", 1)[-1]] = model
+        name = metadata.get("name") or location.display.rstrip("/").rsplit("/", 1)[-1]
+        if name in loaded and references[name] != location.url:
+            raise ValueError(f"models {redact(references[name], storage)} and {location.display} are both named "
+                             f"{name!r}: their outputs would overwrite each other; stylise with one at a time")
+        loaded[name], references[name] = model, location.url
     return loaded
 
 

@@ -215,6 +215,16 @@ def test_a_tampered_or_truncated_model_stops_the_run_before_any_shard(tmp_path, 
     assert state.is_failed() and "tiny" in state.message
 
 
+def test_two_models_of_one_name_are_refused_before_any_shard(tmp_path, model_store):
+    make_bucket(tmp_path / "in", 2)
+    other = Location(str(tmp_path / "other-store")).child("models/tiny")
+    save_model_to(other, UNet(UNetConfig(base_channels=4, depth=1)).eval(), {"name": "tiny"})
+    state = stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny", other.url], model_store=model_store,
+                           return_state=True)
+    assert state.is_failed() and "are both named 'tiny'" in state.message
+    assert not (tmp_path / "out").exists()
+
+
 def test_retry_failed_without_an_earlier_run_says_so(tmp_path):
     with pytest.raises(ValueError, match="has no record of a stylize-bucket run"):
         retry_failed(destination=str(tmp_path / "never-written"))
