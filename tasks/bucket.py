@@ -275,7 +275,10 @@ def stylize_shard(
                     and exists(output_location(key, name))], shard.problem(index)
 
         todo: list[_Input] = []
-        for index, (done, problem) in enumerate(readers.map(done_models, range(len(shard)))):
+        # Only an earlier run's rows (or skip_existing) send the check to storage; otherwise a thread per image
+        # would just be hand-offs.
+        checking = readers.map if previous or options.skip_existing else map
+        for index, (done, problem) in enumerate(checking(done_models, range(len(shard)))):
             key = shard.keys[index]
             for name in done:
                 earlier = previous.get((source.child(key).display, name)) or {
