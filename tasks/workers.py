@@ -49,7 +49,6 @@ class ShardWorkers:
         if count < 1:
             raise ValueError(f"count must be at least 1, not {count}")
         self.count = count
-        self.models = list(models)
         self._device = str(models_device(models))
         # Workers get the models on the CPU (a CUDA tensor would cross as an IPC handle tied to this process).
         self._cpu_models = {name: copy.deepcopy(model).cpu() for name, model in models.items()}
@@ -124,8 +123,11 @@ class ShardWorkers:
             except (EOFError, OSError):  # the queue of processes replaced after a worker died
                 continue
             listener = self._listeners.get(ticket)
-            if listener is not None:
-                listener(count)
+            try:
+                if listener is not None:
+                    listener(count)
+            except Exception:  # progress is a courtesy: the queue must still be drained or workers cannot exit
+                continue
 
 
 def stylize_in_processes(shards: list[Shard], source: Location, destination: Location, models: dict[str, UNet],

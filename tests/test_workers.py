@@ -142,6 +142,23 @@ def test_after_a_worker_dies_the_same_workers_start_afresh_and_a_retried_shard_f
     assert {path.name for path in (tmp_path / "out").glob("*.jpg")} == {f"photo{index:02}.jpg" for index in range(12)}
 
 
+def test_a_failing_progress_callback_does_not_stop_progress_for_other_shards(tmp_path):
+    small_photos(tmp_path / "in", [f"photo{index}.jpg" for index in range(6)])
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    first, second = list_shards(source, 3)
+    counted: list[int] = []
+
+    def broken_progress_bar(count: int) -> None:
+        raise ValueError("the terminal went away")
+
+    with ShardWorkers({"m": model()}, 1) as workers:  # one worker: the first shard reports first
+        futures = [workers.submit(first, source, destination, ShardOptions(), broken_progress_bar),
+                   workers.submit(second, source, destination, ShardOptions(), counted.append)]
+        results = [future.result() for future in futures]
+    assert [result.counts["ok"] for result in results] == [3, 3]
+    assert sum(counted) == 3
+
+
 def test_workers_take_their_share_of_the_cores_and_memory():
     alone, quarter = ShardOptions().engine_config(), ShardOptions(workers=4).engine_config()
     assert alone.memory_fraction == 1 and alone.cpu_threads == 0  # 0: every core
