@@ -147,7 +147,7 @@ def test_storage_write_failures_fail_the_shard_and_leave_no_manifest_part():
         stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions())
     assert manifest.read_table(part_location(destination, shard.shard_id)) is None
     result = stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions())
-    assert result.counts["ok"] == 2
+    assert result.counts == {"ok": 1, "skipped": 1, "error": 0}  # the output written before the failure is kept
 
 
 def test_the_manifest_part_has_typed_columns(tmp_path):
@@ -189,3 +189,24 @@ def test_bounded_map_keeps_order_and_every_item():
 
     with ThreadPoolExecutor(3) as pool:
         assert list(BoundedMap(pool, lambda x: x * x, list(range(50)), ahead=4)) == [x * x for x in range(50)]
+
+
+def test_an_interrupted_shard_keeps_a_record_of_every_output_it_wrote(tmp_path):
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {f"img{index:02}.jpg": jpeg((index * 12, 90, 200)) for index in range(20)})
+    [shard] = list_shards(source, 20)
+    options = ShardOptions(batch_size=2, journal_seconds=3600)  # no periodic journal entry before the interrupt
+    seen: list[int] = []
+
+    def press_ctrl_c(count: int) -> None:
+        seen.append(count)
+        if sum(seen) >= 8:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        stylize_shard(shard, source, destination, {"m": tiny_model()}, options, press_ctrl_c)
+    written = read_outputs(destination)
+    assert 0 < len(written) < 20
+    again = stylize_shard(shard, source, destination, {"m": tiny_model()}, options)
+    assert again.counts == {"ok": 20 - len(written), "skipped": len(written), "error": 0}
+    assert again.redone == 20 - len(written)  # nothing written before the interrupt is done twice
