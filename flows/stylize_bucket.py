@@ -17,7 +17,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from stylecore.images import DEFAULT_MAX_PIXELS
-from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, auto_workers
+from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, workers_for
 from tasks.secrets import StorageSecrets, hide_options, redact
 from tasks.stylize_tasks import (
     check_models, clean_destination, combine_manifest, ingest, open_shard_workers, record_run, stylize_shard_task,
@@ -78,9 +78,7 @@ def stylize_bucket(
                              "shard_size": shard_size, **options}, storage_options)
     delays = [retry_delay_seconds * 2**attempt for attempt in range(retries)]  # exponential backoff
     shard_task = stylize_shard_task.with_options(retries=retries, retry_delay_seconds=delays)
-    if workers < 0:
-        raise ValueError(f"workers must not be negative, not {workers}")
-    workers = max(1, min(workers or auto_workers(sum(len(s) for s in shards)), len(shards)))
+    workers = workers_for(workers, shards)
     progress = create_progress_artifact(0.0, description=f"shards of {redact(source)} done")
     per_shard, failed = [], []
     with open_shard_workers(models, model_store, workers, storage_options) if workers > 1 else nullcontext() as pool, \

@@ -262,84 +262,80 @@ def stylize_shard(
     def output_location(key: str, model: str) -> Location:
         return destination.child(output_key(key, model, several, options.output_format, key in shard.clashing))
 
+    def record_written(pending: tuple) -> None:
+        finished(_finish(*pending, source, shard, options))
+
     window = max(engine.batch_size * 2, 16)  # images in flight on each side of the engine
     write_behind = _WriteBehind(options.write_behind_bytes, window)
-    try:
-        with ThreadPoolExecutor(options.io_threads) as readers, ThreadPoolExecutor(options.io_threads) as writers:
-            # What is already done (an earlier ok/skipped row and its output still there) is skipped.
-            def done_models(index: int) -> tuple[list[str], str | None]:
-                key = shard.keys[index]
+    # On the way out of a failure or Ctrl-C, the writers shut down first, then every output written is recorded.
+    with _recorded_on_failure(write_behind, record_written, journal), \
+            ThreadPoolExecutor(options.io_threads) as readers, ThreadPoolExecutor(options.io_threads) as writers:
+        # What is already done (an earlier ok/skipped row and its output still there) is skipped.
+        def done_models(index: int) -> tuple[list[str], str | None]:
+            key = shard.keys[index]
+            try:
+                output_key(key, "", several, options.output_format)
+            except ValueError as error:
+                return [], str(error)
+            input_uri = source.child(key).display
+            return [name for name in models
+                    if ((input_uri, name) in previous or options.skip_existing)
+                    and exists(output_location(key, name))], shard.problem(index)
+
+        todo: list[_Input] = []
+        # Only an earlier run's rows (or skip_existing) send the check to storage; otherwise a thread per image
+        # would just be hand-offs.
+        checking = readers.map if previous or options.skip_existing else map
+        for index, (done, problem) in enumerate(checking(done_models, range(len(shard)))):
+            key = shard.keys[index]
+            for name in done:
+                earlier = previous.get((source.child(key).display, name)) or {
+                    "input_uri": source.child(key).display, "output_uri": output_location(key, name).display,
+                    "model": name}
+                rows.append({**earlier, "status": "skipped", "error": None, "shard_id": shard.shard_id,
+                             "duration_ms": 0.0, "flow_run_id": options.flow_run_id, "finished_at": manifest.now()})
+            remaining = tuple(name for name in models if name not in done)
+            if remaining:
+                todo.append(_Input(key, remaining, shard.sizes[index], problem=problem))
+        progress(len(shard) - len(todo))
+
+        def read(item: _Input) -> Job:
+            began = time.perf_counter()
+            problem, data = item.problem, b""
+            if problem is None and item.size > options.max_image_bytes:
+                problem = f"file is {item.size:,} bytes, over the limit of {options.max_image_bytes:,}"
+            if problem is None:
                 try:
-                    output_key(key, "", several, options.output_format)
-                except ValueError as error:
-                    return [], str(error)
-                input_uri = source.child(key).display
-                return [name for name in models
-                        if ((input_uri, name) in previous or options.skip_existing)
-                        and exists(output_location(key, name))], shard.problem(index)
+                    data = read_input(source.child(item.key), options.max_image_bytes)
+                except InputError as error:
+                    problem = str(error)
+            # a storage error propagates: the shard fails and is retried
+            checked = _Input(item.key, item.models, len(data) or item.size, time.perf_counter() - began, problem)
+            fmt = output_extension(posixpath.splitext(item.key)[1], SAME_FORMAT) \
+                if options.output_format == SAME_FORMAT else None
+            return Job(checked, data, item.models if problem is None else (), output_format=fmt)
 
-            todo: list[_Input] = []
-            # Only an earlier run's rows (or skip_existing) send the check to storage; otherwise a thread per image
-            # would just be hand-offs.
-            checking = readers.map if previous or options.skip_existing else map
-            for index, (done, problem) in enumerate(checking(done_models, range(len(shard)))):
-                key = shard.keys[index]
-                for name in done:
-                    earlier = previous.get((source.child(key).display, name)) or {
-                        "input_uri": source.child(key).display, "output_uri": output_location(key, name).display,
-                        "model": name}
-                    rows.append({**earlier, "status": "skipped", "error": None, "shard_id": shard.shard_id,
-                                 "duration_ms": 0.0, "flow_run_id": options.flow_run_id,
-                                 "finished_at": manifest.now()})
-                remaining = tuple(name for name in models if name not in done)
-                if remaining:
-                    todo.append(_Input(key, remaining, shard.sizes[index], problem=problem))
-            progress(len(shard) - len(todo))
-
-            def read(item: _Input) -> Job:
-                began = time.perf_counter()
-                problem, data = item.problem, b""
-                if problem is None and item.size > options.max_image_bytes:
-                    problem = f"file is {item.size:,} bytes, over the limit of {options.max_image_bytes:,}"
-                if problem is None:
-                    try:
-                        data = read_input(source.child(item.key), options.max_image_bytes)
-                    except InputError as error:
-                        problem = str(error)
-                # a storage error propagates: the shard fails and is retried
-                checked = _Input(item.key, item.models, len(data) or item.size, time.perf_counter() - began,
-                                 problem)
-                fmt = output_extension(posixpath.splitext(item.key)[1], SAME_FORMAT) \
-                    if options.output_format == SAME_FORMAT else None
-                return Job(checked, data, item.models if problem is None else (), output_format=fmt)
-
-            read_ahead = BoundedMap(readers, read, todo, ahead=window,
-                                    cost=lambda item: min(item.size, options.max_image_bytes),
-                                    budget=options.read_ahead_bytes)
-            for outcome in engine.run(read_ahead):
-                item: _Input = outcome.tag
-                error = item.problem or outcome.error
-                if error is not None:
-                    for name in item.models:
-                        finished(_row(source, item, outcome, name, shard, options, "error", error=error))
-                    progress(1)
-                    continue
-                for name, data in outcome.outputs.items():
-                    target = output_location(item.key, name)
-                    write_behind.add(writers.submit(_write, inside, target, data), len(data),
-                                     (item, outcome, name, target))
-                for pending in write_behind.over_budget():
-                    finished(_finish(*pending, source, shard, options))
+        read_ahead = BoundedMap(readers, read, todo, ahead=window,
+                                cost=lambda item: min(item.size, options.max_image_bytes),
+                                budget=options.read_ahead_bytes)
+        for outcome in engine.run(read_ahead):
+            item: _Input = outcome.tag
+            error = item.problem or outcome.error
+            if error is not None:
+                for name in item.models:
+                    finished(_row(source, item, outcome, name, shard, options, "error", error=error))
                 progress(1)
-            for pending in write_behind.drain():
-                finished(_finish(*pending, source, shard, options))
-    except BaseException:  # interrupted (Ctrl-C) or failed: keep a record of every output already written
-        with contextlib.suppress(Exception):
-            for pending in write_behind.drain():  # the writers have finished: the pool was shut down
-                finished(_finish(*pending, source, shard, options))
-        with contextlib.suppress(Exception):
-            journal.flush()
-        raise
+                continue
+            for name, data in outcome.outputs.items():
+                target = output_location(item.key, name)
+                write_behind.add(writers.submit(_write, inside, target, data), len(data),
+                                 (item, outcome, name, target))
+            for pending in write_behind.over_budget():
+                record_written(pending)
+            progress(1)
+        for pending in write_behind.drain():
+            record_written(pending)
+
     journal.flush()
     table = manifest.to_table(rows)
     part = part_location(destination, shard.shard_id)
@@ -355,6 +351,21 @@ def stylize_shard(
         peak_read_ahead_bytes=read_ahead.peak_cost,
         peak_write_behind_bytes=write_behind.peak_bytes,
     )
+
+
+@contextlib.contextmanager
+def _recorded_on_failure(write_behind: "_WriteBehind", record: Callable[[tuple], None], journal: _Journal):
+    """If the block fails or is interrupted, record every write it finished and journal the rows, then re-raise:
+    a rerun or retry redoes none of those outputs. Failures while recording do not hide the original one."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(Exception):
+            for pending in write_behind.drain():
+                record(pending)
+        with contextlib.suppress(Exception):
+            journal.flush()
+        raise
 
 
 class _WriteBehind:
@@ -483,8 +494,7 @@ def run_shards(
     images = sum(len(shard) for shard in shards)
     if on_total is not None:
         on_total(images)
-    workers = options.workers or auto_workers(images)
-    options = replace(options, workers=max(1, min(workers, len(shards))))  # no idle workers
+    options = replace(options, workers=workers_for(options.workers, shards))
     if options.workers > 1:
         from .workers import stylize_in_processes  # it imports this module
 
@@ -498,6 +508,14 @@ def run_shards(
 
 
 AUTO_WORKERS_MIN_IMAGES = 2000  # a worker takes seconds to start (imports, CUDA, compile): not worth it for fewer
+
+
+def workers_for(requested: int, shards: list[Shard]) -> int:
+    """Shard worker processes for a run: ``requested``, or ``auto_workers`` when 0; never more than there are
+    shards (no idle workers), at least one."""
+    if requested < 0:
+        raise ValueError(f"workers must not be negative, not {requested}")
+    return max(1, min(requested or auto_workers(sum(len(shard) for shard in shards)), len(shards)))
 
 
 def auto_workers(images: int) -> int:

@@ -127,7 +127,7 @@ class ShardWorkers:
                 if listener is not None:
                     listener(count)
             except Exception:  # progress is a courtesy: the queue must still be drained or workers cannot exit
-                continue
+                pass
 
 
 def stylize_in_processes(shards: list[Shard], source: Location, destination: Location, models: dict[str, UNet],
