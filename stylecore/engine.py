@@ -24,7 +24,6 @@ import queue
 import re
 import threading
 import time
-import warnings
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -443,11 +442,9 @@ class _Header:
     @classmethod
     def read(cls, data: bytes, max_pixels: int, max_side: int = 2**31, fmt: str = "PNG") -> "_Header":
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                image = Image.open(io.BytesIO(data))
-                width, height = image.size
-                orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if image.format == "JPEG" else 1
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if image.format == "JPEG" else 1
         except Exception:
             return cls()  # the CPU decoder says what is wrong with it
         try:
@@ -464,10 +461,8 @@ class _Header:
 def _nvjpeg_decode(datas: list[bytes], device: torch.device) -> list[torch.Tensor]:
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torchvision >= 0.29 marks its image codecs deprecated
-        return decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas],
-                           mode=ImageReadMode.RGB, device=device)
+    return decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas],
+                       mode=ImageReadMode.RGB, device=device)
 
 
 def _nvjpeg_encode(images: list[torch.Tensor], quality: int) -> list[bytes]:

@@ -22,9 +22,15 @@ OUTPUT_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp"}
 INPUT_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-# torchvision >= 0.29 warns on every codec call; a filter set once (warnings.catch_warnings is not thread-safe).
+# Filters set once for the process: warnings.catch_warnings swaps one process-wide list, and entered and left by
+# decoding threads at once it can leave "ignore everything" behind. torchvision >= 0.29 warns on every codec call;
+# PIL warns of a "decompression bomb" above its own pixel limit, where this project applies its own
+# (check_pixel_count, max_pixels) and says why it refuses an image; and PIL's complaints about corrupt EXIF
+# (such an image is taken as stored, upright).
 warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
                         category=DeprecationWarning)
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.TiffImagePlugin")
 
 
 class ImageDecodeError(ValueError):
@@ -40,9 +46,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as error:  # PIL's own, higher limit: say it in this project's terms
         claimed = re.search(r"\((\d+) pixels\)", str(error))
         size = f"{int(claimed.group(1)):,} pixels" if claimed else "too many pixels"

@@ -220,3 +220,23 @@ def test_other_model_errors_are_not_hidden():
     with StylizeEngine({"m": model}, "cpu", EngineConfig(batch_size=4)) as engine:
         with pytest.raises(RuntimeError, match="32-bit index"):
             run(engine, [encoded((16, 16), seed=i) for i in range(4)])
+
+
+def test_stylising_in_threads_leaves_the_process_warning_filters_as_they_were():
+    # warnings.catch_warnings swaps one process-wide list: entered and left by threads at once, it can leave
+    # "ignore every warning" behind for the rest of a long-lived process (a served flow). A tiny switch interval
+    # makes the threads interleave inside such blocks, as they do now and then at the default one.
+    import sys
+    import warnings
+
+    previous = sys.getswitchinterval()
+    datas = [encoded((12, 10), "PNG", seed=i) for i in range(8)] * 40 + [encoded((12, 10), seed=1)] * 80
+    filters_before = list(warnings.filters)
+    sys.setswitchinterval(1e-6)
+    try:
+        with StylizeEngine({"m": tiny_model()}, "cpu", EngineConfig(batch_size=16, cpu_threads=8)) as engine:
+            outcomes = run(engine, datas)
+    finally:
+        sys.setswitchinterval(previous)
+    assert all(outcome.error is None for outcome in outcomes)
+    assert list(warnings.filters) == filters_before
