@@ -195,8 +195,9 @@ def main() -> None:
                "identity_style_distance": round(scores.identity.style, 4), "held_out": scores.images,
                "eval_size": scores.image_size, "train_size": args.size, "batch": args.batch,
                "content_weight": args.content_weight,
-               # what training minimised (style weight 1), on the held-out photos: the two distances trade off
-               "weighted_loss": round(scores.model.style + args.content_weight * scores.model.content, 4)}
+               # what training minimised, on the held-out photos: the two distances trade off
+               "weighted_loss": round(loss_config.style_weight * scores.model.style
+                                      + loss_config.content_weight * scores.model.content, 4)}
         results.append(row)
         print(json.dumps(row), flush=True)
 

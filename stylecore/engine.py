@@ -248,9 +248,8 @@ class StylizeEngine:
                 for index, image in zip(on_gpu, _nvjpeg_decode([group[i][0].data for i in on_gpu], self.device)):
                     images[index] = image
             except RuntimeError:  # nvjpeg refuses the batch (a corrupt JPEG): the CPU path says which, and why
-                on_gpu = []
-        decoded_on_gpu = set(on_gpu)
-        on_cpu = [i for i in range(len(group)) if i not in decoded_on_gpu]
+                pass
+        on_cpu = [i for i, image in enumerate(images) if image is None]
         for index, result in zip(on_cpu, self._map(decode, on_cpu)):
             if isinstance(result, str):
                 outcomes[index].error = result

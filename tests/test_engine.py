@@ -2,6 +2,8 @@
 reason; outputs are the model's pixels whatever the batching; on a GPU the nvjpeg path gives the same pictures."""
 
 import io
+import sys
+import warnings
 
 import pytest
 import torch
@@ -226,9 +228,6 @@ def test_stylising_in_threads_leaves_the_process_warning_filters_as_they_were():
     # warnings.catch_warnings swaps one process-wide list: entered and left by threads at once, it can leave
     # "ignore every warning" behind for the rest of a long-lived process (a served flow). A tiny switch interval
     # makes the threads interleave inside such blocks, as they do now and then at the default one.
-    import sys
-    import warnings
-
     previous = sys.getswitchinterval()
     datas = [encoded((12, 10), "PNG", seed=i) for i in range(8)] * 40 + [encoded((12, 10), seed=1)] * 80
     filters_before = list(warnings.filters)
