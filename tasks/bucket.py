@@ -4,11 +4,12 @@ Inside a shard, reading runs ahead in background threads, the stylisation engine
 stylises and encodes in overlapped batches, and writing runs behind in background threads; every queue is
 bounded by count and by bytes, so memory does not grow with the shard or with the size of its images.
 
-Nothing is lost and nothing is done twice: every input gets exactly one row per model (``ok``, ``skipped`` when
-an earlier run already made it, or ``error`` with a reason: undecodable, too large, a folder, a broken link,
-...). A storage failure raises instead, failing the shard (its task is retried). While a shard runs, the rows
-of finished outputs are journaled every few seconds, so a crash (even kill -9) costs only the images since
-the last journal entry; the shard's manifest part, written last, means "shard done".
+Nothing is lost and nothing is done twice: every input gets exactly one row per model (``ok``; ``skipped`` when
+an earlier run already made it, while a retry within the same run keeps its earlier attempt's ``ok``; or
+``error`` with a reason: undecodable, too large, a folder, a broken link, ...). A storage failure raises instead,
+failing the shard (its task is retried). While a shard runs, the rows of finished outputs are journaled every few
+seconds, so a crash (even kill -9) costs only the images since the last journal entry; the shard's manifest part,
+written last, means "shard done".
 """
 
 from __future__ import annotations
@@ -289,9 +290,12 @@ def stylize_shard(
         for index, (done, problem) in enumerate(checking(done_models, range(len(shard)))):
             key = shard.keys[index]
             for name in done:
-                earlier = previous.get((source.child(key).display, name)) or {
-                    "input_uri": source.child(key).display, "output_uri": output_location(key, name).display,
-                    "model": name}
+                earlier = previous.get((source.child(key).display, name))
+                if earlier is not None and options.flow_run_id and earlier["flow_run_id"] == options.flow_run_id:
+                    rows.append({**earlier, "shard_id": shard.shard_id})  # an earlier attempt of this run made it
+                    continue
+                earlier = earlier or {"input_uri": source.child(key).display,
+                                      "output_uri": output_location(key, name).display, "model": name}
                 rows.append({**earlier, "status": "skipped", "error": None, "shard_id": shard.shard_id,
                              "duration_ms": 0.0, "flow_run_id": options.flow_run_id, "finished_at": manifest.now()})
             remaining = tuple(name for name in models if name not in done)

@@ -162,14 +162,19 @@ def test_each_deployment_runs_for_real_and_failed_batches_heal(served, photo_dir
         assert manifest.counts(healed) == {"ok": 3, "skipped": 6, "error": 0}
         print(f"retry-failed: {seconds:.1f}s from run_deployment to Completed")
 
-        # Prefect's own retry of the failed flow run (what the UI's "Retry" does): schedule it again.
+        # Prefect's own retry of the failed flow run (what the UI's "Retry" does): schedule it again. It is the
+        # same flow run, so the outputs its first attempt made keep their ok rows, untouched; only part1 is redone.
+        first = manifest.read_table(Location(str(root / "heal-by-flow-retry" / "manifest.parquet"))).to_pylist()
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(failed.id, Scheduled(), force=True)
             final = wait_for(lambda: (lambda r: r if r.state.is_final() else None)(client.read_flow_run(failed.id)),
                              300, "the retried flow run")
         assert final.state.is_completed(), final.state
         healed = manifest.read_table(Location(str(root / "heal-by-flow-retry" / "manifest.parquet")))
-        assert manifest.counts(healed) == {"ok": 3, "skipped": 6, "error": 0}
+        assert manifest.counts(healed) == {"ok": 9, "skipped": 0, "error": 0}
+        kept = {(row["input_uri"], row["finished_at"]) for row in first}
+        redone = [row for row in healed.to_pylist() if (row["input_uri"], row["finished_at"]) not in kept]
+        assert len(redone) == 3 and all("/part1/" in row["output_uri"] for row in redone)
 
 
 CHROMIUM = Path("/usr/bin/chromium")

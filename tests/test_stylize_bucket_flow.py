@@ -1,5 +1,6 @@
 """The stylize-bucket flow on a real (temporary) Prefect server: outputs, manifest, retries, failed shards, rerun."""
 
+import collections
 import io
 import multiprocessing
 import os
@@ -133,38 +134,47 @@ def test_a_run_leaves_progress_table_and_summary_artifacts(tmp_path, model_store
 
 
 class FlakyStore(MemoryFileSystem):
-    """A real in-memory filesystem whose writes fail: the first ``failures`` image outputs, and any write whose
-    path contains ``broken_marker``."""
+    """A real in-memory filesystem whose writes fail: once for each image output whose path contains one of
+    ``fail_once``, and always for a path that contains ``broken_marker``. ``written`` counts successful writes."""
 
     protocol = "flaky"
-    failures = 0
-    failure_marker = "/out/part"  # transient failures hit image outputs only
+    fail_once: set[str] = set()
     broken_marker: str | None = None
+    written: collections.Counter = collections.Counter()
 
     def pipe_file(self, path, value, **kwargs):
         if FlakyStore.broken_marker and FlakyStore.broken_marker in path:
             raise OSError(f"simulated outage writing {path}")
-        if FlakyStore.failures > 0 and FlakyStore.failure_marker in path:
-            FlakyStore.failures -= 1
+        failing = {name for name in FlakyStore.fail_once if name in path and "/out/part" in path}
+        if failing:
+            FlakyStore.fail_once -= failing
             raise OSError("simulated transient write failure")
-        return super().pipe_file(path, value, **kwargs)
+        result = super().pipe_file(path, value, **kwargs)
+        FlakyStore.written[path] += 1
+        return result
 
 
 @pytest.fixture
 def flaky_destination():
     fsspec.register_implementation("flaky", FlakyStore, clobber=True)
-    FlakyStore.failures, FlakyStore.broken_marker = 0, None
+    FlakyStore.fail_once, FlakyStore.broken_marker, FlakyStore.written = set(), None, collections.Counter()
     yield f"flaky://{uuid.uuid4().hex[:8]}/out"
-    FlakyStore.failures, FlakyStore.broken_marker = 0, None
+    FlakyStore.fail_once, FlakyStore.broken_marker = set(), None
 
 
-def test_transient_write_failures_are_retried_and_the_run_completes(tmp_path, model_store, flaky_destination):
-    make_bucket(tmp_path / "in", 6)
-    FlakyStore.failures = 2
+def test_transient_write_failures_are_retried_and_the_run_completes_writing_each_output_once(
+        tmp_path, model_store, flaky_destination):
+    make_bucket(tmp_path / "in", 6)  # shards: part0/img000, part0/img003, part1/img001 | part1/img004, part2/...
+    FlakyStore.fail_once = {"img001", "img005"}  # each shard's last output: the others are written before it fails
     summary = stylize_bucket(str(tmp_path / "in"), flaky_destination, ["tiny"], model_store=model_store,
                              shard_size=3, retries=3, retry_delay_seconds=0)
-    assert summary["counts"]["ok"] == 6 and summary["failed_shards"] == 0
-    assert FlakyStore.failures == 0
+    # Outputs an earlier attempt of this same run wrote are this run's work: ok, not "skipped as already done".
+    assert summary["counts"] == {"ok": 6, "skipped": 0, "error": 0} and summary["failed_shards"] == 0
+    assert not FlakyStore.fail_once
+    outputs = {path: count for path, count in FlakyStore.written.items() if "/out/part" in path}
+    assert len(outputs) == 6 and set(outputs.values()) == {1}  # none written twice
+    table = manifest.read_table(Location(flaky_destination + "/manifest.parquet"))
+    assert sorted(table.column("status").to_pylist()) == ["ok"] * 6
 
 
 def test_shards_failing_after_retries_fail_the_run_and_a_rerun_redoes_only_them(tmp_path, model_store,
