@@ -33,11 +33,12 @@ PROGRESS_SECONDS = 0.2  # how often a worker reports finished images to the pare
 
 
 class WorkerDied(RuntimeError):
-    """A worker process ended without finishing its shard (killed, or out of memory)."""
+    """A worker process ended without finishing its shard (killed, out of memory, or it failed to start, e.g. a
+    script that starts workers without an ``if __name__ == "__main__":`` guard)."""
 
 
-WORKER_DIED = ("a worker process ended unexpectedly (killed, or out of memory); finished images are kept: run the "
-               "same command again to do the rest")
+WORKER_DIED = ("a worker process ended unexpectedly (killed, out of memory, or it failed to start: see any error "
+               "above); finished images are kept: run the same command again to do the rest")
 
 
 class ShardWorkers:
