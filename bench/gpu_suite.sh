@@ -34,9 +34,9 @@ part() {
 }
 
 if (( SCALE )); then
-  N1=1000; N10=10000; SIZES=256,512,1024; BATCHES=1,8,64; PRESET=full; BUDGET=15; LIMIT=""; SIZE=512; SHARD=250
+  N1=1000; N10=10000; N100=100000; SIZES=256,512,1024; BATCHES=1,8,64; PRESET=full; BUDGET=15; LIMIT=""; SIZE=512; SHARD=250
 else
-  N1=40; N10=80; SIZES=64,96; BATCHES=1,2; PRESET=fast; BUDGET=3; LIMIT="--train-limit 8"; SIZE=64; SHARD=20
+  N1=40; N10=80; N100=160; SIZES=64,96; BATCHES=1,2; PRESET=fast; BUDGET=3; LIMIT="--train-limit 8"; SIZE=64; SHARD=20
 fi
 VGG=$DATA/vgg19_normalised_relu3_1.pth
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -c "import torch, torchvision, sys;
@@ -51,6 +51,19 @@ part e2e_10k_compiled_workers4_gpu_decode 100 $PY bench/engine_throughput.py --i
 part training 240 $PY bench/training_speed.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG --preset $PRESET $LIMIT \
   --sheet "$OUT/training_sheet.jpg" --save-model "$OUT/model"
 part stages 60 $PY bench/engine_stages.py --images $N1 --size $SIZE --photos $DATA/photos
+# Scaling: 100k images with the faster of the two 10k runs above (peak RSS and img/s against those 10k).
+DECODE=$([[ -f "$OUT/results.jsonl" ]] && $PY - "$OUT/results.jsonl" <<'PICK'
+import json, sys
+rates = {}
+for line in open(sys.argv[1]):
+    row = json.loads(line)
+    if row.get("bench") == "engine_throughput" and row["part"].startswith("e2e_10k_compiled_workers4"):
+        rates[row["gpu_decode"]] = row["e2e_img_per_s"]
+print("--gpu-decode" if rates and max(rates, key=rates.get) else "")
+PICK
+)
+part e2e_100k_compiled_workers4 170 $PY bench/engine_throughput.py --images $N100 --size $SIZE --compile --workers 4 \
+  $DECODE --shard-size $SHARD --photos $DATA/photos --work /tmp/eb
 part e2e_10k_compiled_workers8 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 8 \
   --shard-size $SHARD --photos $DATA/photos --work /tmp/eb
 part e2e_10k_compiled 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --photos $DATA/photos --work /tmp/eb
