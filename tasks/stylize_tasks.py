@@ -36,8 +36,9 @@ def ingest(source: str, shard_size: int = 256, storage_options: StorageSecrets |
 @task(name="load-models")
 def check_models(models: list[str], model_store: str | None, storage_options: StorageSecrets | dict | None = None) -> list[str]:
     """Load every model once (checksums verified) before any shard starts, so a missing, truncated or tampered
-    checkpoint stops the run at once with its reason instead of failing every shard."""
-    return list(load_models(models, model_store, reveal_options(storage_options)))
+    checkpoint stops the run at once with its reason instead of failing every shard. On the CPU: with worker
+    processes this one never runs them, so it need not hold a GPU context."""
+    return list(load_models(models, model_store, reveal_options(storage_options), device="cpu"))
 
 
 @task(name="clean-destination")
@@ -46,10 +47,11 @@ def clean_destination(destination: str, storage_options: StorageSecrets | dict |
     return remove_partial_files(Location(destination, reveal_options(storage_options)))
 
 
-def load_models(models: list[str], model_store: str | None, storage: dict) -> dict[str, UNet]:
-    """Each model by reference, under its own name (kept for this process: shards reuse them). Two models of one
-    name would write the same outputs: refused."""
-    device = default_device()
+def load_models(models: list[str], model_store: str | None, storage: dict,
+                device: str | None = None) -> dict[str, UNet]:
+    """Each model by reference, under its own name, on ``device`` (default: the GPU if there is one), kept for this
+    process: shards reuse them. Two models of one name would write the same outputs: refused."""
+    device = device or default_device()
     loaded, references = {}, {}
     for reference in models:
         location = model_location(reference, model_store, storage)
@@ -64,8 +66,10 @@ def load_models(models: list[str], model_store: str | None, storage: dict) -> di
 
 def open_shard_workers(models: list[str], model_store: str | None, count: int,
                        storage_options: StorageSecrets | dict | None = None) -> ShardWorkers:
-    """``count`` worker processes holding the models, for ``stylize_shard_task(workers=...)``; a context manager."""
-    return ShardWorkers(load_models(models, model_store, reveal_options(storage_options)), count)
+    """``count`` worker processes holding the models on this machine's GPU (or CPU), for
+    ``stylize_shard_task(workers=...)``; a context manager. This process keeps its copies on the CPU."""
+    loaded = load_models(models, model_store, reveal_options(storage_options), device="cpu")
+    return ShardWorkers(loaded, count, device=default_device())
 
 
 # No Prefect cache: a shard's own manifest part and journal say what is done, and the workers cannot be hashed.

@@ -42,15 +42,15 @@ WORKER_DIED = ("a worker process ended unexpectedly (killed, out of memory, or i
 
 
 class ShardWorkers:
-    """``count`` spawned processes, each holding ``models``, that stylise the shards submitted from any thread of
-    this process. A worker that dies breaks the processes it ran with: their shards raise ``WorkerDied`` and the
+    """``count`` spawned processes, each holding ``models`` on ``device`` (default: where ``models`` are), that
+    stylise the shards submitted from any thread of this process. A worker that dies breaks the processes it ran with: their shards raise ``WorkerDied`` and the
     next submit starts fresh processes, so a retried shard runs again. Use it as a context manager."""
 
-    def __init__(self, models: dict[str, UNet], count: int):
+    def __init__(self, models: dict[str, UNet], count: int, device: str | None = None):
         if count < 1:
             raise ValueError(f"count must be at least 1, not {count}")
         self.count = count
-        self._device = str(models_device(models))
+        self._device = device or str(models_device(models))  # where the workers run the models
         # Workers get the models on the CPU (a CUDA tensor would cross as an IPC handle tied to this process).
         self._cpu_models = {name: copy.deepcopy(model).cpu() for name, model in models.items()}
         # Spawned: forking a process that has used CUDA or threads is unsafe.

@@ -94,6 +94,22 @@ def test_worker_processes_share_one_gpu(tmp_path):
         assert difference.mean() < 0.5, key
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_workers_run_on_the_gpu_models_this_process_keeps_on_the_cpu(tmp_path):
+    """How the stylize-bucket flow opens its workers: its own process holds no model on the GPU."""
+    small_photos(tmp_path / "in", [f"photo{index}.jpg" for index in range(4)])
+    source = Location(str(tmp_path / "in"))
+    [shard] = list_shards(source, 4)
+    alone = run_shards(source, Location(str(tmp_path / "alone")), {"m": model().cuda()}, ShardOptions(), 4)
+    before = torch.cuda.memory_allocated()
+    with ShardWorkers({"m": model()}, 1, device="cuda") as workers:
+        result = workers.run(shard, source, Location(str(tmp_path / "workers")), ShardOptions())
+    assert result.counts == alone["counts"] == {"ok": 4, "skipped": 0, "error": 0}
+    assert torch.cuda.memory_allocated() == before
+    for key in shard.keys:  # the pictures a GPU run in one process makes
+        assert np.abs(pixels(tmp_path / "alone" / key) - pixels(tmp_path / "workers" / key)).mean() < 0.5, key
+
+
 def test_a_failing_shard_fails_the_run_and_the_other_shards_keep_their_work(tmp_path):
     keys = ["a/1.jpg", "b/2.jpg", "c/3.jpg", "d/4.jpg"]
     small_photos(tmp_path / "in", keys)
