@@ -382,14 +382,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     if not source.is_dir():
         raise UserError(f"source folder not found: {source}")
     device = pick_device(args.device)
-    model, metadata, path = load_style_model(ModelStore(args.home), args.model, device)
+    # On the CPU here: run_shards puts it on the device, or worker processes do (then this one needs no GPU).
+    model, metadata, path = load_style_model(ModelStore(args.home), args.model, torch.device("cpu"))
     name = metadata.get("name") or path.name
     started = time.perf_counter()
     progress_bar = bar(0, "stylizing", args.quiet, "img")
     try:
         summary = run_shards(Location(str(source.resolve())), Location(str(destination.resolve())), {name: model},
                              shard_options_from(args), args.shard_size, on_progress=progress_bar.update,
-                             on_total=lambda total: setattr(progress_bar, "total", total))
+                             on_total=lambda total: setattr(progress_bar, "total", total), device=device)
     except StorageError as error:
         raise UserError(str(error)) from None
     except WorkerDied as error:

@@ -490,9 +490,12 @@ def run_shards(
     shard_size: int = 256,
     on_progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Every shard of ``source`` (no Prefect), then the manifest: one after the other in this process, or in
-    ``options.workers`` processes side by side (spawned: a calling script needs ``if __name__ == "__main__":``)."""
+    ``options.workers`` processes side by side (spawned: a calling script needs ``if __name__ == "__main__":``).
+    The models run on ``device`` (default: where they are); worker processes get their own copies there, so
+    models given on the CPU keep this process off the GPU."""
     remove_partial_files(destination)
     shards = list_shards(source, shard_size, exclude=destination)
     images = sum(len(shard) for shard in shards)
@@ -502,8 +505,11 @@ def run_shards(
     if options.workers > 1:
         from .workers import stylize_in_processes  # it imports this module
 
-        results = stylize_in_processes(shards, source, destination, models, options, on_progress)
+        results = stylize_in_processes(shards, source, destination, models, options, on_progress,
+                                       None if device is None else str(device))
     else:
+        if device is not None:
+            models = {name: model.to(device) for name, model in models.items()}
         results = [stylize_shard(shard, source, destination, models, options, on_progress) for shard in shards]
     summary = combine_parts(destination, [shard.shard_id for shard in shards])
     summary.update({"images": images, "shards": len(shards), "workers": options.workers,

@@ -132,12 +132,14 @@ class ShardWorkers:
 
 
 def stylize_in_processes(shards: list[Shard], source: Location, destination: Location, models: dict[str, UNet],
-                         options: ShardOptions, on_progress: Callable[[int], None] | None = None) -> list[ShardResult]:
-    """Every shard, in ``options.workers`` processes. The first failure stops the shards not yet started, lets the
-    running ones finish (their work is kept), and is raised here."""
+                         options: ShardOptions, on_progress: Callable[[int], None] | None = None,
+                         device: str | None = None) -> list[ShardResult]:
+    """Every shard, in ``options.workers`` processes running the models on ``device`` (default: where they are).
+    The first failure stops the shards not yet started, lets the running ones finish (their work is kept), and
+    is raised here."""
     results: list[ShardResult] = []
     failure: BaseException | None = None
-    with ShardWorkers(models, options.workers) as workers:
+    with ShardWorkers(models, options.workers, device) as workers:
         pending: set[Future] = {workers.submit(shard, source, destination, options, on_progress) for shard in shards}
         try:
             while pending:

@@ -96,17 +96,19 @@ def test_worker_processes_share_one_gpu(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_workers_run_on_the_gpu_models_this_process_keeps_on_the_cpu(tmp_path):
-    """How the stylize-bucket flow opens its workers: its own process holds no model on the GPU."""
+    """How `stylize run` and the stylize-bucket flow start their workers: their own process holds no model on the
+    GPU."""
     small_photos(tmp_path / "in", [f"photo{index}.jpg" for index in range(4)])
     source = Location(str(tmp_path / "in"))
-    [shard] = list_shards(source, 4)
-    alone = run_shards(source, Location(str(tmp_path / "alone")), {"m": model().cuda()}, ShardOptions(), 4)
+    alone = run_shards(source, Location(str(tmp_path / "alone")), {"m": model()}, ShardOptions(), 4, device="cuda")
     before = torch.cuda.memory_allocated()
-    with ShardWorkers({"m": model()}, 1, device="cuda") as workers:
-        result = workers.run(shard, source, Location(str(tmp_path / "workers")), ShardOptions())
-    assert result.counts == alone["counts"] == {"ok": 4, "skipped": 0, "error": 0}
+    models = {"m": model()}
+    shared = run_shards(source, Location(str(tmp_path / "workers")), models, ShardOptions(workers=2), 2,
+                        device="cuda")
+    assert shared["workers"] == 2 and alone["counts"] == shared["counts"] == {"ok": 4, "skipped": 0, "error": 0}
     assert torch.cuda.memory_allocated() == before
-    for key in shard.keys:  # the pictures a GPU run in one process makes
+    assert next(models["m"].parameters()).device.type == "cpu"
+    for key in (f"photo{index}.jpg" for index in range(4)):  # the pictures a GPU run in one process makes
         assert np.abs(pixels(tmp_path / "alone" / key) - pixels(tmp_path / "workers" / key)).mean() < 0.5, key
 
 
