@@ -2,6 +2,7 @@
 bad images as error rows, storage failures as exceptions, on local disk, memory:// and a GCS emulator."""
 
 import io
+import threading
 import uuid
 
 import fsspec
@@ -128,10 +129,13 @@ class FailingWrites(MemoryFileSystem):
 
     protocol = "flakymem"
     budget = 0
+    lock = threading.Lock()  # writes come from several threads: exactly ``budget`` of them fail
 
     def pipe_file(self, path, value, **kwargs):
-        if FailingWrites.budget > 0:
-            FailingWrites.budget -= 1
+        with FailingWrites.lock:
+            failing = FailingWrites.budget > 0
+            FailingWrites.budget -= failing
+        if failing:
             raise OSError("simulated storage write failure")
         return super().pipe_file(path, value, **kwargs)
 

@@ -141,16 +141,19 @@ class FlakyStore(MemoryFileSystem):
     fail_once: set[str] = set()
     broken_marker: str | None = None
     written: collections.Counter = collections.Counter()
+    lock = threading.Lock()  # shards write from several threads at once
 
     def pipe_file(self, path, value, **kwargs):
         if FlakyStore.broken_marker and FlakyStore.broken_marker in path:
             raise OSError(f"simulated outage writing {path}")
-        failing = {name for name in FlakyStore.fail_once if name in path and "/out/part" in path}
-        if failing:
+        with FlakyStore.lock:
+            failing = {name for name in FlakyStore.fail_once if name in path and "/out/part" in path}
             FlakyStore.fail_once -= failing
+        if failing:
             raise OSError("simulated transient write failure")
         result = super().pipe_file(path, value, **kwargs)
-        FlakyStore.written[path] += 1
+        with FlakyStore.lock:
+            FlakyStore.written[path] += 1
         return result
 
 
