@@ -43,8 +43,9 @@ WORKER_DIED = ("a worker process ended unexpectedly (killed, out of memory, or i
 
 class ShardWorkers:
     """``count`` spawned processes, each holding ``models`` on ``device`` (default: where ``models`` are), that
-    stylise the shards submitted from any thread of this process. A worker that dies breaks the processes it ran with: their shards raise ``WorkerDied`` and the
-    next submit starts fresh processes, so a retried shard runs again. Use it as a context manager."""
+    stylise the shards submitted from any thread of this process. A worker that dies breaks the processes it ran
+    with: their shards raise ``WorkerDied`` and the next submit starts fresh processes, so a retried shard runs
+    again. Use it as a context manager."""
 
     def __init__(self, models: dict[str, UNet], count: int, device: str | None = None):
         if count < 1:
