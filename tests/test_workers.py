@@ -81,35 +81,24 @@ def test_worker_processes_give_the_outputs_and_rows_of_one_process(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_worker_processes_share_one_gpu(tmp_path):
+@pytest.mark.parametrize("given_on", ["cuda", "cpu"])
+def test_worker_processes_share_one_gpu(tmp_path, given_on):
+    """Models given on the CPU with device="cuda" (how `stylize run` and the stylize-bucket flow start their
+    workers) stay there: this process holds nothing on the GPU."""
     keys = [f"photo{index}.jpg" for index in range(7)]
     small_photos(tmp_path / "in", keys)
     source = Location(str(tmp_path / "in"))
     alone = run_shards(source, Location(str(tmp_path / "alone")), {"m": model().cuda()}, ShardOptions(batch_size=2), 3)
-    shared = run_shards(source, Location(str(tmp_path / "shared")), {"m": model().cuda()},
-                        ShardOptions(batch_size=2, workers=2), 3)
+    models = {"m": model().to(given_on)}
+    before = torch.cuda.memory_allocated()
+    shared = run_shards(source, Location(str(tmp_path / "shared")), models, ShardOptions(batch_size=2, workers=2), 3,
+                        device="cuda")
     assert alone["counts"] == shared["counts"] == {"ok": 7, "skipped": 0, "error": 0} and shared["workers"] == 2
+    assert torch.cuda.memory_allocated() == before
+    assert next(models["m"].parameters()).device.type == given_on
     for key in keys:
         difference = np.abs(pixels(tmp_path / "alone" / key) - pixels(tmp_path / "shared" / key))
         assert difference.mean() < 0.5, key
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_workers_run_on_the_gpu_models_this_process_keeps_on_the_cpu(tmp_path):
-    """How `stylize run` and the stylize-bucket flow start their workers: their own process holds no model on the
-    GPU."""
-    small_photos(tmp_path / "in", [f"photo{index}.jpg" for index in range(4)])
-    source = Location(str(tmp_path / "in"))
-    alone = run_shards(source, Location(str(tmp_path / "alone")), {"m": model()}, ShardOptions(), 4, device="cuda")
-    before = torch.cuda.memory_allocated()
-    models = {"m": model()}
-    shared = run_shards(source, Location(str(tmp_path / "workers")), models, ShardOptions(workers=2), 2,
-                        device="cuda")
-    assert shared["workers"] == 2 and alone["counts"] == shared["counts"] == {"ok": 4, "skipped": 0, "error": 0}
-    assert torch.cuda.memory_allocated() == before
-    assert next(models["m"].parameters()).device.type == "cpu"
-    for key in (f"photo{index}.jpg" for index in range(4)):  # the pictures a GPU run in one process makes
-        assert np.abs(pixels(tmp_path / "alone" / key) - pixels(tmp_path / "workers" / key)).mean() < 0.5, key
 
 
 def test_a_failing_shard_fails_the_run_and_the_other_shards_keep_their_work(tmp_path):
