@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 from datetime import datetime, timezone
 
 import pyarrow as pa
@@ -38,9 +37,9 @@ def to_table(rows: list[dict]) -> pa.Table:
 
 
 def table_bytes(table: pa.Table) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(table, buffer, compression="zstd")
-    return buffer.getvalue()
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 def write_table(location: Location, table: pa.Table) -> None:
@@ -53,7 +52,9 @@ def read_table(location: Location) -> pa.Table | None:
         data = read_bytes(location)
     except FileNotFoundError:
         return None
-    return pq.read_table(io.BytesIO(data)).cast(SCHEMA)
+    # Arrow's own buffer, not a Python file object: Arrow's I/O threads would call back into Python to read one,
+    # and such a call still under way at interpreter exit aborts the process (apache/arrow#34314).
+    return pq.read_table(pa.BufferReader(data)).cast(SCHEMA)
 
 
 def read_folder(folder: Location) -> list[pa.Table]:

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
@@ -48,7 +49,7 @@ def rows_in(paths: list, read_bytes) -> list[dict]:
     rows = []
     for path in paths:
         try:
-            rows += pq.read_table(io.BytesIO(read_bytes(path))).to_pylist()
+            rows += pq.read_table(pa.BufferReader(read_bytes(path))).to_pylist()
         except FileNotFoundError:  # a running shard replaced this journal file since the listing
             pass
     return rows
@@ -145,7 +146,7 @@ def test_kill_9_of_a_bucket_run_on_gcs_then_the_same_command_finishes_the_job(gc
                            start_new_session=True)
     assert again.returncode == 0, again.stderr[-3000:]
     fs.invalidate_cache()
-    rows = pq.read_table(io.BytesIO(fs.cat_file(f"{prefix}/out/manifest.parquet"))).to_pylist()
+    rows = pq.read_table(pa.BufferReader(fs.cat_file(f"{prefix}/out/manifest.parquet"))).to_pylist()
     assert sorted(row["input_uri"] for row in rows) == sorted(f"gs://{path}" for path in fs.find(f"{prefix}/in"))
     assert {row["input_uri"] for row in rows if row["status"] == "skipped"} == done_before
     assert sum(row["status"] == "ok" for row in rows) == images - len(done_before)

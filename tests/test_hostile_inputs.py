@@ -1,10 +1,10 @@
 """Hostile and odd inputs: each ends as exactly one ``ok`` row (handled correctly) or one ``error`` row with a
 clear reason. Never a crashed shard, never a silent drop, never an output outside the destination."""
 
-import io
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -87,7 +87,7 @@ def test_an_output_path_through_a_link_in_the_destination_is_refused(tmp_path, t
     result = stylize_shard(shard, source_location, destination_location, {"tiny": model.eval()}, ShardOptions())
     assert result.counts == {"ok": 1, "skipped": 0, "error": 1}
     assert list(elsewhere.iterdir()) == []
-    rows = {Path(row["input_uri"]).name: row for row in pq.read_table(io.BytesIO(
+    rows = {Path(row["input_uri"]).name: row for row in pq.read_table(pa.BufferReader(
         (destination / "_manifest_parts" / f"{shard.shard_id}.parquet").read_bytes())).to_pylist()}
     assert "outside the destination" in rows["a.jpg"]["error"]
 
