@@ -210,6 +210,8 @@ def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSION
         raise
     except Exception as error:
         raise StorageError(f"cannot list {location.display}: {redact(error, location.options)}") from error
+    finally:
+        _forget_listing(fs, root)
     exclude_prefix = exclude.rstrip("/") + "/" if exclude else None
     found = []
     for path, info in entries.items():
@@ -227,6 +229,22 @@ def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSION
             problem = _link_problem(fs, root, path)
         found.append(Listed(relative, int(info.get("size") or 0), tag, problem))
     return sorted(found)
+
+
+def _forget_listing(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Drop the listing cache's entries under ``root``. Object stores' file systems (gcsfs, s3fs) keep every
+    object's metadata a ``find`` returned (about 1.6 KB an object with gcsfs: 1.6 GB for a million images) for the
+    life of the file system instance, which fsspec shares across the process; nothing here reads them again."""
+    cache = getattr(fs, "dircache", None)
+    if not cache:
+        return
+    root = root.rstrip("/")
+    try:
+        stale = [key for key in list(cache) if key == root or key.startswith(root + "/")]
+    except RuntimeError:  # another thread changed the cache meanwhile: it is only a cache, leave it
+        return
+    for key in stale:
+        cache.pop(key, None)
 
 
 def _link_problem(fs: fsspec.AbstractFileSystem, root: str, path: str) -> str | None:
