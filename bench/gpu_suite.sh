@@ -42,8 +42,9 @@ VGG=$DATA/vgg19_normalised_relu3_1.pth
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -c "import torch, torchvision, sys;
 print(sys.version.split()[0], torch.__version__, torchvision.__version__, torch.cuda.is_available())"; } >> "$OUT/suite.log"
 
-part tests 75 $PY -m pytest -q --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py tests/test_tiling.py \
-  tests/test_workers.py
+# -v: each test's outcome as it finishes, so a run cut short by its limit still says which passed (72 s on 2 CPU cores)
+part tests 120 $PY -m pytest -v --noconftest -p no:cacheprovider tests/test_engine.py tests/test_model.py tests/test_stylize.py \
+  tests/test_tiling.py tests/test_workers.py
 part e2e_10k_compiled_workers4 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --workers 4 \
   --shard-size $SHARD --photos $DATA/photos --work /tmp/eb
 part e2e_10k_compiled_workers4_gpu_decode 100 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile \
