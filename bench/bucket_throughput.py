@@ -4,10 +4,13 @@ emulator, with peak RSS per run (each run in its own process).
     .venv/bin/python bench/bucket_throughput.py --images 1000 --size 128          # the matrix below
     .venv/bin/python bench/bucket_throughput.py --images 1000 --size 128 --only flow-local
     .venv/bin/python bench/bucket_throughput.py --images 10000 --size 64 --runs model,loop-local --workers 2
+    python3 bench/bucket_throughput.py --images 10000 --size 512 --batch 0 --workers 4 \
+        --runs loop-local,flow-local,loop-local,flow-local                   # on a GPU: Prefect's share, alternated
 
 Runs: model (forward only, batch of decoded tensors), loop-local (run_shards, what `stylize run` does on local
-folders: no Prefect, in --workers processes), flow-local and flow-gcs (the stylize-bucket flow). Prints a table
-and one JSON line per run.
+folders: no Prefect, in --workers processes), flow-local and flow-gcs (the stylize-bucket flow), on the GPU when there is one. A kind named twice runs
+twice, each into its own destination, and the table gives each kind's mean. Prints a table and one JSON line
+per run.
 Input photos: ../shared/data/photos when present, else the bundled ones, centre-cropped to SIZE and
 re-encoded as JPEG. Not part of the tests.
 """
@@ -44,7 +47,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, workers: int = 1) -> dict:
+def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, workers: int = 1,
+            compile: bool = False, gpu_decode: bool = False, index: int = 0) -> dict:
     import torch
 
     from stylecore.model import UNet, UNetConfig
@@ -81,15 +85,16 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
         from tasks.models import load_model_from
 
         model, _ = load_model_from(store.child("models/bench"))
-        source, destination = Location(str(images)), Location(str(work / "out-loop"))
-        summary = run_shards(source, destination, {"bench": model}, ShardOptions(batch_size=batch, workers=workers),
-                             shard_size)
+        source, destination = Location(str(images)), Location(str(work / f"out-loop-{index}"))
+        options = ShardOptions(batch_size=batch, workers=workers, compile=compile, gpu_decode=gpu_decode)
+        device = "cuda" if torch.cuda.is_available() else "cpu"  # where the flow runs too
+        summary = run_shards(source, destination, {"bench": model}, options, shard_size, device=device)
         assert summary["counts"]["ok"] == count, summary
     else:
         from flows.stylize_bucket import stylize_bucket
 
         options = {}
-        source, destination = str(images), str(work / "out-flow")
+        source, destination = str(images), str(work / f"out-flow-{index}")
         server = None
         if kind == "flow-gcs":
             import socket
@@ -105,10 +110,11 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
             fs, _ = Location("gs://bench/in", options).filesystem()
             for path in sorted(images.rglob("*.jpg")):
                 fs.pipe_file(f"bench/in/{path.relative_to(images).as_posix()}", path.read_bytes())
-            source, destination = "gs://bench/in", "gs://bench/out"
+            source, destination = "gs://bench/in", f"gs://bench/out-{index}"
             started = time.perf_counter()
         summary = stylize_bucket(source, destination, ["bench"], model_store=store.url, storage_options=options,
-                                 shard_size=shard_size, batch_size=batch, workers=workers)
+                                 shard_size=shard_size, batch_size=batch, workers=workers, compile=compile,
+                                 gpu_decode=gpu_decode)
         if server is not None:
             server.stop()
         assert summary["counts"]["ok"] == count, summary
@@ -134,14 +140,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=1, help="shard worker processes of loop-local and the flows (default 1)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model (each worker its own)")
+    parser.add_argument("--gpu-decode", action="store_true", help="decode JPEG inputs on the GPU")
     parser.add_argument("--only", choices=RUNS, help="run just this one")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--work", type=Path, help="(internal) working folder holding images/")
+    parser.add_argument("--index", type=int, default=0, help="(internal) which run of its kind this is")
     args = parser.parse_args()
 
     if args.only and args.work:
         print(json.dumps(run_one(args.only, args.work / "images", args.work, args.batch, args.shard_size,
-                                 args.workers)))
+                                 args.workers, args.compile, args.gpu_decode, args.index)))
         return
 
     with tempfile.TemporaryDirectory(prefix="stylize-bench-") as folder:
@@ -149,26 +158,37 @@ def main() -> None:
         make_images(work / "images", args.images, args.size)
         env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PYTHONPATH": str(REPO)}
         results = []
-        for kind in [args.only] if args.only else args.runs.split(","):
+        for index, kind in enumerate([args.only] if args.only else args.runs.split(",")):
+            if kind not in RUNS:
+                sys.exit(f"unknown run {kind!r}: choose from {', '.join(RUNS)}")
             command = [sys.executable, __file__, "--only", kind, "--work", str(work), "--images", str(args.images),
                        "--size", str(args.size), "--batch", str(args.batch), "--shard-size", str(args.shard_size),
-                       "--workers", str(args.workers)]
+                       "--workers", str(args.workers), "--index", str(index)]
+            command += ["--compile"] * args.compile + ["--gpu-decode"] * args.gpu_decode
             process = subprocess.run(command, capture_output=True, text=True, env=env)
             if process.returncode != 0:
                 sys.exit(f"{kind} failed:\n{process.stderr[-3000:]}")
             results.append(json.loads(process.stdout.strip().splitlines()[-1]))
-            print(json.dumps({**results[-1], "size": args.size, "batch": args.batch}), flush=True)
-    model = next((r["img_per_s"] for r in results if r["run"] == "model"), None)
-    loop = next((r["seconds"] for r in results if r["run"] == "loop-local"), None)
-    print(f"\n{args.images} images at {args.size}px, batch {args.batch}, shards of {args.shard_size}")
+            print(json.dumps({"bench": "bucket_throughput", **results[-1], "size": args.size, "batch": args.batch,
+                              "compile": args.compile, "gpu_decode": args.gpu_decode}), flush=True)
+    def mean(kind: str, key: str) -> float | None:
+        values = [r[key] for r in results if r["run"] == kind]
+        return sum(values) / len(values) if values else None
+
+    model, loop, flow = mean("model", "img_per_s"), mean("loop-local", "seconds"), mean("flow-local", "seconds")
+    print(f"\n{args.images} images at {args.size}px, batch {args.batch}, shards of {args.shard_size}, "
+          f"{args.workers} worker(s){', compiled' if args.compile else ''}{', GPU decode' if args.gpu_decode else ''}")
     print(f"{'run':12}{'img/s':>9}{'x model':>9}{'seconds':>9}{'peak RSS MB':>13}")
     for r in results:
         ratio = f"{r['img_per_s'] / model:.2f}" if model else "-"
         print(f"{r['run']:12}{r['img_per_s']:>9.1f}{ratio:>9}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}")
-    flow = next((r["seconds"] for r in results if r["run"] == "flow-local"), None)
     if loop and flow:
-        print(f"Prefect overhead (flow-local vs loop-local): {100 * (flow - loop) / loop:+.1f}%")
-
+        pairs = sum(r["run"] == "flow-local" for r in results)
+        print(f"Prefect overhead (flow-local vs loop-local, mean seconds of {pairs} run(s) each): "
+              f"{100 * (flow - loop) / loop:+.1f}%")
+        print(json.dumps({"bench": "bucket_throughput", "summary": "prefect_overhead", "images": args.images,
+                          "size": args.size, "loop_seconds": round(loop, 2), "flow_seconds": round(flow, 2),
+                          "overhead_percent": round(100 * (flow - loop) / loop, 1)}), flush=True)
 
 if __name__ == "__main__":
     main()

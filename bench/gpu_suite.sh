@@ -77,4 +77,10 @@ part e2e_1k 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --photos
 part e2e_10k 45 $PY bench/engine_throughput.py --images $N10 --size $SIZE --photos $DATA/photos --work /tmp/eb
 part large_image 40 $PY bench/large_image.py --width 6000 --height 4000 --budgets 0,4194304
 part e2e_1k_cpu_codec 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --no-gpu-codec --photos $DATA/photos --work /tmp/eb
+# Prefect's share of a 10k run: alternated loop / flow pairs. Only where prefect is importable: the device image has
+# none, so this is the suite's second call, carrying .pfw (gpu_prepare.sh) instead of .gpu and .whl.
+if $PY -c "import prefect" 2> /dev/null; then
+  part prefect_overhead 280 $PY bench/bucket_throughput.py --images $N10 --size $SIZE --batch 0 --workers 4 \
+    --shard-size $SHARD --runs loop-local,flow-local,loop-local,flow-local
+fi
 echo "== done; $(( DEADLINE - $(date +%s) ))s before the deadline" | tee -a "$OUT/suite.log"
