@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from stylecore.engine import EngineConfig, Job, Outcome, StylizeEngine
 from stylecore.images import DEFAULT_MAX_PIXELS, EXTENSIONS, output_format
@@ -34,7 +35,7 @@ from stylecore.model import UNet
 
 from . import manifest
 from .storage import (
-    IMAGE_EXTENSIONS, InputError, InsideCheck, Listed, Location, exists, list_files, read_input, remove,
+    IMAGE_EXTENSIONS, InputError, InsideCheck, Listed, Location, StorageError, exists, list_files, read_input, remove,
     remove_partial_files, write_bytes,
 )
 
@@ -80,9 +81,29 @@ def make_shards(files: list[Listed | tuple], shard_size: int) -> list[Shard]:
     return shards
 
 
+def check_apart(source: Location, destination: Location) -> None:
+    """Refuse a destination that is the source or holds it: outputs would land among the inputs (``a.jpg`` over
+    ``a.jpg``), and the listing, which leaves the destination out, would find nothing to do. A destination inside
+    the source is fine: it is left out of the listing."""
+    source_fs, source_path = source.filesystem()
+    destination_fs, destination_path = destination.filesystem()
+    if type(source_fs) is not type(destination_fs):
+        return
+    if isinstance(source_fs, LocalFileSystem):
+        source_path, destination_path = os.path.realpath(source_path), os.path.realpath(destination_path)
+    if source_path == destination_path:
+        raise StorageError(f"the destination {destination.display} is the source itself: outputs would overwrite "
+                           "the inputs; choose a destination outside the source")
+    if source_path.startswith(destination_path.rstrip("/") + "/"):
+        raise StorageError(f"the source {source.display} lies inside the destination {destination.display}: "
+                           "outputs could overwrite inputs; choose a destination outside the source")
+
+
 def list_shards(source: Location, shard_size: int, exclude: Location | None = None) -> list[Shard]:
+    """The source's shards; ``exclude`` (the destination) is checked against the source and left out."""
     exclude_path = None
     if exclude is not None:
+        check_apart(source, exclude)
         source_fs, _ = source.filesystem()
         exclude_fs, exclude_path = exclude.filesystem()
         if type(source_fs) is not type(exclude_fs):
@@ -496,6 +517,7 @@ def run_shards(
     ``options.workers`` processes side by side (spawned: a calling script needs ``if __name__ == "__main__":``).
     The models run on ``device`` (default: where they are); worker processes get their own copies there, so
     models given on the CPU keep this process off the GPU."""
+    check_apart(source, destination)  # before anything is removed from the destination
     remove_partial_files(destination)
     shards = list_shards(source, shard_size, exclude=destination)
     images = sum(len(shard) for shard in shards)

@@ -15,7 +15,7 @@ from PIL import Image
 from stylecore.model import UNet, UNetConfig
 from tasks import manifest
 from tasks.bucket import ShardOptions, list_shards, make_shards, output_key, part_location, safe_relative, stylize_shard
-from tasks.storage import Location
+from tasks.storage import Location, StorageError
 
 
 def tiny_model(seed=0) -> UNet:
@@ -184,6 +184,18 @@ def test_listing_a_bucket_leaves_no_copy_of_its_objects_metadata_in_memory(gcs_e
     fs, root = source.filesystem()
     assert sum(len(shard) for shard in list_shards(source, 4)) == 6
     assert [key for key in fs.dircache if key == root or key.startswith(root + "/")] == []
+
+
+def test_a_destination_that_holds_the_source_is_refused_and_one_inside_it_is_left_out(gcs_emulator):
+    site = Location(f"gs://photos/{uuid.uuid4().hex[:8]}/site", gcs_emulator)
+    fill(site, {"incoming/a.jpg": b"x", "incoming/b/c.jpg": b"x", "incoming/out/old.jpg": b"x"})
+    source = site.child("incoming")
+    with pytest.raises(StorageError, match="lies inside the destination"):
+        list_shards(source, 4, exclude=site)
+    with pytest.raises(StorageError, match="is the source itself"):
+        list_shards(source, 4, exclude=source)
+    [shard] = list_shards(source, 4, exclude=source.child("out"))
+    assert shard.keys == ("a.jpg", "b/c.jpg")
 
 
 def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):

@@ -110,6 +110,15 @@ def test_run_in_worker_processes_writes_every_output_and_one_manifest(trained, p
     assert f"{len(inputs)} written" in printed and "in 2 processes" in printed
 
 
+def test_run_refuses_a_destination_that_is_the_source_or_holds_it(trained, photo_dir, capsys):
+    before = sorted(p for p in photo_dir.rglob("*") if p.is_file())
+    assert main(["run", str(photo_dir), str(photo_dir), "--model", "swirls", "--quiet"]) == 2
+    assert "is the source itself" in one_error_line(capsys)
+    assert main(["run", str(photo_dir / "sub"), str(photo_dir), "--model", "swirls", "--quiet"]) == 2
+    assert "lies inside the destination" in one_error_line(capsys)
+    assert sorted(p for p in photo_dir.rglob("*") if p.is_file()) == before  # nothing written, nothing removed
+
+
 def test_run_writes_png_and_can_leave_existing_outputs(trained, photo_dir, tmp_path, capsys):
     out = tmp_path / "png"
     assert main(["run", str(photo_dir), str(out), "--model", str(trained), "--format", "png", "--quiet"]) == 0
