@@ -348,9 +348,13 @@ class StylizeEngine:
         except RuntimeError:  # nvjpeg refuses the batch: PIL encodes each, and says which one cannot be encoded
             encoded, on_cpu = {}, on_gpu + on_cpu
 
+        # The pool's threads copy on their own CUDA stream, which does not wait for the model's: the outputs they
+        # encode come to the host here, on the stream that waited for this batch.
+        images = {key: batch.results[key].cpu() for key in on_cpu} if self.cuda else batch.results
+
         def cpu_encode(key: tuple[int, str]) -> bytes | str:
             try:
-                image = batch.results[key].cpu()
+                image = images[key]
                 if format_of(key) == "JPEG":
                     return encode_jpeg_tensor(image, self.config.quality)
                 return encode_image(tensor_to_image(image), format_of(key), self.config.quality)

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from stylecore.engine import EngineConfig, Job, StylizeEngine
-from stylecore.images import ImageDecodeError, decode_image, decode_plain_jpeg, encode_image, image_to_tensor
+from stylecore.images import (
+    ImageDecodeError, decode_image, decode_plain_jpeg, encode_image, image_to_tensor, tensor_to_image,
+)
 from stylecore.model import UNet, UNetConfig
 from stylecore.stylize import stylize_batch
 
@@ -189,6 +191,23 @@ def test_gpu_decode_gives_the_pictures_of_the_cpu_decode_and_broken_jpegs_still_
             a, b = (image_to_tensor(decode_image(outcome.outputs["m"])).float() for outcome in (cpu, gpu))
             assert (a - b).abs().mean() < 2.0
     assert "truncated" in results[True][3].error
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_outputs_encoded_on_the_cpu_from_a_gpu_are_the_finished_pictures():
+    # PNG is lossless: each output must equal the model's own output for that photo, however the copies from the
+    # GPU and the encoder threads interleave with the next batch's forward pass.
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(base_channels=32)).cuda().eval()
+    generator = torch.Generator().manual_seed(0)
+    photos = [torch.randint(0, 256, (3, 512, 512), dtype=torch.uint8, generator=generator) for _ in range(12)]
+    expected = [stylize_batch(model, photo[None].cuda())[0].cpu() for photo in photos]
+    datas = [encode_image(tensor_to_image(photo), "PNG", 90) for photo in photos]
+    with StylizeEngine({"m": model}, "cuda", EngineConfig(output_format="png", batch_size=4)) as engine:
+        outcomes = run(engine, datas)
+    for outcome, want in zip(outcomes, expected):
+        got = image_to_tensor(decode_image(outcome.outputs["m"]))
+        assert (got.int() - want.int()).abs().float().mean() < 1.0  # bf16 in other batch shapes: a level or so
 
 
 class IndexLimitedUNet(UNet):
