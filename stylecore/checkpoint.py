@@ -135,12 +135,13 @@ def save_state(directory: Path, tensors: dict[str, torch.Tensor], document: dict
 
 
 def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """Load what save_state wrote, or None when there is no complete state there."""
+    """Load what save_state wrote, or None when there is no complete state there (also when a crash between its
+    two writes left weights that do not match the document: the run then starts over instead of failing)."""
     try:
         document = json.loads((directory / "state.json").read_text())
-    except (FileNotFoundError, ValueError):
+        tensors = read_weights(directory / "state.safetensors", document.get("state_sha256"))
+    except (OSError, ValueError, CheckpointError):
         return None
-    tensors = read_weights(directory / "state.safetensors", document.get("state_sha256"))
     return tensors, document
 
 

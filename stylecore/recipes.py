@@ -29,6 +29,14 @@ def versions() -> dict:
     return {"stylize": own, "torch": torch.__version__, "torchvision": torchvision.__version__}
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -110,7 +118,14 @@ def run_style_training(
     style_image = resize_long_side(style_image, style_size)
     target = StyleTarget.from_image(vgg, image_to_tensor(style_image).float().div(255), style_layers)
     loss = PerceptualLoss(vgg, loss_config, target)
-    result = train_style(photos, primed, loss, train_config, device, on_step=on_step, state_dir=state_dir)
+    # An interrupted run of the same name resumes only if it trained the same thing.
+    resume_key = hashlib.sha256(json.dumps({
+        "style_sha256": style_sha256, "style_size": style_size, "photos": fingerprint, "vgg": vgg.source.describe(),
+        "layers": [style_layers, content_layer], "loss": loss_config.to_dict(),
+        "primed": weights_digest(primed),
+    }, sort_keys=True, default=str).encode()).hexdigest()
+    result = train_style(photos, primed, loss, train_config, device, on_step=on_step, state_dir=state_dir,
+                         resume_key=resume_key)
     last = result.history[-1] if result.history else {}
     metadata = {
         "kind": "style-model",

@@ -187,11 +187,14 @@ def train_style(
     device: str | torch.device = "cpu",
     on_step: StepCallback | None = None,
     state_dir: Path | None = None,
+    resume_key: str = "",
 ) -> TrainResult:
-    """Train a copy of the primed UNet to render the photos in the loss's style."""
+    """Train a copy of the primed UNet to render the photos in the loss's style. A state in ``state_dir`` is resumed
+    only if it was saved with the same ``resume_key`` (what else defines the run: style, loss, primed weights)."""
     model = UNet(primed.config)
     model.load_state_dict(primed.state_dict())
-    return _train(model, loss, TrainingPhotos(photos, config.image_size), config, device, on_step, state_dir)
+    return _train(model, loss, TrainingPhotos(photos, config.image_size), config, device, on_step, state_dir,
+                  resume_key)
 
 
 def train_network(
@@ -214,6 +217,7 @@ def _train(
     device: str | torch.device,
     on_step: StepCallback | None,
     state_dir: Path | None,
+    resume_key: str = "",
 ) -> TrainResult:
     device = torch.device(device)
     total_steps = config.total_steps(len(photos))
@@ -224,22 +228,23 @@ def _train(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total_steps, config.final_learning_rate_fraction))
     generator = torch.Generator().manual_seed(config.seed)
-    signature = {"config": config.to_dict(), "total_steps": total_steps, "num_photos": len(photos)}
+    signature = {"config": config.to_dict(), "total_steps": total_steps, "num_photos": len(photos),
+                 "resume_key": resume_key}
 
-    step, history, elapsed = 0, [], 0.0
+    # Losses are summed on the device and read back once per log interval: reading a GPU value every step
+    # stalls the step, and small-batch steps are dominated by such waits. ``summed`` counts the steps in running.
+    step, history, elapsed, running, summed = 0, [], 0.0, {}, 0
     saved = load_state(state_dir) if state_dir is not None else None
     if saved is not None and saved[1].get("signature") == signature:
         tensors, document = saved
-        step, history, elapsed = _restore(tensors, document, model, optimizer, schedule, generator, device)
+        step, history, elapsed, running, summed = _restore(tensors, document, model, optimizer, schedule,
+                                                           generator, device)
     resumed_from = step
 
     # bf16 autocast only on CUDA: on CPUs without bf16 units it is about 100x slower.
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     started = time.perf_counter() - elapsed
     photos.to(device)
-    # Losses are summed on the device and read back once per log interval: reading a GPU value every step
-    # stalls the step, and small-batch steps are dominated by such waits.
-    running: dict[str, torch.Tensor] = {}
     latest: dict[str, float] = {}
     while step < total_steps:
         batch = photos.sample(config.batch_size, generator).to(device, non_blocking=True)
@@ -252,16 +257,16 @@ def _train(
         step += 1
         for name, value in losses.items():
             running[name] = running[name] + value.detach().float() if name in running else value.detach().float()
+        summed += 1
         if step % config.log_every == 0 or step == total_steps:
-            count = config.log_every if step % config.log_every == 0 else step % config.log_every
-            latest = {name: float(total) / count for name, total in running.items()}
+            latest = {name: float(total) / summed for name, total in running.items()}
             history.append({"step": step, "seconds": round(time.perf_counter() - started, 3), **latest})
-            running = {}
+            running, summed = {}, 0
         if on_step is not None:
             on_step(step, total_steps, latest)
         if state_dir is not None and (step % config.checkpoint_every == 0) and step < total_steps:
             _checkpoint(state_dir, model, optimizer, schedule, generator, step, history,
-                        time.perf_counter() - started, signature)
+                        time.perf_counter() - started, signature, running, summed)
 
     model.eval()
     return TrainResult(model=model, history=history, steps=step, seconds=time.perf_counter() - started,
@@ -276,7 +281,8 @@ def _cosine(total_steps: int, final_fraction: float) -> Callable[[int], float]:
     return factor
 
 
-def _checkpoint(state_dir, model, optimizer, schedule, generator, step, history, elapsed, signature) -> None:
+def _checkpoint(state_dir, model, optimizer, schedule, generator, step, history, elapsed, signature, running,
+                summed) -> None:
     tensors = {f"model.{name}": tensor for name, tensor in model.state_dict().items()}
     optimizer_state = optimizer.state_dict()
     scalars: dict[str, dict] = {}
@@ -287,7 +293,9 @@ def _checkpoint(state_dir, model, optimizer, schedule, generator, step, history,
             else:
                 scalars.setdefault(str(index), {})[name] = value
     tensors["generator"] = generator.get_state()
+    tensors.update({f"running.{name}": total.clone() for name, total in running.items()})  # this log interval
     document = {
+        "summed": summed,
         "signature": signature,
         "step": step,
         "elapsed": elapsed,
@@ -299,7 +307,7 @@ def _checkpoint(state_dir, model, optimizer, schedule, generator, step, history,
     save_state(state_dir, tensors, document)
 
 
-def _restore(tensors, document, model, optimizer, schedule, generator, device) -> tuple[int, list, float]:
+def _restore(tensors, document, model, optimizer, schedule, generator, device) -> tuple[int, list, float, dict, int]:
     model.load_state_dict({name[6:]: t for name, t in tensors.items() if name.startswith("model.")})
     state: dict[int, dict] = {}
     for name, tensor in tensors.items():
@@ -311,7 +319,8 @@ def _restore(tensors, document, model, optimizer, schedule, generator, device) -
     optimizer.load_state_dict({"state": state, "param_groups": document["optimizer_param_groups"]})
     schedule.load_state_dict(document["scheduler"])
     generator.set_state(tensors["generator"])
-    return document["step"], document["history"], document["elapsed"]
+    running = {name[8:]: total.to(device) for name, total in tensors.items() if name.startswith("running.")}
+    return document["step"], document["history"], document["elapsed"], running, document.get("summed", 0)
 
 
 def with_overrides(config: TrainConfig, **overrides) -> TrainConfig:

@@ -94,6 +94,41 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_and_ends_identicall
         assert torch.allclose(uninterrupted[key].float(), state[key].float(), atol=1e-6), key
 
 
+def test_losses_logged_after_a_resume_are_those_of_an_uninterrupted_run(small_pil_photos, tmp_path):
+    # The checkpoint at step 3 falls inside the log interval (2, 4]: step 3's loss must still count in it.
+    config = TrainConfig(image_size=32, batch_size=2, steps=8, checkpoint_every=3, log_every=2, seed=5)
+    uninterrupted = prime_autoencoder(small_pil_photos, MODEL, config)
+
+    def crash_at_step_5(step, total, losses):
+        if step == 5:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        prime_autoencoder(small_pil_photos, MODEL, config, on_step=crash_at_step_5, state_dir=tmp_path / "state")
+    resumed = prime_autoencoder(small_pil_photos, MODEL, config, state_dir=tmp_path / "state")
+    assert resumed.resumed_from == 3
+    for want, got in zip(uninterrupted.history, resumed.history, strict=True):
+        assert got["step"] == want["step"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+
+
+def test_a_state_left_half_written_by_a_crash_starts_the_run_over_instead_of_failing(small_pil_photos, tmp_path):
+    config = TrainConfig(image_size=32, batch_size=2, steps=6, checkpoint_every=2, seed=5)
+    state_dir = tmp_path / "state"
+
+    def crash_at_step_5(step, total, losses):
+        if step == 3:
+            (tmp_path / "old.json").write_bytes((state_dir / "state.json").read_bytes())
+        if step == 5:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        prime_autoencoder(small_pil_photos, MODEL, config, on_step=crash_at_step_5, state_dir=state_dir)
+    # killed between the two writes of the step-4 checkpoint: new weights beside the step-2 document
+    (state_dir / "state.json").write_bytes((tmp_path / "old.json").read_bytes())
+    result = prime_autoencoder(small_pil_photos, MODEL, config, state_dir=state_dir)
+    assert result.resumed_from == 0 and result.steps == 6
+
+
 def test_state_from_a_different_configuration_is_not_resumed(small_pil_photos, tmp_path):
     state_dir = tmp_path / "state"
     first = TrainConfig(image_size=32, batch_size=2, steps=4, checkpoint_every=2)
@@ -106,6 +141,37 @@ def test_state_from_a_different_configuration_is_not_resumed(small_pil_photos, t
         prime_autoencoder(small_pil_photos, MODEL, first, on_step=stop, state_dir=state_dir)
     other = TrainConfig(image_size=32, batch_size=2, steps=4, checkpoint_every=2, learning_rate=5e-4)
     assert prime_autoencoder(small_pil_photos, MODEL, other, state_dir=state_dir).resumed_from == 0
+
+
+def test_an_interrupted_style_run_is_resumed_only_by_a_run_of_the_same_style(small_pil_photos, vgg_weights, tmp_path):
+    from PIL import Image
+
+    from conftest import ASSETS
+    from stylecore.recipes import run_style_training
+
+    features, source = load_vgg(vgg_weights)
+    config = LossConfig()
+    vgg = VGGFeatures(features, source, layers_needed(source, config))
+    styles = {"swirls": Image.open(ASSETS / "style_swirls.jpg").convert("RGB"),
+              "flat": Image.new("RGB", (64, 64), (200, 40, 40))}
+    train = TrainConfig(image_size=32, batch_size=2, steps=6, checkpoint_every=2)
+    torch.manual_seed(0)
+    primed = UNet(MODEL).eval()
+
+    def run(style: str, on_step=None):
+        return run_style_training("x", small_pil_photos, "photos", styles[style], style, style, 64, primed, {}, vgg,
+                                  config, train, on_step=on_step, state_dir=tmp_path / "state")[1]
+
+    def stop(step, total, losses):
+        if step == 3:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        run("swirls", stop)
+    assert run("flat")["resumed_from_step"] == 0  # another painting under the same name starts afresh
+    with pytest.raises(Interrupt):
+        run("swirls", stop)
+    assert run("swirls")["resumed_from_step"] == 2
 
 
 def test_epochs_translate_to_steps_over_the_photo_set():
