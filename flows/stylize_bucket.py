@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
+from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
+from pydantic import Field
 
 from stylecore.images import DEFAULT_MAX_PIXELS
 from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, workers_for
@@ -28,27 +30,32 @@ class ShardsFailed(RuntimeError):
     """Some shards failed after all their retries."""
 
 
+OutputFormat = Literal["jpeg", "jpg", "png", "webp", "same"]
+
+
+# The bounds are checked (and shown in the deployment's form) before the run starts: a bad value would otherwise
+# fail every shard, after all its retries.
 @flow(name="stylize-bucket", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def stylize_bucket(
-    source: str,
-    destination: str,
-    models: list[str],
+    source: Annotated[str, Field(min_length=1)],
+    destination: Annotated[str, Field(min_length=1)],
+    models: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)],
     model_store: str | None = None,
     storage_options: StorageSecrets | dict | None = None,
-    shard_size: int = 256,
-    batch_size: int = 0,
-    max_batch_pixels: int = 0,
-    output_format: str = "jpeg",
-    quality: int = 90,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+    shard_size: Annotated[int, Field(ge=1, le=1_000_000)] = 256,
+    batch_size: Annotated[int, Field(ge=0, le=65_536)] = 0,
+    max_batch_pixels: Annotated[int, Field(ge=0)] = 0,
+    output_format: OutputFormat = "jpeg",
+    quality: Annotated[int, Field(ge=1, le=100)] = 90,
+    max_pixels: Annotated[int, Field(ge=1)] = DEFAULT_MAX_PIXELS,
+    max_image_bytes: Annotated[int, Field(ge=1)] = DEFAULT_MAX_IMAGE_BYTES,
     gpu_codec: bool = True,
     gpu_decode: bool = False,
     compile: bool = False,
-    retries: int = 3,
-    retry_delay_seconds: float = 5.0,
-    journal_seconds: float = 5.0,
-    workers: int = 0,
+    retries: Annotated[int, Field(ge=0, le=100)] = 3,
+    retry_delay_seconds: Annotated[float, Field(ge=0, le=86_400)] = 5.0,
+    journal_seconds: Annotated[float, Field(gt=0, le=86_400)] = 5.0,
+    workers: Annotated[int, Field(ge=0, le=1024)] = 0,
 ) -> dict:
     """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in ``model_store`` or
     model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it (64 on a GPU within its free

@@ -363,7 +363,7 @@ def load_style_model(store: ModelStore, name_or_path: str, device: torch.device)
 
 
 def shard_options_from(args: argparse.Namespace) -> ShardOptions:
-    return ShardOptions(output_format=args.format, quality=args.quality, batch_size=args.batch_size or 0,
+    return ShardOptions(output_format=args.format.lower(), quality=args.quality, batch_size=args.batch_size or 0,
                         max_batch_pixels=args.max_batch_pixels or 0,
                         max_pixels=args.max_pixels, max_image_bytes=args.max_bytes, gpu_codec=not args.no_gpu_codec,
                         gpu_decode=args.gpu_decode, compile=args.compile, skip_existing=args.skip_existing,
@@ -432,7 +432,7 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     state = stylize_bucket(
         args.source, args.destination, [model], model_store=model_store_for(args),
         storage_options=hide_options(storage_options_from(args)), shard_size=args.shard_size,
-        batch_size=args.batch_size or 0, max_batch_pixels=args.max_batch_pixels or 0, output_format=args.format,
+        batch_size=args.batch_size or 0, max_batch_pixels=args.max_batch_pixels or 0, output_format=args.format.lower(),
         quality=args.quality, max_pixels=args.max_pixels,
         max_image_bytes=args.max_bytes, retries=args.retries, gpu_codec=not args.no_gpu_codec, compile=args.compile,
         gpu_decode=args.gpu_decode, journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,

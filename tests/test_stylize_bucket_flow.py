@@ -18,6 +18,7 @@ import torch
 from fsspec.implementations.memory import MemoryFileSystem
 from PIL import Image
 from prefect.client.orchestration import get_client
+from prefect.exceptions import ParameterTypeError
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, FlowRunFilterId
 
 from flows.retry_failed import retry_failed
@@ -75,6 +76,20 @@ def test_a_bucket_is_stylised_with_a_typed_manifest_readable_by_pyarrow_and_duck
 
     again = stylize_bucket(str(tmp_path / "in"), str(destination), ["tiny"], model_store=model_store, shard_size=3)
     assert again["counts"] == {"ok": 0, "skipped": 7, "error": 2}
+
+
+@pytest.mark.parametrize("bad,named", [({"quality": 500}, "quality"), ({"output_format": "gif"}, "output_format"),
+                                       ({"shard_size": 0}, "shard_size"), ({"workers": -3}, "workers"),
+                                       ({"models": []}, "models")])
+def test_bad_parameters_fail_the_run_at_once_naming_the_parameter(tmp_path, model_store, bad, named):
+    make_bucket(tmp_path / "in", 3)
+    parameters = {"source": str(tmp_path / "in"), "destination": str(tmp_path / "out"), "models": ["tiny"],
+                  "model_store": model_store, "retry_delay_seconds": 60.0, **bad}
+    started = time.perf_counter()
+    with pytest.raises(ParameterTypeError, match=named):
+        stylize_bucket(**parameters)
+    assert time.perf_counter() - started < 30  # not after a minute's retry of every shard
+    assert not (tmp_path / "out").exists()
 
 
 def test_shards_can_run_in_worker_processes_as_tasks_of_the_same_flow_run(tmp_path, model_store):
