@@ -16,7 +16,7 @@ from flows.train_style import train_style
 from stylecore.images import ImageDecodeError, decode_image
 from stylecore.store import MODEL_NAME_PATTERN, default_home
 from tasks.storage import IMAGE_EXTENSIONS, Location, StorageError, list_files, read_bytes
-from tasks.secrets import StorageSecrets, hide_options, reveal_options
+from tasks.secrets import StorageSecrets, reveal_options, with_secret_block
 
 
 class TrainStyleRequest(BaseModel):
@@ -50,9 +50,11 @@ class TrainStyleRequest(BaseModel):
 
 
 @flow(name="train-new-style")
-def train_new_style(request: TrainStyleRequest, storage_options: StorageSecrets | dict | None = None) -> str:
-    """Train one new style model from the form's values; returns the model's URL."""
-    storage_options = hide_options(storage_options)
+def train_new_style(request: TrainStyleRequest, storage_options: StorageSecrets | dict | None = None,
+                    storage_secret_block: str | None = None) -> str:
+    """Train one new style model from the form's values; returns the model's URL. Storage credentials: best as the
+    name of a Prefect Secret block holding them (a JSON object), which is all the run records."""
+    storage_options = with_secret_block(storage_options, storage_secret_block)
     check_inputs(request, reveal_options(storage_options))
     [model] = train_style(
         [request.style_image_url], request.photos_url, request.model_store or str(default_home()),

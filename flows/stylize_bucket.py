@@ -20,7 +20,7 @@ from pydantic import Field
 
 from stylecore.images import DEFAULT_MAX_PIXELS
 from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, workers_for
-from tasks.secrets import StorageSecrets, hide_options, redact
+from tasks.secrets import StorageSecrets, redact, with_secret_block
 from tasks.stylize_tasks import (
     check_models, clean_destination, combine_manifest, ingest, open_shard_workers, record_run, stylize_shard_task,
 )
@@ -42,6 +42,7 @@ def stylize_bucket(
     models: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)],
     model_store: str | None = None,
     storage_options: StorageSecrets | dict | None = None,
+    storage_secret_block: str | None = None,
     shard_size: Annotated[int, Field(ge=1, le=1_000_000)] = 256,
     batch_size: Annotated[int, Field(ge=0, le=65_536)] = 0,
     max_batch_pixels: Annotated[int, Field(ge=0)] = 0,
@@ -68,10 +69,13 @@ def stylize_bucket(
     tops out at a few hundred images a second), each shard still a task of this flow run, retried in fresh processes
     if a worker dies; 1 runs two shards at a time in this process's threads; 0 (the default) picks 1 below 2,000
     images and one per four cores, at least two, from there (as ``stylize run``). ``storage_options`` (credentials
-    included) are kept out of logs, manifests and artifacts, and are recorded by Prefect as ``**********``."""
+    included) are kept out of logs, manifests and artifacts, and are recorded by Prefect as ``**********`` when given
+    as hidden options (``tasks.secrets.hide_options``; the CLI does so); a deployment run records what it was given,
+    so there name a Prefect Secret block holding them (a JSON object) in ``storage_secret_block``: only its name is
+    recorded, and a retried run reads it again."""
     logger = get_run_logger()
     started = time.perf_counter()
-    storage_options = hide_options(storage_options)
+    storage_options = with_secret_block(storage_options, storage_secret_block)
     check_models(models, model_store, storage_options)
     shards = ingest(source, shard_size, storage_options, exclude=destination)
     clean_destination(destination, storage_options)
@@ -82,7 +86,8 @@ def stylize_bucket(
                "journal_seconds": journal_seconds}
     # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.
     record_run(destination, {"source": source, "models": models, "model_store": model_store,
-                             "shard_size": shard_size, **options}, storage_options)
+                             "storage_secret_block": storage_secret_block, "shard_size": shard_size, **options},
+               storage_options)
     delays = [retry_delay_seconds * 2**attempt for attempt in range(retries)]  # exponential backoff
     shard_task = stylize_shard_task.with_options(retries=retries, retry_delay_seconds=delays)
     workers = workers_for(workers, shards)

@@ -77,6 +77,11 @@ def reveal_options(options: dict | SecretStr | str | None) -> dict:
         return {}
     if isinstance(options, SecretStr):
         options = options.get_secret_value()
+    if isinstance(options, str) and options.strip() and set(options.strip()) == {"*"}:
+        raise ValueError("the storage options of this run were recorded masked ('**********'), so a retry of it "
+                         "cannot read them back: give them again (the same stylize command, or retry-failed with "
+                         "storage_options), or keep them in a Prefect Secret block and name it in "
+                         "storage_secret_block")
     if isinstance(options, str):
         try:
             options = json.loads(options) if options.strip() else {}
@@ -85,3 +90,23 @@ def reveal_options(options: dict | SecretStr | str | None) -> dict:
     if not isinstance(options, dict):
         raise ValueError("storage options must be a JSON object")
     return dict(options)
+
+
+def with_secret_block(options: dict | SecretStr | str | None, block_name: str | None) -> StorageSecrets | None:
+    """The storage options, hidden, with those of the Prefect Secret block ``block_name`` (a JSON object) under them:
+    a run given a block name records only the name, and a retried run reads the block again."""
+    given = reveal_options(options)  # refuses options a retried run only has masked
+    if not block_name:
+        return None if options is None else hide_options(given)
+    from prefect.blocks.system import Secret
+
+    try:
+        value = Secret.load(block_name).get()
+    except ValueError as error:
+        raise ValueError(f"cannot read the Prefect Secret block {block_name!r}: {error}") from None
+    try:
+        from_block = reveal_options(value if isinstance(value, (str, dict)) else json.dumps(value))
+    except ValueError:
+        raise ValueError(f"the Prefect Secret block {block_name!r} must hold the storage options as a JSON "
+                         "object") from None
+    return hide_options({**from_block, **given})

@@ -72,3 +72,40 @@ def test_credentials_stay_out_of_logs_manifests_artifacts_and_flow_run_records(g
     for place, text in places.items():
         assert password not in text and token not in text, f"a credential leaked into the {place}"
     assert json.loads(fs.cat_file(f"{prefix}/out/_manifest_parts/run.json"))["source"] == f"gs://{prefix}/in"
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_run_given_a_secret_block_records_only_its_name_and_a_retry_of_it_reads_the_block_again(
+        gcs_emulator, tmp_path):
+    import gcsfs
+    from prefect.blocks.system import Secret
+
+    from flows.stylize_bucket import stylize_bucket
+
+    token = f"tok-{uuid.uuid4().hex}"
+    block = f"storage-{uuid.uuid4().hex[:8]}"
+    Secret(value={**gcs_emulator, "session_token": token}).save(block)
+    prefix = f"photos/block-{uuid.uuid4().hex[:8]}"
+    fs = gcsfs.GCSFileSystem(**gcs_emulator)
+    for index in range(3):
+        fs.pipe_file(f"{prefix}/in/{index}.jpg", hostile_corpus.encoded(hostile_corpus.photo(seed=index), "JPEG"))
+    torch.manual_seed(0)
+    model = save_model(tmp_path / "model", UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "tiny"})
+
+    state = stylize_bucket(f"gs://{prefix}/in", f"gs://{prefix}/out", [str(model)], storage_secret_block=block,
+                           return_state=True)
+    assert state.is_completed() and state.result()["counts"]["ok"] == 3
+    with get_client(sync_client=True) as client:
+        recorded = client.read_flow_run(state.state_details.flow_run_id).parameters
+    assert recorded["storage_secret_block"] == block and token not in json.dumps(recorded)
+    fs.rm(f"{prefix}/out/1.jpg")
+    again = stylize_bucket(**recorded)  # what a retry of that flow run is given
+    assert again["counts"] == {"ok": 1, "skipped": 2, "error": 0}
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_retry_that_has_only_masked_options_fails_at_once_saying_what_to_do(tmp_path):
+    from flows.stylize_bucket import stylize_bucket
+
+    with pytest.raises(ValueError, match="recorded masked"):
+        stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny"], storage_options="**********")

@@ -256,3 +256,17 @@ def test_two_models_of_one_name_are_refused_before_any_shard(tmp_path, model_sto
 def test_retry_failed_without_an_earlier_run_says_so(tmp_path):
     with pytest.raises(ValueError, match="has no record of a stylize-bucket run"):
         retry_failed(destination=str(tmp_path / "never-written"))
+
+
+def test_retry_failed_refuses_an_id_that_is_not_a_stylize_bucket_run():
+    from prefect import flow
+
+    @flow(name="something-else")
+    def something_else() -> int:
+        return 1
+
+    with pytest.raises(ValueError, match="is not a flow run id"):
+        retry_failed(flow_run_id="12345")
+    state = something_else(return_state=True)
+    with pytest.raises(ValueError, match="not of 'stylize-bucket'"):
+        retry_failed(flow_run_id=str(state.state_details.flow_run_id))
