@@ -76,7 +76,7 @@ def stylize_bucket(
     logger = get_run_logger()
     started = time.perf_counter()
     storage_options = with_secret_block(storage_options, storage_secret_block)
-    check_models(models, model_store, storage_options)
+    pinned = check_models(models, model_store, storage_options)  # every shard uses these very weights
     shards = ingest(source, shard_size, storage_options, exclude=destination)
     clean_destination(destination, storage_options)
     options = {"output_format": output_format, "quality": quality, "batch_size": batch_size,
@@ -98,7 +98,8 @@ def stylize_bucket(
         futures = []
         for shard in shards:
             arguments = {"shard": shard, "source": source, "destination": destination, "models": models,
-                         "model_store": model_store, "options": options, "storage_options": storage_options}
+                         "model_store": model_store, "options": options, "storage_options": storage_options,
+                         "pinned": pinned}
             # With worker processes each shard task (in a thread of this flow) hands its shard to them; two
             # tasks a worker keep one queued while the other's task run is recorded.
             futures.append(threads.submit(shard_task, {**arguments, "workers": pool}) if pool

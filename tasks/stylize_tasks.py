@@ -12,6 +12,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
+from stylecore.checkpoint import CheckpointError
 from stylecore.model import UNet
 
 from .bucket import PARTS_FOLDER, Shard, ShardOptions, combine_parts, list_shards, stylize_shard
@@ -34,11 +35,16 @@ def ingest(source: str, shard_size: int = 256, storage_options: StorageSecrets |
 
 
 @task(name="load-models")
-def check_models(models: list[str], model_store: str | None, storage_options: StorageSecrets | dict | None = None) -> list[str]:
+def check_models(models: list[str], model_store: str | None,
+                 storage_options: StorageSecrets | dict | None = None) -> dict[str, str]:
     """Load every model once (checksums verified) before any shard starts, so a missing, truncated or tampered
     checkpoint stops the run at once with its reason instead of failing every shard. On the CPU: with worker
-    processes this one never runs them, so it need not hold a GPU context."""
-    return list(load_models(models, model_store, reveal_options(storage_options), device="cpu"))
+    processes this one never runs them, so it need not hold a GPU context. Returns each model's weights checksum,
+    which the run's shards then insist on (``load_models(pinned=...)``)."""
+    storage = reveal_options(storage_options)
+    pinned: dict[str, str] = {}
+    load_models(models, model_store, storage, device="cpu", checksums=pinned)
+    return pinned
 
 
 @task(name="clean-destination")
@@ -47,15 +53,24 @@ def clean_destination(destination: str, storage_options: StorageSecrets | dict |
     return remove_partial_files(Location(destination, reveal_options(storage_options)))
 
 
-def load_models(models: list[str], model_store: str | None, storage: dict,
-                device: str | None = None) -> dict[str, UNet]:
+def load_models(models: list[str], model_store: str | None, storage: dict, device: str | None = None,
+                pinned: dict[str, str] | None = None, checksums: dict[str, str] | None = None) -> dict[str, UNet]:
     """Each model by reference, under its own name, on ``device`` (default: the GPU if there is one), kept for this
-    process: shards reuse them. Two models of one name would write the same outputs: refused."""
+    process: shards reuse them. Two models of one name would write the same outputs: refused. A model whose
+    weights are not the ``pinned`` ones (replaced in the store since the run began) is refused too, so one run
+    never mixes two versions of a style; ``checksums`` receives each model's."""
     device = device or default_device()
     loaded, references = {}, {}
     for reference in models:
         location = model_location(reference, model_store, storage)
         model, metadata = load_model_from(location, device)
+        checksum = str(metadata.get("weights_sha256"))
+        if pinned and pinned.get(reference, checksum) != checksum:
+            raise CheckpointError(f"model {location.display} was replaced while this run was using it (weights "
+                                  f"{pinned[reference][:12]}, now {checksum[:12]}); run again to stylise "
+                                  "everything with one version")
+        if checksums is not None:
+            checksums[reference] = checksum
         name = metadata.get("name") or location.display.rstrip("/").rsplit("/", 1)[-1]
         if name in loaded and references[name] != location.url:
             raise ValueError(f"models {redact(references[name], storage)} and {location.display} are both named "
@@ -76,7 +91,7 @@ def open_shard_workers(models: list[str], model_store: str | None, count: int,
 @task(name="stylize-shard", task_run_name="stylize-shard-{shard.shard_id}", cache_policy=NO_CACHE)
 def stylize_shard_task(shard: Shard, source: str, destination: str, models: list[str], model_store: str | None,
                        options: dict, storage_options: StorageSecrets | dict | None = None,
-                       workers: ShardWorkers | None = None) -> dict:
+                       workers: ShardWorkers | None = None, pinned: dict[str, str] | None = None) -> dict:
     """Stylise one shard with every model, here or in one of ``workers`` (which hold the models already); storage
     failures raise (and are retried), bad images become rows."""
     storage = reveal_options(storage_options)
@@ -87,7 +102,7 @@ def stylize_shard_task(shard: Shard, source: str, destination: str, models: list
         if workers is not None:
             result = workers.run(shard, source_location, destination_location, shard_options)
         else:
-            loaded = load_models(models, model_store, storage)
+            loaded = load_models(models, model_store, storage, pinned=pinned)
             result = stylize_shard(shard, source_location, destination_location, loaded, shard_options)
     except Exception as error:  # the message (not the traceback's locals) is what Prefect records and logs
         raise ShardError(f"shard {shard.shard_id}: {type(error).__name__}: {redact(error, storage)}") from None

@@ -270,3 +270,17 @@ def test_retry_failed_refuses_an_id_that_is_not_a_stylize_bucket_run():
     state = something_else(return_state=True)
     with pytest.raises(ValueError, match="not of 'stylize-bucket'"):
         retry_failed(flow_run_id=str(state.state_details.flow_run_id))
+
+
+def test_a_model_replaced_in_the_store_during_a_run_is_refused_rather_than_mixed_in(tmp_path, model_store):
+    from stylecore.checkpoint import CheckpointError
+    from tasks.stylize_tasks import load_models
+
+    checksums: dict = {}
+    load_models(["tiny"], model_store, {}, device="cpu", checksums=checksums)
+    torch.manual_seed(1)  # another training of the same name, saved while the run goes on
+    save_model_to(Location(model_store).child("models/tiny"), UNet(UNetConfig(base_channels=4, depth=2)).eval(),
+                  {"name": "tiny"})
+    with pytest.raises(CheckpointError, match="was replaced while this run was using it"):
+        load_models(["tiny"], model_store, {}, device="cpu", pinned=checksums)
+    assert load_models(["tiny"], model_store, {}, device="cpu")  # a new run takes the new version
