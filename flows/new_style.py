@@ -47,6 +47,9 @@ class TrainStyleRequest(BaseModel):
                                    description="Override the preset's training crop size in pixels.")
     model_store: str | None = Field(None, title="Model store URL",
                                     description="Where models are kept; default: the worker's $STYLIZE_HOME.")
+    replace: bool = Field(False, title="Replace an existing model",
+                          description="Retrain a name that already has a model (its weights are replaced; runs "
+                                      "still using the old ones fail rather than mix the two).")
 
 
 @flow(name="train-new-style")
@@ -61,7 +64,7 @@ def train_new_style(request: TrainStyleRequest, storage_options: StorageSecrets 
         names=[request.model_name], preset=request.preset, steps=request.steps, prime_steps=request.prime_steps,
         image_size=request.image_size, style_weight=request.style_weight, content_weight=request.content_weight,
         tv_weight=request.tv_weight, vgg_weights=os.environ.get("STYLIZE_VGG_WEIGHTS"),
-        storage_options=storage_options,
+        storage_options=storage_options, replace=request.replace,
     )
     get_run_logger().info("new style model %r: %s", request.model_name, model)
     return model

@@ -12,9 +12,10 @@ from prefect import flow, get_run_logger
 
 from stylecore.losses import LossConfig
 from stylecore.model import UNetConfig
+from stylecore.store import check_model_name
 from stylecore.train import PRESETS, with_overrides
-from tasks.training_tasks import ensure_gpu_limit, primed_checkpoint, train_style_task
-from tasks.secrets import StorageSecrets, hide_options
+from tasks.training_tasks import ensure_gpu_limit, model_exists, primed_checkpoint, train_style_task
+from tasks.secrets import StorageSecrets, hide_options, redact
 
 
 def training_plan(preset: str, steps: int | None, prime_steps: int | None, image_size: int | None,
@@ -47,12 +48,23 @@ def train_style(
     content_layer: str | None = None,
     vgg_weights: str | None = None,
     storage_options: StorageSecrets | dict | None = None,
+    replace: bool = False,
 ) -> list[str]:
-    """Train one style model per image in ``styles`` on the photos under ``photos``; returns the model URLs."""
+    """Train one style model per image in ``styles`` on the photos under ``photos``; returns the model URLs. A name
+    that already has a model in the store is refused unless ``replace``."""
     storage_options = hide_options(storage_options)
     names = names or [PurePosixPath(style).stem for style in styles]
     if len(names) != len(styles):
         raise ValueError(f"{len(names)} names given for {len(styles)} styles")
+    for name in names:
+        check_model_name(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"two styles would be saved under one name: {names}")
+    if not replace:
+        existing = [name for name in names if model_exists(name, model_store, storage_options)]
+        if existing:
+            raise ValueError(f"model {existing[0]!r} already exists in {redact(model_store)}; choose another name, "
+                             "or replace it (replace=True; --force in the CLI)")
     prime_config, style_config, default_style_size = training_plan(preset, steps, prime_steps, image_size, batch_size)
     loss = LossConfig()
     for field, value in {"style_weight": style_weight, "content_weight": content_weight, "tv_weight": tv_weight,

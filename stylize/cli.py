@@ -251,9 +251,26 @@ def obtain_primed(
 # ---------------------------------------------------------------- commands
 
 
+# Options the training flows (which URLs run) do not take: refused there rather than silently ignored.
+FLOW_LESS_OPTIONS = {"epochs": "--epochs", "lr": "--lr", "seed": "--seed", "limit": "--limit",
+                     "checkpoint_every": "--checkpoint-every", "base_channels": "--base-channels", "depth": "--depth",
+                     "norm": "--norm", "primed": "--primed", "out": "--out"}
+
+
+def refuse_flow_less_options(args: argparse.Namespace, *extra: str) -> None:
+    given = [flag for name, flag in FLOW_LESS_OPTIONS.items() if getattr(args, name, None) is not None]
+    given += [f"--{name.replace('_', '-')}" for name in extra if getattr(args, name, None)]
+    if given:
+        raise UserError(f"{', '.join(given)} {'works' if len(given) == 1 else 'work'} only with local folders: "
+                        "with URLs the Prefect flows train with the preset's values; leave "
+                        f"{'it' if len(given) == 1 else 'them'} out, or use local copies of the images")
+
+
 def cmd_prime(args: argparse.Namespace) -> int:
     if is_url(args.photos) or is_url(getattr(args, "model_store", None)):
         from flows.train_style import prime_photos
+
+        refuse_flow_less_options(args, "content_weight", "content_layer")
 
         device = pick_device(args.device)
         preset_name, _ = pick_preset(args, device)
@@ -339,16 +356,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     if is_url(args.style_image) or is_url(args.photos) or is_url(getattr(args, "model_store", None)):
         from flows.train_style import train_style
 
+        refuse_flow_less_options(args)
         device = pick_device(args.device)
         preset_name, _ = pick_preset(args, device)
         loss = loss_config_from(args)
-        [url] = train_style(
-            [args.style_image], args.photos, model_store_for(args), names=[args.name], preset=preset_name,
-            steps=args.steps, prime_steps=args.prime_steps, image_size=args.image_size, batch_size=args.batch_size,
-            style_size=args.style_size, style_weight=args.style_weight, content_weight=args.content_weight,
-            tv_weight=args.tv_weight, style_layers=loss.style_layers, content_layer=args.content_layer,
-            vgg_weights=vgg_weights_path(args), storage_options=hide_options(storage_options_from(args)),
-        )
+        try:
+            [url] = train_style(
+                [args.style_image], args.photos, model_store_for(args), names=[args.name], preset=preset_name,
+                steps=args.steps, prime_steps=args.prime_steps, image_size=args.image_size,
+                batch_size=args.batch_size, style_size=args.style_size, style_weight=args.style_weight,
+                content_weight=args.content_weight, tv_weight=args.tv_weight, style_layers=loss.style_layers,
+                content_layer=args.content_layer, vgg_weights=vgg_weights_path(args),
+                storage_options=hide_options(storage_options_from(args)), replace=args.force,
+            )
+        except ValueError as error:  # the flow refused its inputs (a name taken, an unknown layer, ...)
+            raise UserError(str(error)) from None
         print(f"model: {url}")
         return 0
     destination = train_one_style(args, Path(args.style_image), args.name, Path(args.photos))

@@ -39,6 +39,10 @@ from .storage import IMAGE_EXTENSIONS, Location, list_files, read_bytes, write_b
 GPU_LIMIT = "stylize-gpu"
 
 
+def model_exists(name: str, model_store: str, storage_options: StorageSecrets | dict | None = None) -> bool:
+    return is_complete(Location(model_store, reveal_options(storage_options)).child(f"models/{name}"))
+
+
 def listing_fingerprint(photos: Location) -> str:
     return photos_fingerprint([(key, f"{size}:{tag}") for key, size, tag, problem in list_files(photos, IMAGE_EXTENSIONS) if problem is None])
 

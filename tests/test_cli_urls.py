@@ -33,6 +33,11 @@ def test_train_and_run_on_a_gcs_bucket(home, gcs_bucket, capsys):
                  *options, *TINY]) == 0
     assert (home / "models" / "g" / "model.json").is_file()
     capsys.readouterr()
+    again = ["train", root.child("style.jpg").url, "--photos", root.child("in").url, "--name", "g", *options, *TINY]
+    assert main(again) == 2
+    assert "model 'g' already exists" in capsys.readouterr().err
+    assert main([*again, "--force", "--seed", "3"]) == 2  # the flows have no seed: refused, not ignored
+    assert "--seed works only with local folders" in capsys.readouterr().err
 
     assert main(["run", root.child("in").url, root.child("out").url, "--model", "g", "--shard-size", "2",
                  *options, "--quiet"]) == 0

@@ -16,7 +16,8 @@ from prefect.settings import PREFECT_API_URL
 
 from flows.style_pipeline import style_pipeline
 from flows.train_style import train_style
-from tasks.models import read_model_metadata
+from stylecore.model import UNet, UNetConfig
+from tasks.models import read_model_metadata, save_model_to
 from tasks.storage import Location
 from tasks.training_tasks import primed_checkpoint
 
@@ -75,6 +76,17 @@ def test_priming_is_cached_across_processes_and_invalidated_by_any_input_change(
     fs, path = bucket.child("train").filesystem()
     fs.pipe_file(f"{path}/extra.jpg", (REPO / "stylecore/assets/photos/rocket.jpg").read_bytes())
     assert prime_state(arguments) == "Completed"
+
+
+def test_train_style_refuses_a_name_that_has_a_model_unless_asked_to_replace_it(bucket, gcs_emulator, tmp_path):
+    store = Location(str(tmp_path / "store"))
+    save_model_to(store.child("models/swirls"), UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "swirls"})
+    with pytest.raises(ValueError, match="model 'swirls' already exists"):  # before any priming
+        train_style([bucket.child("styles/swirls.jpg").url], bucket.child("train").url, store.url,
+                    storage_options=gcs_emulator, **TINY)
+    with pytest.raises(ValueError, match="invalid model name"):
+        train_style([bucket.child("styles/swirls.jpg").url], bucket.child("train").url, store.url,
+                    names=["../escape"], storage_options=gcs_emulator, **TINY)
 
 
 def test_train_style_writes_one_model_per_style_into_the_store(bucket, gcs_emulator, vgg_weights):
