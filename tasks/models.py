@@ -44,9 +44,9 @@ def read_model_metadata(location: Location) -> dict:
     try:
         return json.loads(read_bytes(location.child(METADATA_FILE)))
     except FileNotFoundError:
-        raise CheckpointError(f"no model at {location.url} ({METADATA_FILE} not found)") from None
+        raise CheckpointError(f"no model at {location.display} ({METADATA_FILE} not found)") from None
     except ValueError as error:
-        raise CheckpointError(f"{location.url}/{METADATA_FILE} is not valid JSON: {error}") from None
+        raise CheckpointError(f"{location.display}/{METADATA_FILE} is not valid JSON: {error}") from None
 
 
 def load_model_from(location: Location, device: str = "cpu") -> tuple[UNet, dict]:
@@ -60,8 +60,8 @@ def load_model_from(location: Location, device: str = "cpu") -> tuple[UNet, dict
         try:
             weights = read_bytes(location.child(WEIGHTS_FILE))
         except FileNotFoundError:
-            raise CheckpointError(f"no weights at {location.url}/{WEIGHTS_FILE}") from None
-        cached = model_from_bytes(weights, metadata, where=location.url).to(device).eval()
+            raise CheckpointError(f"no weights at {location.display}/{WEIGHTS_FILE}") from None
+        cached = model_from_bytes(weights, metadata, where=location.display).to(device).eval()
         with _cache_lock:
             _cache[key] = cached
     return cached, metadata

@@ -109,3 +109,12 @@ def test_a_retry_that_has_only_masked_options_fails_at_once_saying_what_to_do(tm
 
     with pytest.raises(ValueError, match="recorded masked"):
         stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny"], storage_options="**********")
+
+
+def test_a_missing_model_named_by_a_signed_url_is_reported_without_the_signature():
+    from stylecore.checkpoint import CheckpointError
+    from tasks.models import load_model_from
+
+    with pytest.raises(CheckpointError) as raised:
+        load_model_from(Location(f"memory://models-{uuid.uuid4().hex[:8]}/x?X-Goog-Signature=SIG-0123456789"))
+    assert "no model at" in str(raised.value) and "SIG-0123456789" not in str(raised.value)
