@@ -22,7 +22,8 @@ from stylecore.images import DEFAULT_MAX_PIXELS
 from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, workers_for
 from tasks.secrets import StorageSecrets, redact, with_secret_block
 from tasks.stylize_tasks import (
-    check_models, clean_destination, combine_manifest, ingest, open_shard_workers, record_run, stylize_shard_task,
+    carry_over, check_models, clean_destination, combine_manifest, ingest, open_shard_workers, record_run,
+    stylize_shard_task,
 )
 
 
@@ -79,6 +80,7 @@ def stylize_bucket(
     pinned = check_models(models, model_store, storage_options)  # every shard uses these very weights
     shards = ingest(source, shard_size, storage_options, exclude=destination)
     clean_destination(destination, storage_options)
+    carry_over(source, destination, shards, storage_options)
     options = {"output_format": output_format, "quality": quality, "batch_size": batch_size,
                "max_batch_pixels": max_batch_pixels, "max_pixels": max_pixels,
                "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec,

@@ -54,12 +54,16 @@ class Shard:
     problems: tuple[str | None, ...] = ()  # per key: why it cannot be read (a folder, a broken link), or None
     # Keys whose output name would clash with another input's (a.jpg and a.png -> a.jpg): they get a hash in it.
     clashing: frozenset[str] = frozenset()
+    tags: tuple[str, ...] = ()  # per key: its version as listed (etag, generation or mtime)
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def problem(self, index: int) -> str | None:
         return self.problems[index] if self.problems else None
+
+    def tag(self, index: int) -> str | None:
+        return self.tags[index] if self.tags else None
 
 
 def make_shards(files: list[Listed | tuple], shard_size: int) -> list[Shard]:
@@ -77,7 +81,7 @@ def make_shards(files: list[Listed | tuple], shard_size: int) -> list[Shard]:
         digest = hashlib.sha256(json.dumps(chunk, separators=(",", ":")).encode()).hexdigest()[:16]
         shards.append(Shard(digest, tuple(f.key for f in chunk), tuple(f.size for f in chunk),
                             tuple(f.problem for f in chunk) if any(f.problem for f in chunk) else (),
-                            frozenset(f.key for f in chunk if f.key in clashing)))
+                            frozenset(f.key for f in chunk if f.key in clashing), tuple(f.tag for f in chunk)))
     return shards
 
 
@@ -211,6 +215,7 @@ class _Input:
     size: int = 0
     read_seconds: float = 0.0
     problem: str | None = None  # why it was not read, or could not be
+    tag: str | None = None  # its version as listed
 
 
 _engines: dict[tuple, StylizeEngine] = {}
@@ -316,12 +321,13 @@ def stylize_shard(
                     rows.append({**earlier, "shard_id": shard.shard_id})  # an earlier attempt of this run made it
                     continue
                 earlier = earlier or {"input_uri": source.child(key).display,
-                                      "output_uri": output_location(key, name).display, "model": name}
+                                      "output_uri": output_location(key, name).display, "model": name,
+                                      "input_version": shard.tag(index)}
                 rows.append({**earlier, "status": "skipped", "error": None, "shard_id": shard.shard_id,
                              "duration_ms": 0.0, "flow_run_id": options.flow_run_id, "finished_at": manifest.now()})
             remaining = tuple(name for name in models if name not in done)
             if remaining:
-                todo.append(_Input(key, remaining, shard.sizes[index], problem=problem))
+                todo.append(_Input(key, remaining, shard.sizes[index], problem=problem, tag=shard.tag(index)))
         progress(len(shard) - len(todo))
 
         def read(item: _Input) -> Job:
@@ -335,7 +341,8 @@ def stylize_shard(
                 except InputError as error:
                     problem = str(error)
             # a storage error propagates: the shard fails and is retried
-            checked = _Input(item.key, item.models, len(data) or item.size, time.perf_counter() - began, problem)
+            checked = _Input(item.key, item.models, len(data) or item.size, time.perf_counter() - began, problem,
+                             item.tag)
             fmt = output_extension(posixpath.splitext(item.key)[1], SAME_FORMAT) \
                 if options.output_format == SAME_FORMAT else None
             return Job(checked, data, item.models if problem is None else (), output_format=fmt)
@@ -453,12 +460,46 @@ def _row(source: Location, item: _Input, outcome: Outcome, model: str, shard: Sh
         "width": outcome.width,
         "height": outcome.height,
         "input_bytes": item.size,
+        "input_version": item.tag,
         "output_bytes": output_bytes,
         "shard_id": shard.shard_id,
         "duration_ms": round((item.read_seconds + outcome.seconds + extra_seconds) * 1000, 3),
         "flow_run_id": options.flow_run_id,
         "finished_at": manifest.now(),
     }
+
+
+def carry_over_rows(source: Location, destination: Location, shards: list[Shard]) -> int:
+    """Give shards that have no record of their own the rows their inputs got in the destination's last manifest.
+    A shard's id hashes its inputs, so an input added or removed early in the listing gives every later shard a
+    new id; without this, each would stylise all its images again. A row is carried over where the input is
+    unchanged (same version as listed now) and was done (``ok`` or ``skipped``); it goes into the shard's journal,
+    which the shard reads as after a crash: outputs still there are ``skipped``, the rest is done. Returns how many
+    rows were carried over."""
+    fs, parts = destination.child(PARTS_FOLDER).filesystem()
+    try:
+        recorded = {posixpath.basename(name.rstrip("/")).rsplit(".", 1)[0] for name in fs.ls(parts, detail=False)}
+    except FileNotFoundError:
+        return 0  # a destination never written to
+    lacking = [shard for shard in shards if shard.shard_id not in recorded]
+    table = manifest.read_table(destination.child(MANIFEST_NAME)) if lacking else None
+    if table is None or table.num_rows == 0:
+        return 0
+    uris, versions = table.column("input_uri").to_pylist(), table.column("input_version").to_pylist()
+    statuses = table.column("status").to_pylist()
+    rows_of: dict[tuple[str, str], list[int]] = {}
+    for index, (uri, version, status) in enumerate(zip(uris, versions, statuses)):
+        if version is not None and status in ("ok", "skipped"):
+            rows_of.setdefault((uri, version), []).append(index)
+    carried = 0
+    for shard in lacking:
+        picked = [index for position, key in enumerate(shard.keys)
+                  for index in rows_of.get((source.child(key).display, shard.tag(position)), ())]
+        if picked:
+            manifest.write_table(journal_location(destination, shard.shard_id).child("carried-over.parquet"),
+                                 table.take(picked))
+            carried += len(picked)
+    return carried
 
 
 def _previous_rows(destination: Location, shard_id: str) -> dict[tuple[str, str], dict]:
@@ -520,6 +561,7 @@ def run_shards(
     check_apart(source, destination)  # before anything is removed from the destination
     remove_partial_files(destination)
     shards = list_shards(source, shard_size, exclude=destination)
+    carry_over_rows(source, destination, shards)
     images = sum(len(shard) for shard in shards)
     if on_total is not None:
         on_total(images)

@@ -18,6 +18,7 @@ SCHEMA = pa.schema([
     pa.field("width", pa.int32()),
     pa.field("height", pa.int32()),
     pa.field("input_bytes", pa.int64()),
+    pa.field("input_version", pa.string()),  # the input's etag / generation / mtime when it was listed
     pa.field("output_bytes", pa.int64()),
     pa.field("shard_id", pa.string(), nullable=False),
     pa.field("duration_ms", pa.float64()),
@@ -54,7 +55,15 @@ def read_table(location: Location) -> pa.Table | None:
         return None
     # Arrow's own buffer, not a Python file object: Arrow's I/O threads would call back into Python to read one,
     # and such a call still under way at interpreter exit aborts the process (apache/arrow#34314).
-    return pq.read_table(pa.BufferReader(data)).cast(SCHEMA)
+    return conform(pq.read_table(pa.BufferReader(data)))
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """``table`` in this SCHEMA; a column that manifests written by earlier versions lack comes back empty."""
+    missing = [field for field in SCHEMA if field.name not in table.column_names]
+    for field in missing:
+        table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(SCHEMA.names).cast(SCHEMA)
 
 
 def read_folder(folder: Location) -> list[pa.Table]:
@@ -76,7 +85,7 @@ def read_folder(folder: Location) -> list[pa.Table]:
 def combine(tables: list[pa.Table]) -> pa.Table:
     if not tables:
         return SCHEMA.empty_table()
-    return pa.concat_tables([t.cast(SCHEMA) for t in tables]).sort_by([("input_uri", "ascending"), ("model", "ascending")])
+    return pa.concat_tables([conform(t) for t in tables]).sort_by([("input_uri", "ascending"), ("model", "ascending")])
 
 
 def counts(table: pa.Table) -> dict[str, int]:

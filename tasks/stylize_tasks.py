@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from stylecore.checkpoint import CheckpointError
 from stylecore.model import UNet
 
-from .bucket import PARTS_FOLDER, Shard, ShardOptions, combine_parts, list_shards, stylize_shard
+from .bucket import PARTS_FOLDER, Shard, ShardOptions, carry_over_rows, combine_parts, list_shards, stylize_shard
 from .models import default_device, load_model_from, model_location
 from .secrets import StorageSecrets, redact, reveal_options
 from .storage import Location, read_bytes, remove_partial_files, write_bytes
@@ -32,6 +32,17 @@ def ingest(source: str, shard_size: int = 256, storage_options: StorageSecrets |
     get_run_logger().info("%s: %d images in %d shards of up to %d", Location(source, options).display,
                           sum(len(s) for s in shards), len(shards), shard_size)
     return shards
+
+
+@task(name="carry-over-rows")
+def carry_over(source: str, destination: str, shards: list[Shard],
+               storage_options: StorageSecrets | dict | None = None) -> int:
+    """Earlier rows of unchanged inputs for shards whose ids changed (the listing shifted), so they are not redone."""
+    options = reveal_options(storage_options)
+    carried = carry_over_rows(Location(source, options), Location(destination, options), shards)
+    if carried:
+        get_run_logger().info("%d finished outputs of earlier runs found again for shards that changed", carried)
+    return carried
 
 
 @task(name="load-models")

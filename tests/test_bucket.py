@@ -198,6 +198,33 @@ def test_a_destination_that_holds_the_source_is_refused_and_one_inside_it_is_lef
     assert shard.keys == ("a.jpg", "b/c.jpg")
 
 
+def test_a_rerun_after_inputs_were_added_or_removed_early_in_the_listing_redoes_only_those(tmp_path):
+    # Shards are slices of the sorted listing: one input more or less near the start shifts every later shard
+    # (new ids); their inputs' earlier outputs must still count as done.
+    import os
+
+    from tasks.bucket import run_shards
+
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {f"img{index:02}.jpg": jpeg((index * 20, 90, 200)) for index in range(12)})
+    models, options = {"m": tiny_model()}, ShardOptions(batch_size=4)
+    assert run_shards(source, destination, models, options, 4)["counts"] == {"ok": 12, "skipped": 0, "error": 0}
+
+    fill(source, {"aaa.jpg": jpeg("red")})
+    again = run_shards(source, destination, models, options, 4)
+    assert again["counts"] == {"ok": 1, "skipped": 12, "error": 0} and again["redone"] == 1
+
+    os.remove(tmp_path / "in" / "img00.jpg")
+    changed = tmp_path / "in" / "img05.jpg"
+    changed.write_bytes(jpeg("blue"))
+    os.utime(changed, (changed.stat().st_atime, changed.stat().st_mtime + 10))  # a new version
+    third = run_shards(source, destination, models, options, 4)
+    assert third["counts"] == {"ok": 1, "skipped": 11, "error": 0} and third["redone"] == 1
+    rows = manifest.read_table(destination.child("manifest.parquet")).to_pylist()
+    assert len(rows) == 12 and {row["input_uri"].rsplit("/", 1)[1] for row in rows if row["status"] == "ok"} == {
+        "img05.jpg"}
+
+
 def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
     fill(source, {f"img{i:03}.jpg": jpeg((i * 5, 0, 0), (8, 8)) for i in range(45)})

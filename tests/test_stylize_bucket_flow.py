@@ -284,3 +284,19 @@ def test_a_model_replaced_in_the_store_during_a_run_is_refused_rather_than_mixed
     with pytest.raises(CheckpointError, match="was replaced while this run was using it"):
         load_models(["tiny"], model_store, {}, device="cpu", pinned=checksums)
     assert load_models(["tiny"], model_store, {}, device="cpu")  # a new run takes the new version
+
+
+def test_a_scheduled_rerun_over_a_bucket_that_gained_and_lost_images_stylises_only_the_new_ones(gcs_emulator,
+                                                                                                model_store):
+    root = f"gs://photos/grown-{uuid.uuid4().hex[:8]}"
+    fs, _ = Location(root, gcs_emulator).filesystem()
+    for index in range(9):
+        fs.pipe_file(f"{root}/in/img{index:02}.jpg", jpeg((index * 25, 80, 160)))
+    run = {"source": f"{root}/in", "destination": f"{root}/out", "models": ["tiny"], "model_store": model_store,
+           "storage_options": gcs_emulator, "shard_size": 3}
+    assert stylize_bucket(**run)["counts"] == {"ok": 9, "skipped": 0, "error": 0}
+    fs.pipe_file(f"{root}/in/aaa-new.jpg", jpeg("red"))  # sorts first: every shard after it moves
+    fs.rm(f"{root}/in/img04.jpg")
+    assert stylize_bucket(**run)["counts"] == {"ok": 1, "skipped": 8, "error": 0}
+    rows = manifest.read_table(Location(f"{root}/out/manifest.parquet", gcs_emulator)).to_pylist()
+    assert len(rows) == 9 and all(row["input_version"] for row in rows)
