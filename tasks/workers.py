@@ -15,7 +15,9 @@ from __future__ import annotations
 import copy
 import itertools
 import multiprocessing
+import os
 import queue
+import signal
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -98,6 +100,18 @@ class ShardWorkers:
         except BrokenProcessPool:
             raise WorkerDied(WORKER_DIED) from None
 
+    def interrupt(self) -> None:
+        """Stop the workers' shards as Ctrl-C would (each records what it wrote) and start no queued one: for a
+        parent stopped by a signal that only it received (``kill``, a scheduler's SIGTERM)."""
+        with self._lock:
+            processes = list(self._pool._processes.values()) if self._pool is not None else []  # noqa: SLF001
+        for process in processes:
+            if process.is_alive():
+                try:
+                    os.kill(process.pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+
     def close(self, cancel_queued: bool = False) -> None:
         """Let running shards (and queued ones, unless ``cancel_queued``) finish, stop the workers, and deliver the
         last progress."""
@@ -155,9 +169,10 @@ def stylize_in_processes(shards: list[Shard], source: Location, destination: Loc
                         failure = error
                         for other in pending:
                             other.cancel()
-        except BaseException:  # interrupted: shards not started stay undone, running ones finish their journal
+        except BaseException:  # interrupted: shards not started stay undone, running ones record what they wrote
             for future in pending:
                 future.cancel()
+            workers.interrupt()
             raise
     if isinstance(failure, BrokenProcessPool):
         raise WorkerDied(WORKER_DIED) from failure
@@ -173,10 +188,32 @@ def _start_worker(models: dict[str, UNet], device: str, workers: int, progress: 
     torch.set_num_threads(cores_per_worker(workers))
     _worker["models"] = {name: model.to(device).eval() for name, model in models.items()}
     _worker["progress"] = progress
+    signal.signal(signal.SIGINT, _stop)
+    threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
+
+
+def _stop(signum, frame) -> None:
+    """SIGINT: the running shard stops (recording what it wrote) and shards still queued here do not start. A second
+    one (Ctrl-C reaches the workers and their parent, which passes it on) must not cut that recording short."""
+    if _worker.get("stopping"):
+        return
+    _worker["stopping"] = True
+    raise KeyboardInterrupt
+
+
+def _exit_with_parent() -> None:
+    """A parent killed outright (kill -9, the OOM killer) cannot stop its workers: they would go on writing, and
+    then wait for work forever. When it is gone, stop as on Ctrl-C, then leave."""
+    multiprocessing.parent_process().join()
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(30)  # time to record the shard's finished outputs
+    os._exit(1)
 
 
 def _run_shard(ticket: int, shard: Shard, source: Location, destination: Location,
                options: ShardOptions) -> ShardResult:
+    if _worker.get("stopping"):
+        raise KeyboardInterrupt("stopping: this shard was not started")
     progress: multiprocessing.Queue = _worker["progress"]
     unreported, reported_at = 0, time.monotonic()
 

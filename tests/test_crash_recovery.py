@@ -155,3 +155,77 @@ def test_kill_9_of_a_bucket_run_on_gcs_then_the_same_command_finishes_the_job(gc
             image.load()
     assert not fs.glob(f"{prefix}/out/_manifest_parts/*.journal/*")
     print(f"flow run killed after {len(done_before)} of {images} images; the rerun redid {images - len(done_before)}")
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.add(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                pass
+    return found
+
+
+def running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+def start_with_workers(tmp_path: Path) -> tuple[subprocess.Popen, list[str]]:
+    source, destination, home = tmp_path / "in", tmp_path / "out", tmp_path / "home"
+    hostile_corpus.write_photos(source, IMAGES)
+    torch.manual_seed(0)
+    model = save_model(tmp_path / "model", UNet(UNetConfig()).eval(), {"name": "default-untrained"})
+    command = [*stylize_command(source, destination, model, home), "--workers", "2"]
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(command, cwd=tmp_path, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    with killed_if_this_fails(run):
+        while time.monotonic() < deadline and run.poll() is None and len(journaled_rows(destination)) < IMAGES // 8:
+            time.sleep(0.05)
+        assert run.poll() is None, f"the run ended before it could be stopped: {run.communicate()}"
+    return run, command
+
+
+def test_workers_of_a_run_killed_outright_stop_by_themselves_and_the_same_command_finishes(tmp_path):
+    run, command = start_with_workers(tmp_path)
+    workers = children_of(run.pid)
+    assert workers, "the run has worker processes"
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(running(pid) for pid in workers):
+        time.sleep(0.2)
+    left = [pid for pid in workers if running(pid)]
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, "workers went on after their parent was killed"
+    done_before = {row["input_uri"] for row in journaled_rows(tmp_path / "out") if row["status"] == "ok"}
+    environment = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    again = subprocess.run(command, cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert len(rows) == IMAGES and {row["input_uri"] for row in rows if row["status"] == "skipped"} == done_before
+
+
+def test_sigterm_to_a_run_with_workers_stops_it_without_finishing_the_queued_shards(tmp_path):
+    # What a scheduler or `kill` sends, to the parent alone: it must stop the workers' shards as Ctrl-C would.
+    run, command = start_with_workers(tmp_path)
+    run.send_signal(signal.SIGTERM)
+    with killed_if_this_fails(run, group=False):
+        _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130, stderr
+    assert "interrupted" in stderr.decode()
+    done = {row["input_uri"] for row in journaled_rows(tmp_path / "out") if row["status"] == "ok"}
+    assert 0 < len(done) < IMAGES, "the run went on through every shard after SIGTERM"
+    assert not [path for path in (tmp_path / "out").rglob("*.partial")]
+    again = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                           env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stderr
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert {row["input_uri"] for row in rows if row["status"] == "skipped"} == done
