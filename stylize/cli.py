@@ -34,8 +34,11 @@ from stylecore.stylize import stylize_batch
 from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
 from stylecore.vgg import VGGFeatures, VGGWeightsError, load_vgg
 from tasks import manifest
-from tasks.bucket import AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, SAME_FORMAT, ShardOptions, run_shards
-from tasks.secrets import hide_options
+from tasks.bucket import (
+    AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, SAME_FORMAT, ShardOptions, check_apart, run_shards,
+)
+from tasks.models import model_location, read_model_metadata
+from tasks.secrets import hide_options, redact
 from tasks.storage import Location, StorageError
 from tasks.workers import WorkerDied
 
@@ -107,6 +110,21 @@ def storage_options_from(args: argparse.Namespace) -> dict:
             raise UserError(f"--storage-option must look like KEY=VALUE, not {item!r}")
         options[key.strip()] = value
     return options
+
+
+def checked_location(url: str, options: dict, what: str, must_exist: bool = True) -> Location:
+    """A URL the flows will use, checked here first, so that a mistake in it is one line (exit 2), not a flow run
+    that fails after Prefect's start-up with a traceback."""
+    location = Location(url, options)
+    try:
+        fs, path = location.filesystem()
+        if must_exist and not fs.exists(path):
+            raise UserError(f"{what} not found: {location.display}")
+    except (ValueError, ImportError) as error:  # an unknown protocol, a malformed URL
+        raise UserError(f"{what} {location.display}: {error}") from None
+    except (OSError, StorageError) as error:
+        raise UserError(f"cannot reach the {what} {location.display}: {redact(error, options)}") from None
+    return location
 
 
 def model_store_for(args: argparse.Namespace) -> str:
@@ -271,6 +289,7 @@ def cmd_prime(args: argparse.Namespace) -> int:
         from flows.train_style import prime_photos
 
         refuse_flow_less_options(args, "content_weight", "content_layer")
+        checked_location(args.photos, storage_options_from(args), "photo folder")
 
         device = pick_device(args.device)
         preset_name, _ = pick_preset(args, device)
@@ -357,6 +376,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from flows.train_style import train_style
 
         refuse_flow_less_options(args)
+        options = storage_options_from(args)
+        checked_location(args.photos, options, "photo folder")
+        style = checked_location(args.style_image, options, "style image")
+        try:
+            image_io.decode_image(style.filesystem()[0].cat_file(style.filesystem()[1]))
+        except image_io.ImageDecodeError as error:
+            raise UserError(f"cannot read style image {style.display}: {error}") from None
+        except IsADirectoryError:
+            raise UserError(f"style image {style.display} is a folder") from None
         device = pick_device(args.device)
         preset_name, _ = pick_preset(args, device)
         loss = loss_config_from(args)
@@ -451,6 +479,16 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     model = args.model
     if not is_url(model) and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
+    options = storage_options_from(args)
+    source = checked_location(args.source, options, "source")
+    destination = checked_location(args.destination, options, "destination", must_exist=False)
+    try:
+        check_apart(source, destination)
+        read_model_metadata(model_location(model, model_store_for(args), options))
+    except (StorageError, CheckpointError) as error:
+        raise UserError(str(error)) from None
+    except FileNotFoundError:
+        raise UserError(f"no model {model!r} in {model_store_for(args)}") from None
     state = stylize_bucket(
         args.source, args.destination, [model], model_store=model_store_for(args),
         storage_options=hide_options(storage_options_from(args)), shard_size=args.shard_size,
@@ -714,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
                           f"can cost (default {ShardOptions.journal_seconds:g})")
     run.add_argument("--shard-size", type=positive_int, default=256,
                      help="images per shard: the unit of retries and of the manifest parts (default 256)")
-    run.add_argument("--retries", type=int, default=3, help="retries of a failed shard, for URLs (default 3)")
+    run.add_argument("--retries", type=non_negative_int, default=3, help="retries of a failed shard, for URLs (default 3)")
     run.add_argument("--workers", type=non_negative_int, default=0,
                      help="processes stylising shards side by side, each with its share of the cores and of the "
                           "memory. Per-image file work in one process tops out at a few hundred "

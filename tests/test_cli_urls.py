@@ -66,3 +66,21 @@ def test_failed_shards_exit_non_zero_and_name_the_retry(home, photo_dir, style_i
     assert "shards failed" in captured.err and "run the same command again" in captured.err
     assert main(["run", str(photo_dir), destination, "--model", "m", "--shard-size", "2", "--quiet"]) == 0
     assert "already done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("make_args,message", [
+    (lambda t: ["run", "foo://x/in", f"file://{t}/out", "--model", "m"], "Protocol not known"),
+    (lambda t: ["run", f"file://{t}/nope", f"file://{t}/out", "--model", "m"], "source not found"),
+    (lambda t: ["run", f"memory://nothing-{t.name}", "memory://out", "--model", "m"], "source not found"),
+    (lambda t: ["run", f"file://{t}/in", f"file://{t}/out", "--model", "nosuch"], "no model at"),
+    (lambda t: ["run", f"file://{t}/in", f"file://{t}", "--model", "m"], "lies inside the destination"),
+    (lambda t: ["prime", f"file://{t}/nope"], "photo folder not found"),
+    (lambda t: ["train", f"file://{t}/nostyle.jpg", "--photos", f"file://{t}/in", "--name", "x"], "style image not found"),
+    (lambda t: ["train", f"file://{t}/in/notes.jpg", "--photos", f"file://{t}/in", "--name", "x"], "cannot read style image"),
+])
+def test_mistakes_in_urls_are_one_line_before_any_flow_starts(make_args, message, home, tmp_path, capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.jpg").write_text("just text")
+    assert main([*make_args(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stylize: error: ") and message in err[0], err
