@@ -5,8 +5,10 @@ Tasks exchange URLs, shard descriptions and small summaries, never tensors or im
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
+from typing import Iterator
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -18,8 +20,20 @@ from stylecore.model import UNet
 from .bucket import PARTS_FOLDER, Shard, ShardOptions, carry_over_rows, combine_parts, list_shards, stylize_shard
 from .models import default_device, load_model_from, model_location
 from .secrets import StorageSecrets, redact, reveal_options
-from .storage import Location, read_bytes, remove_partial_files, write_bytes
+from .storage import Location, StorageError, read_bytes, remove_partial_files, write_bytes
 from .workers import ShardWorkers
+
+
+@contextlib.contextmanager
+def masked_errors(what: str, storage: dict) -> Iterator[None]:
+    """Whatever fails in here reaches Prefect (its state message, its logs of each retry) with credentials masked:
+    a store's own errors quote the request's URL, user and password included."""
+    try:
+        yield
+    except CheckpointError:  # its messages show masked URLs already
+        raise
+    except Exception as error:
+        raise StorageError(f"{what}: {type(error).__name__}: {redact(error, storage)}") from None
 
 
 @task(name="ingest")
@@ -39,7 +53,8 @@ def carry_over(source: str, destination: str, shards: list[Shard],
                storage_options: StorageSecrets | dict | None = None) -> int:
     """Earlier rows of unchanged inputs for shards whose ids changed (the listing shifted), so they are not redone."""
     options = reveal_options(storage_options)
-    carried = carry_over_rows(Location(source, options), Location(destination, options), shards)
+    with masked_errors("cannot carry over earlier rows", options):
+        carried = carry_over_rows(Location(source, options), Location(destination, options), shards)
     if carried:
         get_run_logger().info("%d finished outputs of earlier runs found again for shards that changed", carried)
     return carried
@@ -54,14 +69,17 @@ def check_models(models: list[str], model_store: str | None,
     which the run's shards then insist on (``load_models(pinned=...)``)."""
     storage = reveal_options(storage_options)
     pinned: dict[str, str] = {}
-    load_models(models, model_store, storage, device="cpu", checksums=pinned)
+    with masked_errors("cannot load the models", storage):
+        load_models(models, model_store, storage, device="cpu", checksums=pinned)
     return pinned
 
 
 @task(name="clean-destination")
 def clean_destination(destination: str, storage_options: StorageSecrets | dict | None = None) -> int:
     """Remove temporary files a killed run left in a local destination."""
-    return remove_partial_files(Location(destination, reveal_options(storage_options)))
+    options = reveal_options(storage_options)
+    with masked_errors("cannot clean the destination", options):
+        return remove_partial_files(Location(destination, options))
 
 
 def load_models(models: list[str], model_store: str | None, storage: dict, device: str | None = None,
@@ -144,7 +162,8 @@ def record_run(destination: str, parameters: dict, storage_options: StorageSecre
     credentials in its URLs masked)."""
     storage = reveal_options(storage_options)
     document = redact(json.dumps(parameters, indent=2), storage)
-    write_bytes(Location(destination, storage).child(RUN_RECORD), (document + "\n").encode())
+    with masked_errors("cannot write the run's record", storage):
+        write_bytes(Location(destination, storage).child(RUN_RECORD), (document + "\n").encode())
 
 
 def recorded_run(destination: str, storage_options: StorageSecrets | dict | None = None) -> dict:

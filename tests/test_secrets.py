@@ -55,9 +55,11 @@ def test_credentials_stay_out_of_logs_manifests_artifacts_and_flow_run_records(g
 
     ok = main(["run", f"gs://{prefix}/in", f"gs://{prefix}/out", "--model", str(model), "--home", str(tmp_path),
                "--quiet", "--retries", "0", *options])
-    failed = main(["run", f"gs://{prefix}/missing", f"gs://{prefix}/out2", "--model", str(model),
-                   "--home", str(tmp_path), "--quiet", "--retries", "0", *options])
-    assert (ok, failed) == (0, 1)
+    failed = main(["run", f"gs://{prefix}/in", f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/out2", "--model",
+                   str(model), "--home", str(tmp_path), "--quiet", "--retries", "0", *options])
+    refused = main(["run", f"gs://{prefix}/missing", f"gs://{prefix}/out3", "--model", str(model),
+                    "--home", str(tmp_path), "--quiet", *options])
+    assert (ok, failed, refused) == (0, 1, 2)
 
     APILogWorker.drain_all(timeout=10)
     with get_client(sync_client=True) as client:
