@@ -57,11 +57,14 @@ def read_metadata(path: str | Path) -> dict:
     """The JSON metadata of a model folder (or of a ``.safetensors`` file with its ``.json`` beside it)."""
     _, metadata_path = _paths(Path(path))
     try:
-        return json.loads(metadata_path.read_text())
+        metadata = json.loads(metadata_path.read_text())
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint metadata at {metadata_path}") from None
     except ValueError as error:
         raise CheckpointError(f"checkpoint metadata {metadata_path} is not valid JSON: {error}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"checkpoint metadata {metadata_path} is not a JSON object")
+    return metadata
 
 
 def load_model(path: str | Path, expected: UNetConfig | None = None) -> tuple[UNet, dict]:
@@ -114,7 +117,7 @@ def weights_from_bytes(data: bytes, expected_sha256: str | None, where: str) -> 
     try:
         return load(data)
     except Exception as error:
-        raise CheckpointError(f"cannot read {where}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(f"cannot read {where}: {(str(error).splitlines() or [type(error).__name__])[0]}") from None
 
 
 def is_safetensors_bytes(data: bytes) -> bool:

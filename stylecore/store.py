@@ -49,12 +49,16 @@ class ModelStore:
         return self.root / "runs" / kind / name
 
     def resolve(self, name_or_path: str) -> Path:
-        """A model folder (or .safetensors file) by path, or by name in the store."""
+        """A model folder (or .safetensors file) by path, or by name in the store. A plain name is the store's model
+        even where the current folder holds something of that name that is no model (say, a run's outputs)."""
         path = Path(name_or_path).expanduser()
-        if path.exists():
+        in_store = self.models / name_or_path
+        is_name = _NAME.match(name_or_path) is not None and name_or_path not in (".", "..")
+        if path.exists() and not (is_name and path.is_dir() and not (path / METADATA_FILE).is_file()
+                                  and (in_store / METADATA_FILE).is_file()):
             return path
-        if _NAME.match(name_or_path) and (self.models / name_or_path / METADATA_FILE).is_file():
-            return self.models / name_or_path
+        if is_name and (in_store / METADATA_FILE).is_file():
+            return in_store
         known = ", ".join(name for name, _ in self.list()) or "none yet"
         raise CheckpointError(f"no model {name_or_path!r} (not a path, and not in {self.models}; models there: {known})")
 

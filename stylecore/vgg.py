@@ -182,7 +182,7 @@ def _load_from_file(path: Path) -> tuple[nn.Sequential, VGGSource]:
     try:
         features.load_state_dict(convs, strict=True)
     except RuntimeError as error:
-        first = str(error).splitlines()[0]
+        first = (str(error).splitlines() or [type(error).__name__])[0]
         raise VGGWeightsError(f"{path} does not match torchvision's {arch} layout: {first}") from None
     normalisation = description.get("input", {})
     source = VGGSource(
@@ -206,7 +206,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         # weights_only=True uses PyTorch's restricted unpickler: tensors and containers only, never code.
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        raise VGGWeightsError(f"cannot read VGG weights {path}: {str(error).splitlines()[0]}") from None
+        reason = str(error).splitlines()[0] if str(error).strip() else f"{type(error).__name__} (empty or truncated?)"
+        raise VGGWeightsError(f"cannot read VGG weights {path}: {reason}") from None
     if not isinstance(state, dict):
         raise VGGWeightsError(f"{path} is not a state dict")
     return state

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -430,7 +431,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return run_bucket_flow(args)
     source, destination = Path(args.source), Path(args.destination)
     if not source.is_dir():
-        raise UserError(f"source folder not found: {source}")
+        raise UserError(f"source is a file, not a folder: {source}" if source.exists()
+                        else f"source folder not found: {source}")
+    if not os.access(source, os.R_OK | os.X_OK):
+        raise UserError(f"source folder cannot be read (permission denied): {source}")
+    if destination.exists() and not destination.is_dir():
+        raise UserError(f"destination is a file, not a folder: {destination}")
     device = pick_device(args.device)
     # On the CPU here: run_shards puts it on the device, or worker processes do (then this one needs no GPU).
     model, metadata, path = load_style_model(ModelStore(args.home), args.model, torch.device("cpu"))
@@ -537,7 +543,11 @@ def evaluate_model(args, model, metadata, path: Path, photos_dir: Path, device):
     style_file = path / "style.jpg" if path.is_dir() else path.with_name("style.jpg")
     if not style_file.is_file():
         raise UserError(f"the model at {path} has no style.jpg, so its style distance cannot be measured")
-    style_image = image_io.decode_image(style_file.read_bytes())
+    try:
+        style_image = image_io.decode_image(style_file.read_bytes())
+    except image_io.ImageDecodeError as error:
+        raise UserError(f"the model's style image {style_file} cannot be read ({error}); its style distance "
+                        "cannot be measured") from None
     style_layers, _ = resolve_layers(vgg.source, loss_config)
     target = StyleTarget.from_image(vgg, image_io.image_to_tensor(style_image).float().div(255), style_layers)
     loss = PerceptualLoss(vgg, loss_config, target)
@@ -578,10 +588,13 @@ def cmd_models(args: argparse.Namespace) -> int:
         if "error" in meta:
             print(f"{name:24}(unreadable: {meta['error']})")
             continue
-        vgg = meta.get("vgg", {})
+        vgg = meta.get("vgg") if isinstance(meta.get("vgg"), dict) else {}
         vgg_text = f"{vgg.get('arch', '?')}..{vgg.get('deepest_layer', '?')}"
-        print(f"{name:24}{meta.get('style_image', '?'):28}{meta.get('steps', 0):>7}"
-              f"{meta.get('training_seconds', 0):>9.0f}  {vgg_text:28}{meta.get('created_at', '?')}")
+        steps, seconds = meta.get("steps"), meta.get("training_seconds")
+        print(f"{name:24}{str(meta.get('style_image', '?')):28}"
+              f"{steps if isinstance(steps, int) else '?':>7}"
+              f"{format(seconds, '.0f') if isinstance(seconds, (int, float)) else '?':>9}  {vgg_text:28}"
+              f"{meta.get('created_at', '?')}")
     return 0
 
 
@@ -640,14 +653,35 @@ def quality(text: str) -> int:
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, not {text}")
+    if not 0 <= value < math.inf:  # nan fails this too
+        raise argparse.ArgumentTypeError(f"must be a finite number, zero or more, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number above zero, not {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, not {text}")
+    return value
+
+
+def image_side(text: str) -> int:
+    value = int(text)
+    if value < 32:
+        raise argparse.ArgumentTypeError(f"must be at least 32 pixels (VGG's pooling needs them), not {text}")
     return value
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--home", type=Path, default=None,
+    common.add_argument("--home", type=lambda text: Path(text).expanduser(), default=None,
                         help=f"model store and caches (default: ${HOME_VARIABLE} or ~/.stylize)")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to compute (default: auto = cuda if available)")
@@ -675,11 +709,11 @@ def build_parser() -> argparse.ArgumentParser:
                           help="training budget: fast (CPU, minutes) or full (the seed's 60+120 epochs, for GPUs); "
                                "default auto = full on CUDA, fast on CPU")
     training.add_argument("--steps", type=positive_int, help="training steps (overrides the preset)")
-    training.add_argument("--epochs", type=float, help="training epochs over the photos (overrides the preset)")
-    training.add_argument("--image-size", type=positive_int, help="side of the square training crops")
+    training.add_argument("--epochs", type=positive_float, help="training epochs over the photos (overrides the preset)")
+    training.add_argument("--image-size", type=image_side, help="side of the square training crops")
     training.add_argument("--batch-size", type=positive_int, help="training batch size")
-    training.add_argument("--lr", type=float, help="Adam learning rate")
-    training.add_argument("--seed", type=int, help="random seed (default 0)")
+    training.add_argument("--lr", type=positive_float, help="Adam learning rate")
+    training.add_argument("--seed", type=seed, help="random seed (default 0)")
     training.add_argument("--limit", type=positive_int, help="use only the first N photos (sorted by path)")
     training.add_argument("--checkpoint-every", type=positive_int,
                           help="save resumable training state every N steps (default: preset)")
@@ -771,7 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate_parser.add_argument("--sheet", type=Path, help="write a contact sheet PNG (input | output rows)")
     evaluate_parser.add_argument("--sheet-rows", type=positive_int, default=8, help="rows in the sheet (default 8)")
     evaluate_parser.add_argument("--limit", type=positive_int, help="use only the first N photos")
-    evaluate_parser.add_argument("--image-size", type=positive_int, help="evaluation crop size (default: training size)")
+    evaluate_parser.add_argument("--image-size", type=image_side, help="evaluation crop size (default: training size)")
     evaluate_parser.add_argument("--batch-size", type=positive_int, default=8, help="batch size (default 8)")
     evaluate_parser.add_argument("--json", action="store_true", help="print one JSON object")
     evaluate_parser.set_defaults(func=cmd_eval)
@@ -803,7 +837,7 @@ def _add_loss_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--style-layers", help="comma-separated VGG layers, e.g. relu1_2,relu2_2,relu3_3,relu4_3 "
                                               "(default: the weights' four standard layers)")
     group.add_argument("--content-layer", help="VGG content layer (default: the last style layer)")
-    group.add_argument("--style-size", type=positive_int, help="long side of the style image (default: preset)")
+    group.add_argument("--style-size", type=image_side, help="long side of the style image (default: preset)")
     group.add_argument("--prime-steps", type=positive_int, help="priming steps when priming is needed (default: preset)")
 
 

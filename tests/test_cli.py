@@ -119,6 +119,14 @@ def test_run_refuses_a_destination_that_is_the_source_or_holds_it(trained, photo
     assert sorted(p for p in photo_dir.rglob("*") if p.is_file()) == before  # nothing written, nothing removed
 
 
+def test_a_model_name_means_the_stores_model_even_beside_a_folder_of_that_name(trained, photo_dir, tmp_path,
+                                                                                capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outputs named after the model, in the current folder: a common first try
+    assert main(["run", str(photo_dir), "swirls", "--model", "swirls", "--quiet"]) == 0
+    assert main(["run", str(photo_dir), "swirls", "--model", "swirls", "--quiet"]) == 0
+    assert "0 written" in capsys.readouterr().out
+
+
 def test_run_writes_png_and_can_leave_existing_outputs(trained, photo_dir, tmp_path, capsys):
     out = tmp_path / "png"
     assert main(["run", str(photo_dir), str(out), "--model", str(trained), "--format", "png", "--quiet"]) == 0
@@ -214,11 +222,43 @@ def test_existing_model_is_not_replaced_without_force(trained, photo_dir, style_
     assert "already exists" in one_error_line(capsys)
 
 
-def test_bad_option_values_are_usage_errors_with_exit_code_2(capsys):
+@pytest.mark.parametrize("arguments,message", [
+    (["run", "a", "b", "--model", "m", "--batch-size", "0"], "must be a positive integer"),
+    (["train", "s.jpg", "--photos", "p", "--name", "x", "--lr", "nan"], "must be a finite number above zero"),
+    (["train", "s.jpg", "--photos", "p", "--name", "x", "--lr", "-1"], "must be a finite number above zero"),
+    (["train", "s.jpg", "--photos", "p", "--name", "x", "--epochs", "0"], "must be a finite number above zero"),
+    (["train", "s.jpg", "--photos", "p", "--name", "x", "--seed", "99999999999999999999"], "must be between 0"),
+    (["train", "s.jpg", "--photos", "p", "--name", "x", "--style-size", "1"], "must be at least 32 pixels"),
+    (["train", "s.jpg", "--photos", "p", "--name", "x", "--style-weight", "inf"], "must be a finite number"),
+    (["run", "a", "b", "--model", "m", "--retries", "-1"], "must be zero or more"),
+])
+def test_bad_option_values_are_usage_errors_with_exit_code_2(arguments, message, capsys):
+    # refused before any work (these used to surface after priming, as tracebacks, or as a model of NaNs)
     with pytest.raises(SystemExit) as caught:
-        main(["run", "a", "b", "--model", "m", "--batch-size", "0"])
+        main(arguments)
     assert caught.value.code == 2
-    assert "must be a positive integer" in capsys.readouterr().err
+    assert message in capsys.readouterr().err
+
+
+def test_files_where_folders_belong_and_broken_model_files_are_one_line_errors(trained, photo_dir, tmp_path, capsys):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    assert main(["run", str(next(photo_dir.rglob("*.jpg"))), str(tmp_path / "o"), "--model", "swirls"]) == 2
+    assert "source is a file, not a folder" in one_error_line(capsys)
+    assert main(["run", str(photo_dir), str(a_file), "--model", "swirls"]) == 2
+    assert "destination is a file, not a folder" in one_error_line(capsys)
+    (trained / "style.jpg").write_bytes(b"not a jpeg")
+    assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--limit", "1"]) == 2
+    assert "style image" in one_error_line(capsys)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--vgg-weights", str(empty)]) == 2
+    assert "cannot read VGG weights" in one_error_line(capsys)
+    odd = trained.parent / "odd"
+    odd.mkdir()
+    (odd / "model.json").write_text("[1]")
+    assert main(["models"]) == 0
+    assert "odd" in capsys.readouterr().out
 
 
 def run_console_script(*args, env_extra=None, tmp_path):
