@@ -300,6 +300,7 @@ def cmd_prime(args: argparse.Namespace) -> int:
         print(f"primed checkpoint: {url}")
         return 0
     args.photos = Path(args.photos)
+    check_output_folder(args.out, "--out")
     device = pick_device(args.device)
     store = ModelStore(args.home)
     _, preset = pick_preset(args, device)
@@ -468,6 +469,9 @@ def cmd_run(args: argparse.Namespace) -> int:
           f"manifest: {summary['manifest_uri']}")
     for row in error_rows(summary["manifest_uri"]):
         print(f"stylize: warning: skipping {row['input_uri']}: {row['error']}", file=sys.stderr)
+    if not sum(counts.values()):
+        print(f"stylize: warning: no images under {source} (looked for {', '.join(image_io.INPUT_EXTENSIONS)})",
+              file=sys.stderr)
     return 0
 
 
@@ -516,7 +520,22 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     return 1
 
 
+def check_output_folder(folder: Path | None, option: str) -> None:
+    """Refuse, before any work, an output folder that cannot be one."""
+    if folder is None:
+        return
+    for path in (folder, *folder.parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UserError(f"{option} {folder}: {path} is a file, not a folder")
+            return
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.sheet is not None:
+        if args.sheet.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+            raise UserError(f"--sheet {args.sheet}: name a .png, .jpg or .webp file")
+        check_output_folder(args.sheet.parent, "--sheet")
     device = pick_device(args.device)
     store = ModelStore(args.home)
     model, metadata, path = load_style_model(store, args.model, device)
@@ -603,6 +622,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     assets = Path(str(resources.files("stylecore") / "assets"))
     photos_dir = args.photos or assets / "photos"
     style_path = args.style or assets / "style_swirls.jpg"
+    check_output_folder(args.out, "--out")
+    if photos_dir.is_dir() and args.out.resolve().is_relative_to(photos_dir.resolve()):
+        raise UserError(f"--out {args.out} lies inside the photo folder {photos_dir}: its outputs would be taken "
+                        "for photos on the next run; choose an output folder outside it")
     args.force = True
     args.primed = None
     destination = train_one_style(args, style_path, args.name, photos_dir)
@@ -611,10 +634,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = args.out
     stylized = out / "stylized"
     progress_bar = bar(0, "stylizing", args.quiet, "img")
-    summary = run_shards(Location(str(photos_dir.resolve())), Location(str(stylized.resolve())),
-                         {metadata.get("name", args.name): model}, ShardOptions(quality=92, batch_size=4),
-                         on_progress=progress_bar.update, on_total=lambda total: setattr(progress_bar, "total", total))
-    progress_bar.close()
+    try:
+        summary = run_shards(Location(str(photos_dir.resolve())), Location(str(stylized.resolve())),
+                             {metadata.get("name", args.name): model}, ShardOptions(quality=92, batch_size=4),
+                             on_progress=progress_bar.update,
+                             on_total=lambda total: setattr(progress_bar, "total", total))
+    except (StorageError, OSError) as error:
+        raise UserError(f"cannot write the stylised photos into {stylized}: {error}") from None
+    finally:
+        progress_bar.close()
     evaluation, photos, _ = evaluate_model(args, model, metadata, path, photos_dir, device)
     write_contact_sheet(model, photos[:6], out / "contact_sheet.png")
     (out / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=2) + "\n")

@@ -238,9 +238,22 @@ def _entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, di
     if type(fs).find is not fsspec.AbstractFileSystem.find:
         yield from fs.find(root, detail=True, withdirs=True).items()
         return
-    for _, folders, files in fs.walk(root, detail=True):
-        for info in (*folders.values(), *files.values()):
-            yield info["name"], info
+    folders = [root]
+    while folders:  # fsspec's walk leaves out subfolders it cannot list (and drops on_error below the top)
+        folder = folders.pop()
+        try:
+            listing = fs.ls(folder, detail=True)
+        except FileNotFoundError:  # deleted since its parent was listed: nothing to do there
+            if folder == root:
+                raise
+            continue
+        for info in listing:
+            path = info["name"].rstrip("/")
+            if path == folder:
+                continue
+            yield path, info
+            if info["type"] == "directory":
+                folders.append(path)
 
 
 def _forget_listing(fs: fsspec.AbstractFileSystem, root: str) -> None:

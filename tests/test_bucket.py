@@ -262,3 +262,29 @@ def test_an_interrupted_shard_keeps_a_record_of_every_output_it_wrote(tmp_path):
     again = stylize_shard(shard, source, destination, {"m": tiny_model()}, options)
     assert again.counts == {"ok": 20 - len(written), "skipped": len(written), "error": 0}
     assert again.redone == 20 - len(written)  # nothing written before the interrupt is done twice
+
+
+def test_a_subfolder_that_cannot_be_read_fails_the_listing_instead_of_its_images_going_missing(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    (tmp_path / "in" / "locked").mkdir(parents=True)
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg("red"))
+    (tmp_path / "in" / "locked" / "b.jpg").write_bytes(jpeg("blue"))
+    os.chmod(tmp_path / "in" / "locked", 0)
+    script = ("from tasks.storage import Location, StorageError, list_files\n"
+              f"try: print(list_files(Location({str(tmp_path / 'in')!r})))\n"
+              "except StorageError as error: print('refused:', error)")
+    command = [sys.executable, "-c", script]
+    if os.geteuid() == 0:  # root reads any folder: take that power away, as for any other user
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--", *command]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent.parent)})
+    finally:
+        os.chmod(tmp_path / "in" / "locked", 0o755)
+    assert result.stdout.startswith("refused: cannot list") and "Permission denied" in result.stdout, result

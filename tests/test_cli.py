@@ -254,6 +254,12 @@ def test_files_where_folders_belong_and_broken_model_files_are_one_line_errors(t
     empty.write_bytes(b"")
     assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--vgg-weights", str(empty)]) == 2
     assert "cannot read VGG weights" in one_error_line(capsys)
+    assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--sheet", str(tmp_path / "sheet.xyz")]) == 2
+    assert "name a .png, .jpg or .webp file" in one_error_line(capsys)
+    assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--sheet", str(a_file / "s.png")]) == 2
+    assert "is a file, not a folder" in one_error_line(capsys)
+    assert main(["demo", "--photos", str(photo_dir), "--out", str(photo_dir / "demo"), "--quiet"]) == 2
+    assert "lies inside the photo folder" in one_error_line(capsys)
     odd = trained.parent / "odd"
     odd.mkdir()
     (odd / "model.json").write_text("[1]")
