@@ -8,19 +8,22 @@ it is complete.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import posixpath
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import fsspec
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
 
+from stylecore.checkpoint import CheckpointError
 from stylecore.images import INPUT_EXTENSIONS as IMAGE_EXTENSIONS
 
-from .secrets import redact
+from .secrets import redact, reveal_options
 
 
 class StorageError(Exception):
@@ -282,3 +285,29 @@ def _link_problem(fs: fsspec.AbstractFileSystem, root: str, path: str) -> str | 
     if os.path.commonpath([target, os.path.realpath(root)]) != os.path.realpath(root):
         return "symbolic link leading outside the source folder, not followed"
     return None
+
+
+@contextlib.contextmanager
+def masked_errors(what: str, storage: dict) -> Iterator[None]:
+    """Whatever fails in here reaches Prefect (its state message, its logs of each retry) with credentials masked:
+    a store's own errors quote the request's URL, user and password included. Errors that are this project's own
+    words (a bad checkpoint, a bad value) pass unchanged."""
+    try:
+        yield
+    except (CheckpointError, StorageError, ValueError):
+        raise
+    except Exception as error:
+        raise StorageError(f"{what}: {type(error).__name__}: {redact(error, storage)}") from None
+
+
+def masking_errors(function: Callable) -> Callable:
+    """``function`` (a task taking ``storage_options``) under ``masked_errors``."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def masked(*args, **kwargs):
+        options = signature.bind_partial(*args, **kwargs).arguments.get("storage_options")
+        with masked_errors(f"{function.__name__.removesuffix('_task')} failed", reveal_options(options)):
+            return function(*args, **kwargs)
+
+    return masked

@@ -5,10 +5,8 @@ Tasks exchange URLs, shard descriptions and small summaries, never tensors or im
 
 from __future__ import annotations
 
-import contextlib
 import json
 from dataclasses import asdict
-from typing import Iterator
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -20,20 +18,8 @@ from stylecore.model import UNet
 from .bucket import PARTS_FOLDER, Shard, ShardOptions, carry_over_rows, combine_parts, list_shards, stylize_shard
 from .models import default_device, load_model_from, model_location
 from .secrets import StorageSecrets, redact, reveal_options
-from .storage import Location, StorageError, read_bytes, remove_partial_files, write_bytes
+from .storage import Location, masked_errors, read_bytes, remove_partial_files, write_bytes
 from .workers import ShardWorkers
-
-
-@contextlib.contextmanager
-def masked_errors(what: str, storage: dict) -> Iterator[None]:
-    """Whatever fails in here reaches Prefect (its state message, its logs of each retry) with credentials masked:
-    a store's own errors quote the request's URL, user and password included."""
-    try:
-        yield
-    except CheckpointError:  # its messages show masked URLs already
-        raise
-    except Exception as error:
-        raise StorageError(f"{what}: {type(error).__name__}: {redact(error, storage)}") from None
 
 
 @task(name="ingest")

@@ -34,7 +34,7 @@ from stylecore.vgg import VGGFeatures, load_vgg
 
 from .models import default_device, is_complete, load_model_from, save_model_to
 from .secrets import StorageSecrets, reveal_options
-from .storage import IMAGE_EXTENSIONS, Location, list_files, read_bytes, write_bytes
+from .storage import IMAGE_EXTENSIONS, Location, list_files, masking_errors, read_bytes, write_bytes
 
 GPU_LIMIT = "stylize-gpu"
 
@@ -93,6 +93,7 @@ def priming_is_missing(parameters: dict) -> bool:
 
 
 @task(name="prime-autoencoder", cache_key_fn=priming_cache_key, persist_result=True, result_serializer="json")
+@masking_errors
 def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, train_config: dict,
                            storage_options: StorageSecrets | dict | None = None) -> str:
     """Prime the UNet as an autoencoder on the photos; returns the primed checkpoint's URL."""
@@ -117,6 +118,7 @@ def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, tr
 
 
 @task(name="train-style", task_run_name="train-style-{name}", cache_policy=NO_CACHE)
+@masking_errors
 def train_style_task(style: str, name: str, photos: str, primed: str, model_store: str, train_config: dict,
                      loss_config: dict, style_size: int, vgg_weights: str | None = None,
                      storage_options: StorageSecrets | dict | None = None, preset: str = "custom") -> str:

@@ -120,3 +120,20 @@ def test_a_missing_model_named_by_a_signed_url_is_reported_without_the_signature
     with pytest.raises(CheckpointError) as raised:
         load_model_from(Location(f"memory://models-{uuid.uuid4().hex[:8]}/x?X-Goog-Signature=SIG-0123456789"))
     assert "no model at" in str(raised.value) and "SIG-0123456789" not in str(raised.value)
+
+
+def test_task_errors_reach_prefect_with_the_credentials_masked_and_our_own_errors_unchanged():
+    from tasks.storage import StorageError, masking_errors
+
+    @masking_errors
+    def write_task(url: str, storage_options=None):
+        if url.startswith("bad"):
+            raise ValueError("a value of ours")
+        raise OSError(f"upload to http://reader:pw-4711xyz@storage.local/{url} failed")
+
+    options = hide_options({"endpoint_url": "http://reader:pw-4711xyz@storage.local"})
+    with pytest.raises(StorageError) as raised:
+        write_task("b/o", storage_options=options)
+    assert "pw-4711xyz" not in str(raised.value) and "write failed: OSError: upload to" in str(raised.value)
+    with pytest.raises(ValueError, match="a value of ours"):
+        write_task("bad", options)
