@@ -156,7 +156,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="stylize-bench-") as folder:
         work = Path(folder)
         make_images(work / "images", args.images, args.size)
-        env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PREFECT_HOME": str(work / "prefect"),  # keeps carried wheels on the path
+               "PYTHONPATH": os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))}
         results = []
         for index, kind in enumerate([args.only] if args.only else args.runs.split(",")):
             if kind not in RUNS:
