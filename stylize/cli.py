@@ -19,6 +19,7 @@ import time
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -658,53 +659,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- argument parsing
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
+def checked(name: str, convert: Callable, accept: Callable, wanted: str) -> Callable[[str], Any]:
+    """An argparse type: ``convert`` the text, then refuse a value ``accept`` rejects, saying what was ``wanted``."""
+    def parse(text: str):
+        value = convert(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {wanted}, not {text}")
+        return value
+
+    parse.__name__ = name  # argparse names the type when the text does not convert at all
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or more, not {text}")
-    return value
-
-
-def quality(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= 100:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 100, not {text}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < math.inf:  # nan fails this too
-        raise argparse.ArgumentTypeError(f"must be a finite number, zero or more, not {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be a finite number above zero, not {text}")
-    return value
-
-
-def seed(text: str) -> int:
-    value = int(text)
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, not {text}")
-    return value
-
-
-def image_side(text: str) -> int:
-    value = int(text)
-    if value < 32:
-        raise argparse.ArgumentTypeError(f"must be at least 32 pixels (VGG's pooling needs them), not {text}")
-    return value
+positive_int = checked("positive_int", int, lambda value: value >= 1, "a positive integer")
+non_negative_int = checked("non_negative_int", int, lambda value: value >= 0, "zero or more")
+quality = checked("quality", int, lambda value: 1 <= value <= 100, "between 1 and 100")
+non_negative_float = checked("non_negative_float", float, lambda value: 0 <= value < math.inf,  # nan fails too
+                             "a finite number, zero or more")
+positive_float = checked("positive_float", float, lambda value: 0 < value < math.inf, "a finite number above zero")
+seed = checked("seed", int, lambda value: 0 <= value < 2**63, "between 0 and 2**63 - 1")
+image_side = checked("image_side", int, lambda value: value >= 32, "at least 32 pixels (VGG's pooling needs them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
