@@ -15,7 +15,8 @@ from stylecore.model import UNetConfig
 from stylecore.store import check_model_name
 from stylecore.train import PRESETS, with_overrides
 from tasks.training_tasks import ensure_gpu_limit, model_exists, primed_checkpoint, train_style_task
-from tasks.secrets import StorageSecrets, hide_options, redact
+from tasks.secrets import StorageSecrets, hide_options, redact, reveal_options
+from tasks.storage import masked_errors
 
 
 def training_plan(preset: str, steps: int | None, prime_steps: int | None, image_size: int | None,
@@ -61,7 +62,8 @@ def train_style(
     if len(set(names)) != len(names):
         raise ValueError(f"two styles would be saved under one name: {names}")
     if not replace:
-        existing = [name for name in names if model_exists(name, model_store, storage_options)]
+        with masked_errors("cannot read the model store", reveal_options(storage_options)):
+            existing = [name for name in names if model_exists(name, model_store, storage_options)]
         if existing:
             raise ValueError(f"model {existing[0]!r} already exists in {redact(model_store)}; choose another name, "
                              "or replace it (replace=True; --force in the CLI)")

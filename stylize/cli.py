@@ -382,8 +382,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         options = storage_options_from(args)
         checked_location(args.photos, options, "photo folder")
         style = checked_location(args.style_image, options, "style image")
+        style_fs, style_path = style.filesystem()
         try:
-            image_io.decode_image(style.filesystem()[0].cat_file(style.filesystem()[1]))
+            image_io.decode_image(style_fs.cat_file(style_path))
         except image_io.ImageDecodeError as error:
             raise UserError(f"cannot read style image {style.display}: {error}") from None
         except IsADirectoryError:
