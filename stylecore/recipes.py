@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .checkpoint import serialize_model
 from .images import image_to_tensor, resize_long_side
 from .losses import LossConfig, PerceptualLoss, StyleTarget, resolve_layers
 from .model import UNet, UNetConfig
@@ -27,14 +28,6 @@ def versions() -> dict:
     except package_metadata.PackageNotFoundError:
         own = "unknown"
     return {"stylize": own, "torch": torch.__version__, "torchvision": torchvision.__version__}
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def now() -> str:
@@ -122,7 +115,7 @@ def run_style_training(
     resume_key = hashlib.sha256(json.dumps({
         "style_sha256": style_sha256, "style_size": style_size, "photos": fingerprint, "vgg": vgg.source.describe(),
         "layers": [style_layers, content_layer], "loss": loss_config.to_dict(),
-        "primed": weights_digest(primed),
+        "primed": serialize_model(primed, {})[1]["weights_sha256"],
     }, sort_keys=True, default=str).encode()).hexdigest()
     result = train_style(photos, primed, loss, train_config, device, on_step=on_step, state_dir=state_dir,
                          resume_key=resume_key)

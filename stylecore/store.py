@@ -53,11 +53,11 @@ class ModelStore:
         even where the current folder holds something of that name that is no model (say, a run's outputs)."""
         path = Path(name_or_path).expanduser()
         in_store = self.models / name_or_path
-        is_name = _NAME.match(name_or_path) is not None and name_or_path not in (".", "..")
-        if path.exists() and not (is_name and path.is_dir() and not (path / METADATA_FILE).is_file()
-                                  and (in_store / METADATA_FILE).is_file()):
+        stored = _NAME.match(name_or_path) is not None and name_or_path not in (".", "..") \
+            and (in_store / METADATA_FILE).is_file()
+        if path.exists() and not (stored and path.is_dir() and not (path / METADATA_FILE).is_file()):
             return path
-        if is_name and (in_store / METADATA_FILE).is_file():
+        if stored:
             return in_store
         known = ", ".join(name for name, _ in self.list()) or "none yet"
         raise CheckpointError(f"no model {name_or_path!r} (not a path, and not in {self.models}; models there: {known})")

@@ -399,7 +399,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size, style_size=args.style_size, style_weight=args.style_weight,
                 content_weight=args.content_weight, tv_weight=args.tv_weight, style_layers=loss.style_layers,
                 content_layer=args.content_layer, vgg_weights=vgg_weights_path(args),
-                storage_options=hide_options(storage_options_from(args)), replace=args.force,
+                storage_options=hide_options(options), replace=args.force,
             )
         except ValueError as error:  # the flow refused its inputs (a name taken, an unknown layer, ...)
             raise UserError(str(error)) from None
@@ -499,11 +499,9 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
         read_model_metadata(model_location(model, model_store_for(args), options))
     except (StorageError, CheckpointError) as error:
         raise UserError(str(error)) from None
-    except FileNotFoundError:
-        raise UserError(f"no model {model!r} in {model_store_for(args)}") from None
     state = stylize_bucket(
         args.source, args.destination, [model], model_store=model_store_for(args),
-        storage_options=hide_options(storage_options_from(args)), shard_size=args.shard_size,
+        storage_options=hide_options(options), shard_size=args.shard_size,
         batch_size=args.batch_size or 0, max_batch_pixels=args.max_batch_pixels or 0, output_format=args.format.lower(),
         quality=args.quality, max_pixels=args.max_pixels,
         max_image_bytes=args.max_bytes, retries=args.retries, gpu_codec=not args.no_gpu_codec, compile=args.compile,

@@ -558,9 +558,8 @@ def run_shards(
     ``options.workers`` processes side by side (spawned: a calling script needs ``if __name__ == "__main__":``).
     The models run on ``device`` (default: where they are); worker processes get their own copies there, so
     models given on the CPU keep this process off the GPU."""
-    check_apart(source, destination)  # before anything is removed from the destination
+    shards = list_shards(source, shard_size, exclude=destination)  # refuses a destination holding the source
     remove_partial_files(destination)
-    shards = list_shards(source, shard_size, exclude=destination)
     carry_over_rows(source, destination, shards)
     images = sum(len(shard) for shard in shards)
     if on_total is not None:

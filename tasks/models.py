@@ -42,11 +42,14 @@ def model_location(reference: str, store: str | None, options: dict | None = Non
 
 def read_model_metadata(location: Location) -> dict:
     try:
-        return json.loads(read_bytes(location.child(METADATA_FILE)))
+        metadata = json.loads(read_bytes(location.child(METADATA_FILE)))
     except FileNotFoundError:
         raise CheckpointError(f"no model at {location.display} ({METADATA_FILE} not found)") from None
     except ValueError as error:
         raise CheckpointError(f"{location.display}/{METADATA_FILE} is not valid JSON: {error}") from None
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{location.display}/{METADATA_FILE} is not a JSON object")
+    return metadata
 
 
 def load_model_from(location: Location, device: str = "cpu") -> tuple[UNet, dict]:

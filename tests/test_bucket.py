@@ -288,3 +288,13 @@ def test_a_subfolder_that_cannot_be_read_fails_the_listing_instead_of_its_images
     finally:
         os.chmod(tmp_path / "in" / "locked", 0o755)
     assert result.stdout.startswith("refused: cannot list") and "Permission denied" in result.stdout, result
+
+
+def test_model_metadata_that_is_not_a_json_object_is_a_checkpoint_error(tmp_path):
+    from stylecore.checkpoint import CheckpointError
+    from tasks.models import read_model_metadata
+
+    (tmp_path / "odd").mkdir()
+    (tmp_path / "odd" / "model.json").write_text("[1]")
+    with pytest.raises(CheckpointError, match="is not a JSON object"):
+        read_model_metadata(Location(str(tmp_path / "odd")))
