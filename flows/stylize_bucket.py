@@ -9,7 +9,7 @@ with every other shard's rows; running the flow again redoes only what is missin
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from typing import Annotated, Literal
 
 from prefect import flow, get_run_logger
@@ -22,8 +22,8 @@ from stylecore.images import DEFAULT_MAX_PIXELS
 from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, workers_for
 from tasks.secrets import StorageSecrets, redact, with_secret_block
 from tasks.stylize_tasks import (
-    carry_over, check_models, clean_destination, combine_manifest, ingest, open_shard_workers, record_run,
-    stylize_shard_task,
+    carry_over, check_models, claimed_destination, clean_destination, combine_manifest, ingest, open_shard_workers,
+    record_run, stylize_shard_task,
 )
 
 
@@ -32,6 +32,34 @@ class ShardsFailed(RuntimeError):
 
 
 OutputFormat = Literal["jpeg", "jpg", "png", "webp", "same"]
+
+
+def run_shard_tasks(shard_task, shards: list, arguments: dict, workers: int) -> tuple[list[dict], list[str]]:
+    """Every shard through ``shard_task``, in ``workers`` processes when more than one; returns the finished shards'
+    counts and the failed ones' reasons (each failure already retried)."""
+    progress = create_progress_artifact(0.0, description=f"shards of {redact(arguments['source'])} done")
+    per_shard, failed = [], []
+    with ExitStack() as stack:
+        pool = stack.enter_context(open_shard_workers(arguments["models"], arguments["model_store"], workers,
+                                                      arguments["storage_options"])) if workers > 1 else None
+        threads = stack.enter_context(ThreadPoolTaskRunner(2 * workers)) if pool else None
+        futures = []
+        for shard in shards:
+            # With worker processes each shard task (in a thread of this flow) hands its shard to them; two
+            # tasks a worker keep one queued while the other's task run is recorded.
+            futures.append(threads.submit(shard_task, {**arguments, "shard": shard, "workers": pool}) if pool
+                           else shard_task.submit(shard=shard, **arguments))
+        for done, future in enumerate(as_completed(futures), start=1):
+            try:
+                result = future.result()
+                per_shard.append({"shard_id": result["shard_id"], "images": result["images"], **result["counts"],
+                                  "seconds": round(result["seconds"], 2)})
+            except Exception as error:  # the task already retried; record it and let the other shards finish
+                failed.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+            update_progress_artifact(progress, 100.0 * done / max(len(futures), 1))
+    if not futures:
+        update_progress_artifact(progress, 100.0)
+    return per_shard, failed
 
 
 # The bounds are checked (and shown in the deployment's form) before the run starts: a bad value would otherwise
@@ -79,49 +107,30 @@ def stylize_bucket(
     storage_options = with_secret_block(storage_options, storage_secret_block)
     pinned = check_models(models, model_store, storage_options)  # every shard uses these very weights
     shards = ingest(source, shard_size, storage_options, exclude=destination)
-    clean_destination(destination, storage_options)
-    carry_over(source, destination, shards, storage_options)
-    options = {"output_format": output_format, "quality": quality, "batch_size": batch_size,
-               "max_batch_pixels": max_batch_pixels, "max_pixels": max_pixels,
-               "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec,
-               "gpu_decode": gpu_decode, "compile": compile,
-               "journal_seconds": journal_seconds}
-    # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.
-    record_run(destination, {"source": source, "models": models, "model_store": model_store,
-                             "storage_secret_block": storage_secret_block, "shard_size": shard_size, **options},
-               storage_options)
-    delays = [retry_delay_seconds * 2**attempt for attempt in range(retries)]  # exponential backoff
-    shard_task = stylize_shard_task.with_options(retries=retries, retry_delay_seconds=delays)
-    workers = workers_for(workers, shards)
-    progress = create_progress_artifact(0.0, description=f"shards of {redact(source)} done")
-    per_shard, failed = [], []
-    with open_shard_workers(models, model_store, workers, storage_options) if workers > 1 else nullcontext() as pool, \
-            ThreadPoolTaskRunner(2 * workers) if pool else nullcontext() as threads:
-        futures = []
-        for shard in shards:
-            arguments = {"shard": shard, "source": source, "destination": destination, "models": models,
-                         "model_store": model_store, "options": options, "storage_options": storage_options,
-                         "pinned": pinned}
-            # With worker processes each shard task (in a thread of this flow) hands its shard to them; two
-            # tasks a worker keep one queued while the other's task run is recorded.
-            futures.append(threads.submit(shard_task, {**arguments, "workers": pool}) if pool
-                           else shard_task.submit(**arguments))
-        for done, future in enumerate(as_completed(futures), start=1):
-            try:
-                result = future.result()
-                per_shard.append({"shard_id": result["shard_id"], "images": result["images"], **result["counts"],
-                                  "seconds": round(result["seconds"], 2)})
-            except Exception as error:  # the task already retried; record it and let the other shards finish
-                failed.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
-            update_progress_artifact(progress, 100.0 * done / max(len(futures), 1))
-    if not futures:
-        update_progress_artifact(progress, 100.0)
-
-    try:
-        summary = combine_manifest(destination, [s.shard_id for s in shards], storage_options)
-    except Exception as error:
-        raise ShardsFailed(f"{len(failed)} of {len(shards)} shards failed ({failed[0] if failed else 'none'}), and "
-                           f"{error}; run the flow again to redo only the missing images") from None
+    # One run at a time per destination: another's start would clear this one's temporary files.
+    with claimed_destination(destination, storage_options):
+        clean_destination(destination, storage_options)
+        carry_over(source, destination, shards, storage_options)
+        options = {"output_format": output_format, "quality": quality, "batch_size": batch_size,
+                   "max_batch_pixels": max_batch_pixels, "max_pixels": max_pixels,
+                   "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec,
+                   "gpu_decode": gpu_decode, "compile": compile,
+                   "journal_seconds": journal_seconds}
+        # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.
+        record_run(destination, {"source": source, "models": models, "model_store": model_store,
+                                 "storage_secret_block": storage_secret_block, "shard_size": shard_size, **options},
+                   storage_options)
+        delays = [retry_delay_seconds * 2**attempt for attempt in range(retries)]  # exponential backoff
+        shard_task = stylize_shard_task.with_options(retries=retries, retry_delay_seconds=delays)
+        workers = workers_for(workers, shards)
+        arguments = {"source": source, "destination": destination, "models": models, "model_store": model_store,
+                     "options": options, "storage_options": storage_options, "pinned": pinned}
+        per_shard, failed = run_shard_tasks(shard_task, shards, arguments, workers)
+        try:
+            summary = combine_manifest(destination, [s.shard_id for s in shards], storage_options)
+        except Exception as error:
+            raise ShardsFailed(f"{len(failed)} of {len(shards)} shards failed ({failed[0] if failed else 'none'}), and "
+                               f"{error}; run the flow again to redo only the missing images") from None
     seconds = time.perf_counter() - started
     images = sum(len(s) for s in shards)
     summary.update({"images": images, "shards": len(shards), "failed_shards": len(failed), "workers": workers,

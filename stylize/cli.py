@@ -1,7 +1,8 @@
 """The ``stylize`` command line: prime, train, run, eval, models, demo.
 
 User mistakes (missing folders, unreadable images, bad options, missing VGG weights) print one line
-``stylize: error: ...`` and exit with status 2. Anything else is a bug and shows its traceback.
+``stylize: error: ...`` and exit with status 2; a destination another run is writing to exits with 75 (try again
+later). Anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -41,10 +42,12 @@ from tasks.bucket import (
 )
 from tasks.models import model_location, read_model_metadata
 from tasks.secrets import hide_options, redact
+from tasks.lease import DestinationBusy
 from tasks.storage import Location, StorageError
 from tasks.workers import WorkerDied
 
 VGG_VARIABLE = "STYLIZE_VGG_WEIGHTS"
+EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL: another run holds the destination; try again later
 
 
 class UserError(Exception):
@@ -450,6 +453,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         summary = run_shards(Location(str(source.resolve())), Location(str(destination.resolve())), {name: model},
                              shard_options_from(args), args.shard_size, on_progress=progress_bar.update,
                              on_total=lambda total: setattr(progress_bar, "total", total), device=device)
+    except DestinationBusy as error:
+        print(f"stylize: error: {error}", file=sys.stderr)
+        return EXIT_BUSY
     except StorageError as error:
         raise UserError(str(error)) from None
     except WorkerDied as error:
@@ -480,6 +486,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 def error_rows(manifest_uri: str) -> list[dict]:
     table = manifest.read_table(Location(manifest_uri))
     return [row for row in table.to_pylist() if row["status"] == "error"] if table is not None else []
+
+
+def flow_error(state) -> BaseException | None:
+    """The exception a failed flow run (called in this process) raised, where Prefect kept it."""
+    try:
+        result = state.result(raise_on_failure=False)
+    except Exception:  # no result kept (a crash, a cancellation)
+        return None
+    return result if isinstance(result, BaseException) else None
 
 
 def run_bucket_flow(args: argparse.Namespace) -> int:
@@ -514,6 +529,9 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
               f"({summary['images']} images, {summary['shards']} shards, {summary['images_per_second']} img/s); "
               f"manifest: {summary['manifest_uri']}")
         return 0
+    if isinstance(failure := flow_error(state), DestinationBusy):
+        print(f"stylize: error: {failure}", file=sys.stderr)
+        return EXIT_BUSY
     message = state.message or "the flow run failed"
     print(f"stylize: error: {message.splitlines()[0]}; run the same command again to retry "
           "(only missing and failed images are redone)", file=sys.stderr)

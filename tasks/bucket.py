@@ -34,6 +34,7 @@ from stylecore.images import DEFAULT_MAX_PIXELS, EXTENSIONS, output_format
 from stylecore.model import UNet
 
 from . import manifest
+from .lease import DestinationLease
 from .storage import (
     IMAGE_EXTENSIONS, InputError, InsideCheck, Listed, Location, StorageError, exists, list_files, read_input, remove,
     remove_partial_files, write_bytes,
@@ -559,22 +560,23 @@ def run_shards(
     The models run on ``device`` (default: where they are); worker processes get their own copies there, so
     models given on the CPU keep this process off the GPU."""
     shards = list_shards(source, shard_size, exclude=destination)  # refuses a destination holding the source
-    remove_partial_files(destination)
-    carry_over_rows(source, destination, shards)
-    images = sum(len(shard) for shard in shards)
-    if on_total is not None:
-        on_total(images)
-    options = replace(options, workers=workers_for(options.workers, shards))
-    if options.workers > 1:
-        from .workers import stylize_in_processes  # it imports this module
+    with DestinationLease(destination):  # one run at a time: another's start would clear this one's temporaries
+        remove_partial_files(destination)
+        carry_over_rows(source, destination, shards)
+        images = sum(len(shard) for shard in shards)
+        if on_total is not None:
+            on_total(images)
+        options = replace(options, workers=workers_for(options.workers, shards))
+        if options.workers > 1:
+            from .workers import stylize_in_processes  # it imports this module
 
-        results = stylize_in_processes(shards, source, destination, models, options, on_progress,
-                                       None if device is None else str(device))
-    else:
-        if device is not None:
-            models = {name: model.to(device) for name, model in models.items()}
-        results = [stylize_shard(shard, source, destination, models, options, on_progress) for shard in shards]
-    summary = combine_parts(destination, [shard.shard_id for shard in shards])
+            results = stylize_in_processes(shards, source, destination, models, options, on_progress,
+                                           None if device is None else str(device))
+        else:
+            if device is not None:
+                models = {name: model.to(device) for name, model in models.items()}
+            results = [stylize_shard(shard, source, destination, models, options, on_progress) for shard in shards]
+        summary = combine_parts(destination, [shard.shard_id for shard in shards])
     summary.update({"images": images, "shards": len(shards), "workers": options.workers,
                     "redone": sum(result.redone for result in results)})
     return summary

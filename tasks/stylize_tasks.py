@@ -5,8 +5,10 @@ Tasks exchange URLs, shard descriptions and small summaries, never tensors or im
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict
+from typing import Iterator
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -16,6 +18,7 @@ from stylecore.checkpoint import CheckpointError
 from stylecore.model import UNet
 
 from .bucket import PARTS_FOLDER, Shard, ShardOptions, carry_over_rows, combine_parts, list_shards, stylize_shard
+from .lease import DestinationLease
 from .models import default_device, load_model_from, model_location
 from .secrets import StorageSecrets, redact, reveal_options
 from .storage import Location, masked_errors, read_bytes, remove_partial_files, write_bytes
@@ -92,6 +95,21 @@ def load_models(models: list[str], model_store: str | None, storage: dict, devic
                              f"{name!r}: their outputs would overwrite each other; stylise with one at a time")
         loaded[name], references[name] = model, location.url
     return loaded
+
+
+@contextlib.contextmanager
+def claimed_destination(destination: str, storage_options: StorageSecrets | dict | None = None) -> Iterator[None]:
+    """Hold ``destination``'s lease (tasks.lease) for the block, under this flow run's id: another live run
+    writing there stops this one at once (DestinationBusy), before anything is cleaned or written."""
+    options = reveal_options(storage_options)
+    lease = DestinationLease(Location(destination, options), holder=str(flow_run.id) if flow_run.id else None)
+    with masked_errors("cannot claim the destination", options):
+        lease.claim()
+    try:
+        yield
+    finally:
+        with contextlib.suppress(Exception):  # a failing store: the run's own outcome matters more; it lapses
+            lease.release()
 
 
 def open_shard_workers(models: list[str], model_store: str | None, count: int,

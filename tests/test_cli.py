@@ -13,6 +13,9 @@ import pytest
 from PIL import Image
 
 from stylize.cli import main
+from tasks.lease import LEASE_NAME
+from tasks.storage import Location, write_bytes
+from tests.test_lease import lease_of
 
 TINY = ["--steps", "3", "--prime-steps", "3", "--image-size", "32", "--batch-size", "2", "--style-size", "64", "--quiet"]
 STYLIZE = Path(sys.executable).parent / "stylize"
@@ -117,6 +120,14 @@ def test_run_refuses_a_destination_that_is_the_source_or_holds_it(trained, photo
     assert main(["run", str(photo_dir / "sub"), str(photo_dir), "--model", "swirls", "--quiet"]) == 2
     assert "lies inside the destination" in one_error_line(capsys)
     assert sorted(p for p in photo_dir.rglob("*") if p.is_file()) == before  # nothing written, nothing removed
+
+
+def test_run_leaves_a_destination_another_run_is_writing_to_alone_with_exit_75(trained, photo_dir, tmp_path, capsys):
+    destination = tmp_path / "out"
+    write_bytes(Location(str(destination)).child(LEASE_NAME), lease_of("nightly-run", "other-host", 4242, 20))
+    assert main(["run", str(photo_dir), str(destination), "--model", "swirls", "--quiet"]) == 75
+    assert "another run is writing to" in one_error_line(capsys)
+    assert [p.name for p in destination.rglob("*") if p.is_file()] == ["lease.json"]
 
 
 def test_a_model_name_means_the_stores_model_even_beside_a_folder_of_that_name(trained, photo_dir, tmp_path,

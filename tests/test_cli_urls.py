@@ -8,8 +8,10 @@ import pytest
 
 from stylize.cli import main
 from tasks import manifest
-from tasks.storage import Location
+from tasks.lease import LEASE_NAME
+from tasks.storage import Location, write_bytes
 from tests.test_cli import TINY
+from tests.test_lease import lease_of
 from tests.test_stylize_bucket_flow import FlakyStore
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -49,6 +51,19 @@ def test_train_and_run_on_a_gcs_bucket(home, gcs_bucket, capsys):
     assert main(["run", root.child("in").url, root.child("out").url, "--model", "g", "--shard-size", "2",
                  *options, "--quiet"]) == 0
     assert "0 written, 5 already done" in capsys.readouterr().out
+
+
+def test_a_bucket_another_run_is_writing_to_is_left_alone_with_exit_75(home, gcs_bucket, photo_dir, style_image,
+                                                                        capsys):
+    assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "m", *TINY]) == 0
+    root, options = gcs_bucket
+    write_bytes(root.child(f"out/{LEASE_NAME}"), lease_of("nightly-run", "other-host", 4242, 20))
+    code = main(["run", root.child("in").url, root.child("out").url, "--model", "m", *options, "--quiet"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 75
+    assert error.startswith("stylize: error: another run is writing to gs://") and "nightly-run on other-host" in error
+    fs, path = root.child("out").filesystem()
+    assert [name.rsplit("/", 1)[-1] for name in fs.find(path)] == ["lease.json"]  # nothing else written
 
 
 def test_failed_shards_exit_non_zero_and_name_the_retry(home, photo_dir, style_image, tmp_path, capsys):
