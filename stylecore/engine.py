@@ -45,6 +45,7 @@ from .images import (
     encode_jpeg_tensor,
     image_to_tensor,
     output_format,
+    srgb_transform,
     tensor_to_image,
 )
 from .model import UNet
@@ -439,7 +440,7 @@ class _Header:
     """What the image's header says, read without decoding its pixels."""
 
     pixels: int = 0
-    plain_jpeg: bool = False  # RGB, upright as stored: decode_plain_jpeg gives decode_image's pixels
+    plain_jpeg: bool = False  # RGB, sRGB, upright as stored: decode_plain_jpeg gives decode_image's pixels
     error: str | None = None  # set when the header alone shows the image cannot be used
 
     @classmethod
@@ -457,7 +458,8 @@ class _Header:
         if max(width, height) > max_side:
             return cls(error=f"{width}x{height} is too large for {fmt} output (at most {max_side:,} pixels a side); "
                              "choose another output format")
-        plain_jpeg = image.format == "JPEG" and image.mode == "RGB" and orientation in (0, 1)
+        plain_jpeg = (image.format == "JPEG" and image.mode == "RGB" and orientation in (0, 1)
+                      and srgb_transform(image.info.get("icc_profile"), "RGB") is None)
         return cls(pixels=width * height, plain_jpeg=plain_jpeg)
 
 

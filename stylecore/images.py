@@ -1,7 +1,8 @@
 """Decoding and encoding images from and to bytes, safely, and converting them to and from tensors.
 
-Every decodable image becomes 8-bit RGB with its EXIF orientation applied: alpha is composited on
-white, CMYK, palette, 16-bit and grayscale images are converted, animations give their first frame.
+Every decodable image becomes 8-bit sRGB with its EXIF orientation applied: RGB colours described by an
+embedded ICC profile (Display P3 and Adobe RGB photos) are converted to sRGB, alpha is composited on white,
+CMYK, palette, 16-bit and grayscale images are converted, animations give their first frame.
 Anything else raises ImageDecodeError with a one-line reason; images over a pixel limit are refused
 from their header, before any pixel is decoded (decompression bombs).
 """
@@ -15,7 +16,7 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
 
 DEFAULT_MAX_PIXELS = 40_000_000  # about 7,000 x 5,700; a 40 MP RGB float tensor is 480 MB
 OUTPUT_FORMATS = {"jpeg": "JPEG", "jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
@@ -65,11 +66,48 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         image.load()
     except Exception as error:  # truncated data, bad Huffman tables, zlib errors, ...
         raise ImageDecodeError(f"corrupt or truncated {image.format or 'image'} data: {_one_line(error)}") from None
+    profile = image.info.get("icc_profile")
     try:
         image = ImageOps.exif_transpose(image)
     except Exception:  # a corrupt EXIF block must not cost the image: keep it as stored
         pass
-    return to_rgb(image)
+    return to_srgb(image, profile)
+
+
+def to_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
+    """Any PIL mode to 8-bit RGB in sRGB (what outputs, viewers and VGG assume), through ``profile`` (the image's
+    embedded ICC profile) where it describes other RGB colours; as ``to_rgb`` without one, with an sRGB one, with
+    one for another colour space (CMYK, gray), or with one that cannot be used (a broken profile must not cost
+    the image)."""
+    rgb = to_rgb(image)
+    if (transform := srgb_transform(profile, "RGB")) is not None:
+        try:
+            return ImageCms.applyTransform(rgb, transform)
+        except (ImageCms.PyCMSError, ValueError, OSError):
+            pass
+    return rgb
+
+
+_SRGB = ImageCms.createProfile("sRGB")
+# lcms's one-pixel cache is not safe for a transform shared by threads (decoding runs in several).
+_NO_CACHE = ImageCms.Flags.NOCACHE if hasattr(ImageCms, "Flags") else ImageCms.FLAGS["NOCACHE"]
+
+
+@functools.lru_cache(maxsize=64)  # photos of one camera share their profile: built once
+def srgb_transform(profile: bytes | None, mode: str) -> ImageCms.ImageCmsTransform | None:
+    """The transform from ``profile``'s colours in ``mode`` ("RGB") to sRGB; None when there is nothing to
+    convert: no profile, an sRGB one, one for another colour space, or one lcms cannot read."""
+    if not profile:
+        return None
+    try:
+        parsed = ImageCms.ImageCmsProfile(io.BytesIO(profile))
+        if parsed.profile.xcolor_space.strip() != mode:
+            return None
+        if "srgb" in (parsed.profile.profile_description or "").lower():
+            return None
+        return ImageCms.buildTransform(parsed, _SRGB, mode, "RGB", flags=_NO_CACHE)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return None
 
 
 def check_pixel_count(width: int, height: int, max_pixels: int) -> None:

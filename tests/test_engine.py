@@ -15,6 +15,7 @@ from stylecore.images import (
 )
 from stylecore.model import UNet, UNetConfig
 from stylecore.stylize import stylize_batch
+from tests.test_images import ADOBE_GAMMA, ADOBE_RGB, matrix_profile
 
 
 def tiny_model(seed: int = 0) -> UNet:
@@ -132,6 +133,22 @@ def test_plain_jpegs_decode_to_the_same_pixels_as_every_other_image_and_broken_o
             decode_plain_jpeg(data[: len(data) // 2])
 
 
+def adobe_rgb_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.effect_mandelbrot((96, 64), (-2, -1, 1, 1), 60).convert("RGB").save(
+        buffer, "JPEG", quality=95, icc_profile=matrix_profile("Adobe RGB (1998) compatible", ADOBE_RGB, ADOBE_GAMMA))
+    return buffer.getvalue()
+
+
+def test_a_jpeg_with_a_wide_gamut_profile_is_stylised_in_srgb_like_any_other_image():
+    # Plain JPEGs take faster decoders (libjpeg-turbo, nvjpeg) that know nothing of ICC profiles: not a tagged one.
+    tagged = adobe_rgb_jpeg()
+    as_srgb = encode_image(decode_image(tagged), "png")
+    with StylizeEngine({"m": tiny_model()}, "cpu", EngineConfig(output_format="png")) as engine:
+        outputs = [image_to_tensor(decode_image(o.outputs["m"])) for o in run(engine, [tagged, as_srgb])]
+    assert torch.equal(outputs[0], outputs[1])
+
+
 def test_jpeg_outputs_are_the_pictures_the_model_made():
     model = tiny_model()
     buffer = io.BytesIO()
@@ -178,7 +195,7 @@ def test_gpu_decode_gives_the_pictures_of_the_cpu_decode_and_broken_jpegs_still_
         Image.effect_mandelbrot((96, 64), (-2, -1, 1, quality / 50), 60).convert("RGB").save(buffer, "JPEG",
                                                                                             quality=quality, **options)
         jpegs.append(buffer.getvalue())
-    datas = [*jpegs, jpegs[0][: len(jpegs[0]) // 2], encoded((40, 24), "PNG"), b"garbage"]
+    datas = [*jpegs, jpegs[0][: len(jpegs[0]) // 2], encoded((40, 24), "PNG"), b"garbage", adobe_rgb_jpeg()]
     results = {}
     for gpu_decode in (False, True):
         config = EngineConfig(gpu_decode=gpu_decode, gpu_codec=False, output_format="png")

@@ -6,7 +6,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms
 
 from stylecore.images import (
     ImageDecodeError,
@@ -16,6 +16,43 @@ from stylecore.images import (
     image_to_tensor,
     tensor_to_image,
 )
+
+# Adobe RGB (1998): its primaries adapted to D50 (the profile connection space) and its gamma, 563/256.
+ADOBE_RGB = ((0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087), (0.14919, 0.06322, 0.74457))
+ADOBE_GAMMA = 563 / 256
+SRGB_D50 = ((0.4360747, 0.2225045, 0.0139322), (0.3850649, 0.7168786, 0.0971045), (0.1430804, 0.0606169, 0.7141733))
+
+
+def matrix_profile(description: str, primaries, gamma: float) -> bytes:
+    """A minimal ICC v2 display profile (matrix and gamma curves), as cameras and editors embed for Adobe RGB."""
+    def fixed(value: float) -> bytes:
+        return struct.pack(">i", round(value * 65536))
+
+    def xyz(values) -> bytes:
+        return b"XYZ \0\0\0\0" + b"".join(fixed(v) for v in values)
+
+    text = description.encode("ascii")
+    curve = b"curv\0\0\0\0" + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    tags = [(b"desc", b"desc\0\0\0\0" + struct.pack(">I", len(text) + 1) + text + bytes(1 + 4 + 4 + 2 + 1 + 67)),
+            (b"cprt", b"text\0\0\0\0public domain\0"), (b"wtpt", xyz((0.9642, 1.0, 0.8249))),
+            (b"rXYZ", xyz(primaries[0])), (b"gXYZ", xyz(primaries[1])), (b"bXYZ", xyz(primaries[2])),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, data = 128 + 4 + 12 * len(tags), b"", b""
+    for signature, body in tags:
+        body += bytes(-len(body) % 4)
+        table += signature + struct.pack(">II", offset + len(data), len(body))
+        data += body
+    header = (struct.pack(">I", offset + len(data)) + bytes(4) + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
+              + struct.pack(">6H", 2026, 1, 1, 0, 0, 0) + b"acsp" + bytes(28) + fixed(0.9642) + fixed(1.0)
+              + fixed(0.8249) + bytes(48))
+    return header + struct.pack(">I", len(tags)) + table + data
+
+
+def adobe_to_srgb(rgb) -> np.ndarray:
+    """The sRGB levels of Adobe RGB levels, worked out from the two colour spaces' definitions."""
+    linear = (np.asarray(rgb, dtype=np.float64) / 255) ** ADOBE_GAMMA
+    srgb = np.linalg.solve(np.array(SRGB_D50).T, np.array(ADOBE_RGB).T @ linear).clip(0, 1)
+    return 255 * np.where(srgb <= 0.0031308, 12.92 * srgb, 1.055 * srgb ** (1 / 2.4) - 0.055)
 
 
 def save(image: Image.Image, fmt: str, **options) -> bytes:
@@ -81,6 +118,35 @@ def test_cmyk_jpeg_becomes_rgb():
     assert decoded.mode == "RGB"
     red, green, blue = np.asarray(decoded)[4, 4].astype(int)
     assert red > 200 and green < 60 and blue < 60
+
+
+def test_colours_of_an_embedded_wide_gamut_profile_are_converted_to_srgb():
+    # A photo saved in Adobe RGB (or Display P3) read as if it were sRGB comes out dull; its outputs, written as
+    # sRGB, would be too.
+    colours = [(180, 60, 60), (60, 160, 90), (40, 70, 200), (128, 128, 128)]
+    image = Image.new("RGB", (8 * len(colours), 8))
+    for index, colour in enumerate(colours):
+        image.paste(colour, (8 * index, 0, 8 * index + 8, 8))
+    profile = matrix_profile("Adobe RGB (1998) compatible", ADOBE_RGB, ADOBE_GAMMA)
+    expected = np.array([adobe_to_srgb(colour) for colour in colours])
+    decoded = np.asarray(decode_image(save(image, "PNG", icc_profile=profile)))[4, 4::8].astype(float)
+    assert np.abs(decoded - expected).max() <= 1.0
+    assert decoded[0, 0] > 200  # more saturated than the stored levels, as the photo really looks
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter to the left: converted and turned upright
+    rotated = save(image.transpose(Image.Transpose.ROTATE_90), "JPEG", quality=100, subsampling=0,
+                   icc_profile=profile, exif=exif.tobytes())
+    assert np.abs(np.asarray(decode_image(rotated))[4, 4::8].astype(float) - expected).max() <= 3.0
+
+
+def test_srgb_foreign_and_broken_profiles_leave_the_pixels_as_stored():
+    image = Image.effect_mandelbrot((24, 16), (-2, -1, 1, 1), 40).convert("RGB")
+    stored = np.asarray(image)
+    srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    lab = ImageCms.ImageCmsProfile(ImageCms.createProfile("LAB")).tobytes()  # another colour space
+    for profile in (srgb, lab, b"not a profile at all", srgb[:200]):
+        assert np.array_equal(np.asarray(decode_image(save(image, "PNG", icc_profile=profile))), stored)
 
 
 def test_16_bit_png_is_scaled_not_clipped():
