@@ -88,7 +88,6 @@ def to_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
     return rgb
 
 
-_SRGB = ImageCms.createProfile("sRGB")
 # lcms's one-pixel cache is not safe for a transform shared by threads (decoding runs in several).
 _NO_CACHE = ImageCms.Flags.NOCACHE if hasattr(ImageCms, "Flags") else ImageCms.FLAGS["NOCACHE"]
 
@@ -105,8 +104,8 @@ def srgb_transform(profile: bytes | None, mode: str) -> ImageCms.ImageCmsTransfo
             return None
         if "srgb" in (parsed.profile.profile_description or "").lower():
             return None
-        return ImageCms.buildTransform(parsed, _SRGB, mode, "RGB", flags=_NO_CACHE)
-    except (ImageCms.PyCMSError, OSError, ValueError, TypeError):
+        return ImageCms.buildTransform(parsed, ImageCms.createProfile("sRGB"), mode, "RGB", flags=_NO_CACHE)
+    except (ImageCms.PyCMSError, OSError, ValueError, TypeError, ImportError):  # ImportError: a Pillow without lcms
         return None
 
 
