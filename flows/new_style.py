@@ -6,7 +6,6 @@ with titles, descriptions, defaults and validation, and bad values are refused b
 
 from __future__ import annotations
 
-import os
 from typing import Literal
 
 from prefect import flow, get_run_logger
@@ -63,7 +62,7 @@ def train_new_style(request: TrainStyleRequest, storage_options: StorageSecrets 
         [request.style_image_url], request.photos_url, request.model_store or str(default_home()),
         names=[request.model_name], preset=request.preset, steps=request.steps, prime_steps=request.prime_steps,
         image_size=request.image_size, style_weight=request.style_weight, content_weight=request.content_weight,
-        tv_weight=request.tv_weight, vgg_weights=os.environ.get("STYLIZE_VGG_WEIGHTS"),
+        tv_weight=request.tv_weight,
         storage_options=storage_options, replace=request.replace,
     )
     get_run_logger().info("new style model %r: %s", request.model_name, model)

@@ -87,10 +87,11 @@ def stylize_bucket(
     journal_seconds: Annotated[float, Field(gt=0, le=86_400)] = 5.0,
     workers: Annotated[int, Field(ge=0, le=1024)] = 0,
 ) -> dict:
-    """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in ``model_store`` or
-    model URLs), writing ``destination/manifest.parquet``. ``batch_size`` 0 picks it (64 on a GPU within its free
-    memory, 8 on a CPU). ``max_batch_pixels`` bounds one forward pass (0: from the free memory, a quarter of it on a
-    CPU); a larger image is stylised in tiles. ``gpu_codec`` encodes JPEG outputs on the GPU, ``gpu_decode`` decodes
+    """Stylise every image under ``source`` into ``destination`` with each of ``models`` (names in ``model_store``,
+    by default the worker's $STYLIZE_HOME as for train-new-style, or model URLs), writing
+    ``destination/manifest.parquet``. ``batch_size`` 0 picks it (64 on a GPU within its free memory, 8 on a CPU).
+    ``max_batch_pixels`` bounds one forward pass (0: from the free memory, a quarter of it on a CPU); a larger image
+    is stylised in tiles. ``gpu_codec`` encodes JPEG outputs on the GPU, ``gpu_decode`` decodes
     plain JPEG inputs there (default: in CPU threads); ``compile`` runs the model through torch.compile. Images over
     ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished rows
     every ``journal_seconds``: the most work a crashed worker can cost. ``workers`` N > 1 runs shards in N worker

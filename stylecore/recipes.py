@@ -44,8 +44,10 @@ def photos_fingerprint(items: list[tuple[str, bytes | str]]) -> str:
 
 
 def priming_key(fingerprint: str, model_config: UNetConfig, train_config: TrainConfig, content: dict | None) -> str:
-    """Cache key of a priming run: the photo set and every setting that changes its result."""
-    document = json.dumps({"photos": fingerprint, "model": model_config.to_dict(), "train": train_config.to_dict(),
+    """Cache key of a priming run: the photo set and every setting that changes its result (how often it logs or
+    saves its state does not)."""
+    train = {k: v for k, v in train_config.to_dict().items() if k not in ("log_every", "checkpoint_every")}
+    document = json.dumps({"photos": fingerprint, "model": model_config.to_dict(), "train": train,
                            "content": content}, sort_keys=True, default=str)
     return hashlib.sha256(document.encode()).hexdigest()[:24]
 

@@ -130,6 +130,9 @@ class VGGFeatures(nn.Module):
         return outputs
 
 
+WEIGHTS_VARIABLE = "STYLIZE_VGG_WEIGHTS"  # a weights file used where none is named (CLI, flows)
+
+
 def load_vgg(weights: str | Path | None = None, arch: str = "vgg16") -> tuple[nn.Sequential, VGGSource]:
     """Load VGG ``features`` from a weights file, or torchvision's ImageNet weights when ``weights`` is None."""
     if weights is not None:

@@ -8,6 +8,7 @@ later). Anything else is a bug and shows its traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -20,7 +21,7 @@ import time
 from dataclasses import asdict
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from PIL import Image
@@ -35,18 +36,18 @@ from stylecore.recipes import content_term, photos_fingerprint, priming_key, run
 from stylecore.store import HOME_VARIABLE, ModelStore, default_home
 from stylecore.stylize import stylize_batch
 from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
-from stylecore.vgg import VGGFeatures, VGGWeightsError, load_vgg
+from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, VGGWeightsError, load_vgg
 from tasks import manifest
 from tasks.bucket import (
-    AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, SAME_FORMAT, ShardOptions, check_apart, run_shards,
+    AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, MANIFEST_NAME, SAME_FORMAT, ShardOptions, check_apart, run_shards,
 )
-from tasks.models import model_location, read_model_metadata
+from tasks.models import DEVICE_VARIABLE, model_location, read_model_metadata
 from tasks.secrets import hide_options, redact
 from tasks.lease import DestinationBusy
 from tasks.storage import Location, StorageError
 from tasks.workers import WorkerDied
 
-VGG_VARIABLE = "STYLIZE_VGG_WEIGHTS"
+VGG_VARIABLE = WEIGHTS_VARIABLE
 EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL: another run holds the destination; try again later
 
 
@@ -130,6 +131,24 @@ def checked_location(url: str, options: dict, what: str, must_exist: bool = True
     except (OSError, StorageError) as error:
         raise UserError(f"cannot reach the {what} {location.display}: {redact(error, options)}") from None
     return location
+
+
+@contextlib.contextmanager
+def flow_device(args: argparse.Namespace) -> Iterator[None]:
+    """``--device`` for the flows run in this process: their tasks read it from $STYLIZE_DEVICE."""
+    pick_device(args.device)  # refuses cuda without a GPU
+    if args.device == "auto":
+        yield
+        return
+    previous = os.environ.get(DEVICE_VARIABLE)
+    os.environ[DEVICE_VARIABLE] = args.device
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(DEVICE_VARIABLE, None)
+        else:
+            os.environ[DEVICE_VARIABLE] = previous
 
 
 def model_store_for(args: argparse.Namespace) -> str:
@@ -283,6 +302,8 @@ FLOW_LESS_OPTIONS = {"epochs": "--epochs", "lr": "--lr", "seed": "--seed", "limi
 def refuse_flow_less_options(args: argparse.Namespace, *extra: str) -> None:
     given = [flag for name, flag in FLOW_LESS_OPTIONS.items() if getattr(args, name, None) is not None]
     given += [f"--{name.replace('_', '-')}" for name in extra if getattr(args, name, None)]
+    if getattr(args, "vgg_arch", "vgg16") != "vgg16":  # the flows load a weights file or torchvision's vgg16
+        given.append("--vgg-arch")
     if given:
         raise UserError(f"{', '.join(given)} {'works' if len(given) == 1 else 'work'} only with local folders: "
                         "with URLs the Prefect flows train with the preset's values; leave "
@@ -298,9 +319,10 @@ def cmd_prime(args: argparse.Namespace) -> int:
 
         device = pick_device(args.device)
         preset_name, _ = pick_preset(args, device)
-        url = prime_photos(args.photos, model_store_for(args), preset_name, steps=args.steps,
-                           image_size=args.image_size, batch_size=args.batch_size,
-                           storage_options=hide_options(storage_options_from(args)))
+        with flow_device(args):
+            url = prime_photos(args.photos, model_store_for(args), preset_name, steps=args.steps,
+                               image_size=args.image_size, batch_size=args.batch_size,
+                               storage_options=hide_options(storage_options_from(args)))
         print(f"primed checkpoint: {url}")
         return 0
     args.photos = Path(args.photos)
@@ -395,17 +417,27 @@ def cmd_train(args: argparse.Namespace) -> int:
         device = pick_device(args.device)
         preset_name, _ = pick_preset(args, device)
         loss = loss_config_from(args)
+        weights = vgg_weights_path(args)
+        if is_url(weights):
+            checked_location(weights, options, "VGG weights")
+        else:  # missing weights or an unknown layer now, not after the priming
+            load_vgg_for(args, loss)
         try:
-            [url] = train_style(
-                [args.style_image], args.photos, model_store_for(args), names=[args.name], preset=preset_name,
-                steps=args.steps, prime_steps=args.prime_steps, image_size=args.image_size,
-                batch_size=args.batch_size, style_size=args.style_size, style_weight=args.style_weight,
-                content_weight=args.content_weight, tv_weight=args.tv_weight, style_layers=loss.style_layers,
-                content_layer=args.content_layer, vgg_weights=vgg_weights_path(args),
-                storage_options=hide_options(options), replace=args.force,
-            )
+            with flow_device(args):
+                [url] = train_style(
+                    [args.style_image], args.photos, model_store_for(args), names=[args.name], preset=preset_name,
+                    steps=args.steps, prime_steps=args.prime_steps, image_size=args.image_size,
+                    batch_size=args.batch_size, style_size=args.style_size, style_weight=args.style_weight,
+                    content_weight=args.content_weight, tv_weight=args.tv_weight, style_layers=loss.style_layers,
+                    content_layer=args.content_layer, vgg_weights=weights,
+                    storage_options=hide_options(options), replace=args.force,
+                )
         except ValueError as error:  # the flow refused its inputs (a name taken, an unknown layer, ...)
             raise UserError(str(error)) from None
+        except StorageError as error:  # a task failed on storage (or its VGG); its message has credentials masked
+            print(f"stylize: error: {error}; run the same command again to retry (a finished priming is reused)",
+                  file=sys.stderr)
+            return 1
         print(f"model: {url}")
         return 0
     destination = train_one_style(args, Path(args.style_image), args.name, Path(args.photos))
@@ -431,9 +463,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.format != SAME_FORMAT:
         try:
             image_io.output_format(args.format)
-        except ValueError as error:
-            raise UserError(str(error)) from None
-    if is_url(args.source) or is_url(args.destination) or is_url(args.model):
+        except ValueError:
+            raise UserError(f"unknown output format {args.format!r}; use jpeg, png, webp or same") from None
+    if is_url(args.source) or is_url(args.destination) or is_url(args.model) or args.model_store:
         return run_bucket_flow(args)
     source, destination = Path(args.source), Path(args.destination)
     if not source.is_dir():
@@ -475,17 +507,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"{counts['ok']} written to {destination}, {counts['error']} not stylised (see the manifest's error "
           f"column), {counts['skipped']} already done; {seconds:.1f}s, {rate:.1f} img/s with {name}{processes}; "
           f"manifest: {summary['manifest_uri']}")
-    for row in error_rows(summary["manifest_uri"]):
-        print(f"stylize: warning: skipping {row['input_uri']}: {row['error']}", file=sys.stderr)
+    warn_of_errors(Location(summary["manifest_uri"]))
     if not sum(counts.values()):
         print(f"stylize: warning: no images under {source} (looked for {', '.join(image_io.INPUT_EXTENSIONS)})",
               file=sys.stderr)
     return 0
 
 
-def error_rows(manifest_uri: str) -> list[dict]:
-    table = manifest.read_table(Location(manifest_uri))
-    return [row for row in table.to_pylist() if row["status"] == "error"] if table is not None else []
+def warn_of_errors(manifest_location: Location) -> None:
+    """Name on stderr each input the manifest says was not stylised, with its reason."""
+    table = manifest.read_table(manifest_location)
+    for row in table.to_pylist() if table is not None else []:
+        if row["status"] == "error":
+            print(f"stylize: warning: not stylised: {row['input_uri']}: {row['error']}", file=sys.stderr)
 
 
 def flow_error(state) -> BaseException | None:
@@ -501,8 +535,6 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     """Stylise a bucket with the stylize-bucket Prefect flow: manifest, skip-if-done, retried shards."""
     from flows.stylize_bucket import stylize_bucket
 
-    if args.format == "same":
-        raise UserError("--format same is only for local folders; choose jpeg, png or webp for buckets")
     model = args.model
     if not is_url(model) and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
@@ -514,20 +546,22 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
         read_model_metadata(model_location(model, model_store_for(args), options))
     except (StorageError, CheckpointError) as error:
         raise UserError(str(error)) from None
-    state = stylize_bucket(
-        args.source, args.destination, [model], model_store=model_store_for(args),
-        storage_options=hide_options(options), shard_size=args.shard_size,
-        batch_size=args.batch_size or 0, max_batch_pixels=args.max_batch_pixels or 0, output_format=args.format.lower(),
-        quality=args.quality, max_pixels=args.max_pixels,
-        max_image_bytes=args.max_bytes, retries=args.retries, gpu_codec=not args.no_gpu_codec, compile=args.compile,
-        gpu_decode=args.gpu_decode, journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,
-    )
+    with flow_device(args):
+        state = stylize_bucket(
+            args.source, args.destination, [model], model_store=model_store_for(args),
+            storage_options=hide_options(options), shard_size=args.shard_size, batch_size=args.batch_size or 0,
+            max_batch_pixels=args.max_batch_pixels or 0, output_format=args.format.lower(), quality=args.quality,
+            max_pixels=args.max_pixels, max_image_bytes=args.max_bytes, retries=args.retries,
+            gpu_codec=not args.no_gpu_codec, compile=args.compile, gpu_decode=args.gpu_decode,
+            journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,
+        )
     if state.is_completed():
         summary = state.result()
         counts = summary["counts"]
-        print(f"{counts['ok']} written, {counts['skipped']} already done, {counts['error']} not decodable "
-              f"({summary['images']} images, {summary['shards']} shards, {summary['images_per_second']} img/s); "
-              f"manifest: {summary['manifest_uri']}")
+        print(f"{counts['ok']} written, {counts['skipped']} already done, {counts['error']} not stylised (see the "
+              f"manifest's error column) ({summary['images']} images, {summary['shards']} shards, "
+              f"{summary['images_per_second']} img/s); manifest: {summary['manifest_uri']}")
+        warn_of_errors(destination.child(MANIFEST_NAME))
         return 0
     if isinstance(failure := flow_error(state), DestinationBusy):
         print(f"stylize: error: {failure}", file=sys.stderr)
@@ -559,7 +593,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, metadata, path = load_style_model(store, args.model, device)
     evaluation, photos, _ = evaluate_model(args, model, metadata, path, args.photos, device)
     if args.json:
-        print(json.dumps({"model": str(path), **evaluation.to_dict()}))
+        print(json.dumps({**evaluation.to_dict(), "model_path": str(path)}))
     else:
         print_evaluation(evaluation)
     if args.sheet:
@@ -696,6 +730,14 @@ non_negative_float = checked("non_negative_float", float, lambda value: 0 <= val
 positive_float = checked("positive_float", float, lambda value: 0 < value < math.inf, "a finite number above zero")
 seed = checked("seed", int, lambda value: 0 <= value < 2**63, "between 0 and 2**63 - 1")
 image_side = checked("image_side", int, lambda value: value >= 32, "at least 32 pixels (VGG's pooling needs them)")
+# The stylize-bucket flow's bounds, so that a URL run refuses what a folder run refuses.
+journal_seconds = checked("journal_seconds", float, lambda value: 0 < value <= 86_400, "above 0 and at most 86400")
+retries = checked("retries", int, lambda value: 0 <= value <= 100, "between 0 and 100")
+workers = checked("workers", int, lambda value: 0 <= value <= 1024, "between 0 and 1024")
+
+
+def at_most(limit: int) -> Callable[[str], int]:
+    return checked("positive_int", int, lambda value: 1 <= value <= limit, f"between 1 and {limit}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -708,8 +750,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
                         help="fsspec storage option for URLs, repeatable (e.g. project=my-project, "
                              "endpoint_url=http://127.0.0.1:9023, token=anon)")
-    common.add_argument("--model-store", metavar="URL",
-                        help="model store for the Prefect flows (default: the --home folder)")
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument("--model-store", metavar="URL",
+                       help="model store of the Prefect flows: given, the command runs through them, as with URLs "
+                            "(default: the --home folder)")
 
     vgg = argparse.ArgumentParser(add_help=False)
     vgg.add_argument("--vgg-weights", metavar="PATH",
@@ -727,8 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--preset", choices=("auto", *PRESETS), default="auto",
                           help="training budget: fast (CPU, minutes) or full (the seed's 60+120 epochs, for GPUs); "
                                "default auto = full on CUDA, fast on CPU")
-    training.add_argument("--steps", type=positive_int, help="training steps (overrides the preset)")
-    training.add_argument("--epochs", type=positive_float, help="training epochs over the photos (overrides the preset)")
+    length = training.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=positive_int, help="training steps (overrides the preset; or --epochs)")
+    length.add_argument("--epochs", type=positive_float,
+                        help="training epochs over the photos (overrides the preset; or --steps)")
     training.add_argument("--image-size", type=image_side, help="side of the square training crops")
     training.add_argument("--batch-size", type=positive_int, help="training batch size")
     training.add_argument("--lr", type=positive_float, help="Adam learning rate")
@@ -743,7 +789,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    prime = commands.add_parser("prime", parents=[common, vgg, architecture, training],
+    prime = commands.add_parser("prime", parents=[common, store, vgg, architecture, training],
                                 help="prime the UNet as an autoencoder on a folder of photos (cached)",
                                 description="Train the UNet to reconstruct photos. The result is cached under "
                                             "$STYLIZE_HOME/primed by photo set and configuration, and reused by "
@@ -756,7 +802,7 @@ def build_parser() -> argparse.ArgumentParser:
     prime.add_argument("--content-layer", help="VGG layer of that content term (default: the weights' content layer)")
     prime.set_defaults(func=cmd_prime)
 
-    train = commands.add_parser("train", parents=[common, vgg, architecture, training],
+    train = commands.add_parser("train", parents=[common, store, vgg, architecture, training],
                                 help="train one style model from a style image and a folder of photos",
                                 description="Train a style model, starting from a primed autoencoder (primed "
                                             "first, or taken from the cache, if --primed is not given). An "
@@ -769,19 +815,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loss_options(train)
     train.set_defaults(func=cmd_train)
 
-    run = commands.add_parser("run", parents=[common],
+    run = commands.add_parser("run", parents=[common, store],
                               help="stylise every image under a folder into another folder",
                               description="Stylise every image under SRC (recursive) into DST with the same "
                                           "relative paths, and write DST/manifest.parquet with one row per "
-                                          "image (ok, skipped or error with its reason). Files that cannot be "
-                                          "decoded are reported and skipped. Run it again after a crash or a "
-                                          "failure: finished images are skipped, the rest is done.")
+                                          "image (ok, skipped when an earlier run made it, or error with its "
+                                          "reason); inputs that cannot be stylised are named on stderr. Run it "
+                                          "again after a crash or a failure: finished images are skipped, the "
+                                          "rest is done.")
     run.add_argument("source", metavar="SRC", help="folder or URL (gs://, file://, ...) of input images")
     run.add_argument("destination", metavar="DST", help="output folder or URL (created)")
     run.add_argument("--model", required=True, help="model name in the store, or a model folder / .safetensors path")
     run.add_argument("--format", default="jpeg", help="output format: jpeg, png, webp or same (default jpeg)")
     run.add_argument("--quality", type=quality, default=90, help="JPEG/WebP quality (default 90)")
-    run.add_argument("--batch-size", type=positive_int,
+    run.add_argument("--batch-size", type=at_most(65_536),
                      help="images per forward pass (default: 64 on a GPU, within its free memory; 8 on a CPU)")
     run.add_argument("--max-batch-pixels", type=positive_int,
                      help="pixels per forward pass, which bounds its memory (default: from the free memory; on a "
@@ -800,13 +847,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help=f"refuse input files larger than this (default {DEFAULT_MAX_IMAGE_BYTES:,})")
     run.add_argument("--skip-existing", action="store_true",
                      help="also leave outputs alone that exist without a manifest row (e.g. from another tool)")
-    run.add_argument("--journal-seconds", type=non_negative_float, default=ShardOptions.journal_seconds,
+    run.add_argument("--journal-seconds", type=journal_seconds, default=ShardOptions.journal_seconds,
                      help="how often finished images are recorded while a shard runs, i.e. the most work a crash "
                           f"can cost (default {ShardOptions.journal_seconds:g})")
-    run.add_argument("--shard-size", type=positive_int, default=256,
+    run.add_argument("--shard-size", type=at_most(1_000_000), default=256,
                      help="images per shard: the unit of retries and of the manifest parts (default 256)")
-    run.add_argument("--retries", type=non_negative_int, default=3, help="retries of a failed shard, for URLs (default 3)")
-    run.add_argument("--workers", type=non_negative_int, default=0,
+    run.add_argument("--retries", type=retries, default=3, help="retries of a failed shard, for URLs (default 3)")
+    run.add_argument("--workers", type=workers, default=0,
                      help="processes stylising shards side by side, each with its share of the cores and of the "
                           "memory. Per-image file work in one process tops out at a few hundred "
                           "images a second; workers take seconds to start. Default 0: one per four cores, at "
@@ -869,6 +916,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "home", None) is None:
         args.home = default_home()
+    if getattr(args, "quiet", False) and "prefect" not in sys.modules:  # URL runs: Prefect's own logs too
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # SIGTERM (what schedulers and `kill` send) stops as cleanly as Ctrl-C: the same message, nothing half-written.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupted) if in_main_thread else None

@@ -8,17 +8,26 @@ checkpoint is complete.
 from __future__ import annotations
 
 import json
+import os
 import threading
 
 import torch
 
 from stylecore.checkpoint import METADATA_FILE, WEIGHTS_FILE, CheckpointError, model_from_bytes, serialize_model
 from stylecore.model import UNet
-from stylecore.store import check_model_name
+from stylecore.store import check_model_name, default_home
 
 from .storage import Location, exists, read_bytes, write_bytes
 
+DEVICE_VARIABLE = "STYLIZE_DEVICE"  # cpu or cuda: where this process's tasks compute (default: the GPU if any)
+
+
 def default_device() -> str:
+    wanted = os.environ.get(DEVICE_VARIABLE, "").strip().lower()
+    if wanted in ("cpu", "cuda"):
+        return wanted
+    if wanted not in ("", "auto"):
+        raise ValueError(f"${DEVICE_VARIABLE} must be cpu, cuda or auto, not {wanted!r}")
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
@@ -27,12 +36,13 @@ _cache_lock = threading.Lock()
 
 
 def model_location(reference: str, store: str | None, options: dict | None = None) -> Location:
-    """A model by URL or path (anything with a '/'), or by name in the model store ``store``."""
+    """A model by URL or path (anything with a '/'), or by name in the model store ``store`` (default: this
+    machine's $STYLIZE_HOME, where train-new-style puts models by default)."""
     options = options or {}
     if "/" in reference or "://" in reference:
         return Location(reference.removesuffix("/" + WEIGHTS_FILE), options)
-    if store is None:
-        raise CheckpointError(f"model {reference!r} is a name, but no model store was given")
+    if store is None:  # as for training: the worker's $STYLIZE_HOME
+        store = str(default_home())
     try:
         check_model_name(reference)
     except ValueError as error:

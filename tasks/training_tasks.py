@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -30,7 +31,7 @@ from stylecore.losses import LossConfig, layers_needed
 from stylecore.model import UNetConfig
 from stylecore.recipes import photos_fingerprint, priming_key, run_priming, run_style_training
 from stylecore.train import TrainConfig
-from stylecore.vgg import VGGFeatures, load_vgg
+from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, load_vgg
 
 from .models import default_device, is_complete, load_model_from, save_model_to
 from .secrets import StorageSecrets, reveal_options
@@ -152,6 +153,8 @@ def train_style_task(style: str, name: str, photos: str, primed: str, model_stor
 
 
 def _load_vgg(weights: str | None, losses: LossConfig, options: dict) -> VGGFeatures:
+    """VGG features from ``weights`` (a path or URL), else $STYLIZE_VGG_WEIGHTS, else torchvision's ImageNet VGG."""
+    weights = weights or os.environ.get(WEIGHTS_VARIABLE) or None
     path = None
     if weights is not None:
         location = Location(weights, options)

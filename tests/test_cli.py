@@ -43,6 +43,8 @@ def test_prime_writes_a_checkpoint_and_reuses_the_cache_on_a_second_run(home, ph
     assert "training the autoencoder" in capsys.readouterr().err
     assert main(args) == 0
     assert "reusing cached autoencoder" in capsys.readouterr().err
+    assert main([*args, "--checkpoint-every", "7"]) == 0  # how often it saves its state changes nothing it learns
+    assert "reusing cached autoencoder" in capsys.readouterr().err
     # Any change to the photos invalidates the cache.
     Image.new("RGB", (40, 30), "green").save(photo_dir / "new.png")
     assert main(args) == 0
@@ -166,7 +168,7 @@ def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(tr
     assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--sheet", str(sheet), "--json",
                  "--quiet"]) == 0
     result = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert result["images"] == 5
+    assert result["images"] == 5 and result["model_path"] == str(trained)
     assert result["identity"]["content"] == 0.0
     assert result["identity"]["style"] > 0 and result["model"]["style"] > 0
     by_layer = result["model_style_by_layer"]  # equal layer weights: the style distance is their mean
@@ -234,14 +236,21 @@ def test_existing_model_is_not_replaced_without_force(trained, photo_dir, style_
 
 
 @pytest.mark.parametrize("arguments,message", [
-    (["run", "a", "b", "--model", "m", "--batch-size", "0"], "must be a positive integer"),
+    (["run", "a", "b", "--model", "m", "--batch-size", "0"], "must be between 1 and 65536"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--lr", "nan"], "must be a finite number above zero"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--lr", "-1"], "must be a finite number above zero"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--epochs", "0"], "must be a finite number above zero"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--seed", "99999999999999999999"], "must be between 0"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--style-size", "1"], "must be at least 32 pixels"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--style-weight", "inf"], "must be a finite number"),
-    (["run", "a", "b", "--model", "m", "--retries", "-1"], "must be zero or more"),
+    (["run", "a", "b", "--model", "m", "--retries", "-1"], "must be between 0 and 100"),
+    # the stylize-bucket flow's own bounds, refused before a URL run starts it
+    (["run", "a", "b", "--model", "m", "--retries", "101"], "must be between 0 and 100"),
+    (["run", "a", "b", "--model", "m", "--journal-seconds", "0"], "must be above 0 and at most 86400"),
+    (["run", "a", "b", "--model", "m", "--workers", "2000"], "must be between 0 and 1024"),
+    (["run", "a", "b", "--model", "m", "--shard-size", "1000001"], "must be between 1 and 1000000"),
+    (["train", "s.jpg", "--photos", "p", "--name", "x", "--steps", "3", "--epochs", "2"], "not allowed with"),
+    (["models", "--model-store", "gs://b/store"], "unrecognized arguments: --model-store"),
 ])
 def test_bad_option_values_are_usage_errors_with_exit_code_2(arguments, message, capsys):
     # refused before any work (these used to surface after priming, as tracebacks, or as a model of NaNs)

@@ -1,11 +1,16 @@
 """The CLI on URLs runs the Prefect flows: a GCS bucket in and out, a summary, and a non-zero exit naming the
 retry when shards fail."""
 
+import os
 import uuid
 
 import fsspec
 import pytest
+import torch
+from PIL import Image
 
+from stylecore.checkpoint import save_model
+from stylecore.model import UNet, UNetConfig
 from stylize.cli import main
 from tasks import manifest
 from tasks.lease import LEASE_NAME
@@ -43,8 +48,9 @@ def test_train_and_run_on_a_gcs_bucket(home, gcs_bucket, capsys):
 
     assert main(["run", root.child("in").url, root.child("out").url, "--model", "g", "--shard-size", "2",
                  *options, "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "5 written, 0 already done, 1 not decodable" in out and "manifest: gs://" in out
+    captured = capsys.readouterr()
+    assert "5 written, 0 already done, 1 not stylised" in captured.out and "manifest: gs://" in captured.out
+    assert f"stylize: warning: not stylised: {root.child('in/broken.jpg').url}: not a recognised" in captured.err
     table = manifest.read_table(root.child("out/manifest.parquet"))
     assert table.num_rows == 6
 
@@ -64,6 +70,31 @@ def test_a_bucket_another_run_is_writing_to_is_left_alone_with_exit_75(home, gcs
     assert error.startswith("stylize: error: another run is writing to gs://") and "nightly-run on other-host" in error
     fs, path = root.child("out").filesystem()
     assert [name.rsplit("/", 1)[-1] for name in fs.find(path)] == ["lease.json"]  # nothing else written
+
+
+def test_a_model_store_runs_folders_through_the_flow_keeping_each_inputs_format(home, photo_dir, tmp_path, capsys):
+    store = tmp_path / "store"
+    torch.manual_seed(0)
+    save_model(store / "models" / "m", UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "m"})
+    Image.new("RGB", (20, 16), "teal").save(photo_dir / "flat.png")
+    destination = tmp_path / "out"
+    assert main(["run", str(photo_dir), str(destination), "--model", "m", "--model-store", store.as_uri(),
+                 "--format", "same", "--device", "cpu", "--quiet"]) == 0
+    assert "6 written, 0 already done" in capsys.readouterr().out  # the flow's summary: the store's model
+    written = sorted(p.relative_to(destination) for p in destination.rglob("*.*") if "_manifest" not in str(p))
+    assert sorted(p.relative_to(photo_dir) for p in photo_dir.rglob("*.*")) == [
+        p for p in written if p.name != "manifest.parquet"]
+    assert "STYLIZE_DEVICE" not in os.environ  # --device was for this run's flow only
+
+
+def test_train_on_urls_refuses_unusable_vgg_weights_before_any_priming(home, gcs_bucket, tmp_path, capsys):
+    root, options = gcs_bucket
+    empty = tmp_path / "vgg.pth"
+    empty.write_bytes(b"")
+    assert main(["train", root.child("style.jpg").url, "--photos", root.child("in").url, "--name", "v",
+                 "--vgg-weights", str(empty), *options, *TINY]) == 2
+    assert capsys.readouterr().err.strip().startswith("stylize: error: ")
+    assert not (home / "primed").exists()
 
 
 def test_failed_shards_exit_non_zero_and_name_the_retry(home, photo_dir, style_image, tmp_path, capsys):

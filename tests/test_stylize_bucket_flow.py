@@ -78,6 +78,13 @@ def test_a_bucket_is_stylised_with_a_typed_manifest_readable_by_pyarrow_and_duck
     assert again["counts"] == {"ok": 0, "skipped": 7, "error": 2}
 
 
+def test_model_names_without_a_store_come_from_the_workers_stylize_home(tmp_path, model_store, monkeypatch):
+    monkeypatch.setenv("STYLIZE_HOME", str(tmp_path / "store"))  # where train-new-style puts models by default
+    make_bucket(tmp_path / "in", 2)
+    summary = stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny"])
+    assert summary["counts"] == {"ok": 2, "skipped": 0, "error": 0}
+
+
 @pytest.mark.parametrize("bad,named", [({"quality": 500}, "quality"), ({"output_format": "gif"}, "output_format"),
                                        ({"shard_size": 0}, "shard_size"), ({"workers": -3}, "workers"),
                                        ({"models": []}, "models")])

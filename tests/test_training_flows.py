@@ -89,16 +89,17 @@ def test_train_style_refuses_a_name_that_has_a_model_unless_asked_to_replace_it(
                     names=["../escape"], storage_options=gcs_emulator, **TINY)
 
 
-def test_train_style_writes_one_model_per_style_into_the_store(bucket, gcs_emulator, vgg_weights):
+def test_train_style_writes_one_model_per_style_into_the_store(bucket, gcs_emulator, vgg_weights, monkeypatch):
     fs, path = bucket.filesystem()
     fs.pipe_file(f"{path}/styles/second.jpg", fs.cat_file(f"{path}/styles/swirls.jpg"))
+    monkeypatch.setenv("STYLIZE_VGG_WEIGHTS", str(vgg_weights))  # the weights a worker is given, as for the CLI
     models = train_style([bucket.child("styles/swirls.jpg").url, bucket.child("styles/second.jpg").url],
-                         bucket.child("train").url, bucket.child("store").url, vgg_weights=str(vgg_weights),
-                         storage_options=gcs_emulator, **TINY)
+                         bucket.child("train").url, bucket.child("store").url, storage_options=gcs_emulator, **TINY)
     assert models == [bucket.child("store/models/swirls").url, bucket.child("store/models/second").url]
     for url in models:
         metadata = read_model_metadata(Location(url, gcs_emulator))
         assert metadata["kind"] == "style-model" and metadata["steps"] == 2
+        assert metadata["vgg"]["origin"] == f"file:{vgg_weights.resolve()}"
         assert metadata["primed_from"]["uri"].startswith(bucket.child("store/primed/").url)
         assert fs.exists(Location(url + "/style.jpg", gcs_emulator).filesystem()[1])
 
