@@ -10,6 +10,7 @@ import json
 import time
 
 import torch
+from arguments import add_vgg_weights, positive_int
 
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed
 from stylecore.model import UNet, UNetConfig
@@ -29,10 +30,10 @@ def best_seconds(function, repeats: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vgg-weights", default=None)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_vgg_weights(parser)
+    parser.add_argument("--size", type=positive_int, default=256)
+    parser.add_argument("--batch", type=positive_int, default=4)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
 
@@ -43,7 +44,12 @@ def main() -> None:
     images = torch.rand(args.batch, 3, args.size, args.size, device=device)
 
     model.eval()
-    forward = best_seconds(lambda: stylize_batch(model, images), args.repeats)
+    def forward_pass():
+        stylize_batch(model, images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    forward = best_seconds(forward_pass, args.repeats)
 
     features, source = load_vgg(args.vgg_weights)
     loss_config = LossConfig()
@@ -62,7 +68,7 @@ def main() -> None:
 
     step = best_seconds(train_step, args.repeats)
     result = {
-        "device": str(device), "threads": torch.get_num_threads(), "size": args.size, "batch": args.batch,
+        "bench": "core_speed", "device": str(device), "threads": torch.get_num_threads(), "size": args.size, "batch": args.batch,
         "unet": config.to_dict(), "unet_params": sum(p.numel() for p in model.parameters()),
         "vgg": source.origin, "stylize_img_per_s": round(args.batch / forward, 2),
         "train_img_per_s": round(args.batch / step, 2),

@@ -29,6 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+from arguments import existing_folder, positive_int  # noqa: E402
 from engine_throughput import make_images  # noqa: E402
 
 from stylecore import engine as engine_module  # noqa: E402
@@ -57,10 +58,10 @@ def timed(function, count: int, device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=2000)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--photos", type=Path, default=REPO / "stylecore" / "assets" / "photos")
+    parser.add_argument("--images", type=positive_int, default=2000)
+    parser.add_argument("--size", type=positive_int, default=512)
+    parser.add_argument("--batch", type=positive_int, default=64)
+    parser.add_argument("--photos", type=existing_folder, default=REPO / "stylecore" / "assets" / "photos")
     parser.add_argument("--work", type=Path, default=Path("/tmp/engine-stages"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
@@ -95,16 +96,16 @@ def main() -> None:
                 n, device)
         model = UNet(UNetConfig()).eval().to(device)
         engine = StylizeEngine({"m": model}, device, EngineConfig(batch_size=b))
-        batch = torch.stack(decoded[:b]).to(device)
+        batch = torch.stack([decoded[i % n] for i in range(b)]).to(device)  # a full batch, even from fewer images
         engine.forward(engine.models["m"], batch)
-        rates["model_eager"] = timed(lambda: [engine.forward(engine.models["m"], batch) for _ in range(max(1, n // b))],
-                                     max(1, n // b) * b, device)
+        repeats = max(1, n // b)
+        rates["model_eager"] = timed(lambda: [engine.forward(engine.models["m"], batch) for _ in range(repeats)],
+                                     repeats * b, device)
         outputs = engine.forward(engine.models["m"], batch)
         if device.type == "cuda":
             engine_module._nvjpeg_encode(list(outputs), 90)  # warm-up: the first call sets nvjpeg up
             rates["encode_gpu_nvjpeg"] = timed(
-                lambda: [engine_module._nvjpeg_encode(list(outputs), 90) for _ in range(max(1, n // b))],
-                max(1, n // b) * b, device)
+                lambda: [engine_module._nvjpeg_encode(list(outputs), 90) for _ in range(repeats)], repeats * b, device)
             sample = engine_module._nvjpeg_encode([outputs[0]], 90)[0]
             sampling = JpegImagePlugin.get_sampling(Image.open(io.BytesIO(sample)))
             print(f"nvjpeg chroma sampling: {({0: '4:4:4', 1: '4:2:2', 2: '4:2:0'}).get(sampling, sampling)}",
@@ -129,8 +130,9 @@ def main() -> None:
     row = {"bench": "engine_stages", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "images": n, "size": args.size, "batch": b, "img_per_s": rates}
     print(json.dumps(row), flush=True)
+    print(f"\n{n} images at {args.size}px, batch {b}, on {row['device']}")
     for name, rate in rates.items():
-        print(f"{name:<36}{rate:>10.1f} img/s", file=sys.stderr)
+        print(f"{name:<36}{rate:>10.1f} img/s")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ engine once, then times (1) model only: the engine's forward on a decoded uint8 
 (same model object, same compile, same autocast and memory format) and (2) end to end: every shard through
 tasks.bucket.run_shards from local disk to local disk with the manifest, no Prefect, in --workers processes (each
 with its own engine; their start, a few seconds, is in the time; the steady rate leaves it out). Prints one JSON
-line with the rates, their ratios and the peak RSS of this process and of the largest worker.
+line with the rates, their ratios and the peak RSS of this process and of the largest worker, then a table.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from arguments import existing_folder, non_negative_int, positive_int  # noqa: E402
 from stylecore.model import UNet, UNetConfig  # noqa: E402
 from tasks.bucket import ShardOptions, engine_for, run_shards  # noqa: E402
 from tasks.storage import Location  # noqa: E402
@@ -61,17 +62,17 @@ def synchronize(device: torch.device) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--size", type=int, default=512)
-    parser.add_argument("--batch", type=int, default=0, help="0: the engine's choice")
-    parser.add_argument("--shard-size", type=int, default=2500)
-    parser.add_argument("--base", type=int, default=UNetConfig.base_channels)
-    parser.add_argument("--depth", type=int, default=UNetConfig.depth)
+    parser.add_argument("--images", type=positive_int, default=1000)
+    parser.add_argument("--size", type=positive_int, default=512)
+    parser.add_argument("--batch", type=non_negative_int, default=0, help="0: the engine's choice")
+    parser.add_argument("--shard-size", type=positive_int, default=2500)
+    parser.add_argument("--base", type=positive_int, default=UNetConfig.base_channels)
+    parser.add_argument("--depth", type=positive_int, default=UNetConfig.depth)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-gpu-codec", action="store_true")
     parser.add_argument("--gpu-decode", action="store_true", help="decode JPEG inputs by nvjpeg on a GPU")
-    parser.add_argument("--workers", type=int, default=1, help="shard worker processes (default 1)")
-    parser.add_argument("--photos", type=Path, default=REPO / "stylecore" / "assets" / "photos")
+    parser.add_argument("--workers", type=positive_int, default=1, help="shard worker processes (default 1)")
+    parser.add_argument("--photos", type=existing_folder, default=REPO / "stylecore" / "assets" / "photos")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--work", type=Path, default=None, help="folder for the images (kept between runs)")
     args = parser.parse_args()
@@ -103,14 +104,17 @@ def main() -> None:
     engine.forward(net, inputs)
     synchronize(device)
     warmup_s = time.perf_counter() - began
-    repeats = max(3, int(2 * 1e6 / (batch * args.size * args.size / 1e3) ** 0.5)) if device.type == "cuda" else 3
-    repeats = min(repeats, 50)
-    synchronize(device)
-    began = time.perf_counter()
-    for _ in range(repeats):
-        engine.forward(net, inputs)
-    synchronize(device)
-    model_rate = repeats * batch / (time.perf_counter() - began)
+    # The best of several timed rounds of at least a second each: one short round on a busy CPU can be off by 10x.
+    rates = []
+    for _ in range(3):
+        repeats, began = 0, time.perf_counter()
+        while repeats < 3 or time.perf_counter() - began < 1.0:
+            for _ in range(3):  # queued back to back, as in a run; synchronised before the clock is read
+                engine.forward(net, inputs)
+            repeats += 3
+            synchronize(device)
+        rates.append(repeats * batch / (time.perf_counter() - began))
+    model_rate = max(rates)
 
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the model-only batches' memory, for the workers' budgets
@@ -120,6 +124,7 @@ def main() -> None:
                          replace(options, workers=args.workers), args.shard_size,
                          on_progress=lambda count: finished.append((time.perf_counter(), count)))
     counts = summary["counts"]
+    assert counts["ok"] == args.images, counts  # a rate over images that were not all stylised means nothing
     synchronize(device)
     seconds = time.perf_counter() - began
     e2e_rate = args.images / seconds
@@ -141,6 +146,11 @@ def main() -> None:
         if summary["workers"] > 1 else None,  # otherwise the children are make_images' encoders
     }
     print(json.dumps(row), flush=True)
+    print(f"\n{args.images} images at {args.size}px, batch {batch}, {summary['workers']} worker(s) on {row['device']}"
+          f"{', compiled' if args.compile else ''}")
+    print(f"{'model only':<28}{model_rate:>10.1f} img/s")
+    print(f"{'end to end':<28}{e2e_rate:>10.1f} img/s  {e2e_rate / model_rate:.2f}x the model")
+    print(f"{'end to end, after the start':<28}{steady_rate:>10.1f} img/s  {steady_rate / model_rate:.2f}x the model")
     engine.close()
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)

@@ -35,8 +35,10 @@ part() {
 
 if (( SCALE )); then
   N1=1000; N10=10000; N100=100000; SIZES=256,512,1024; BATCHES=1,8,64; PRESET=full; BUDGET=15; LIMIT=""; SIZE=512; SHARD=250
+  CROP=256; CROP_BATCH=8; LARGE="--width 6000 --height 4000"
 else
   N1=40; N10=80; N100=160; SIZES=64,96; BATCHES=1,2; PRESET=fast; BUDGET=3; LIMIT="--train-limit 8"; SIZE=64; SHARD=20
+  CROP=64; CROP_BATCH=2; LARGE="--width 600 --height 400"
 fi
 VGG=$DATA/vgg19_normalised_relu3_1.pth
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1; $PY -c "import torch, torchvision, sys;
@@ -72,10 +74,10 @@ part model_speed 90 $PY bench/model_speed.py --sizes $SIZES --batches $BATCHES -
 part e2e_10k_compiled_cpu_codec 70 $PY bench/engine_throughput.py --images $N10 --size $SIZE --compile --no-gpu-codec \
   --photos $DATA/photos --work /tmp/eb
 part peer_quality 90 $PY bench/peer_quality.py --photos $DATA/photos --style $DATA/style.jpg --vgg-weights $VGG \
-  --budget-s $BUDGET --size 256 --batch 8 --unets 16x2x3,16x4x3 --priming-share 0.02 --sheet "$OUT/peer_sheet.jpg"
+  --budget-s $BUDGET --size $CROP --batch $CROP_BATCH --unets 16x2x3,16x4x3 --priming-share 0.02 --sheet "$OUT/peer_sheet.jpg"
 part e2e_1k 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --photos $DATA/photos --work /tmp/eb
 part e2e_10k 45 $PY bench/engine_throughput.py --images $N10 --size $SIZE --photos $DATA/photos --work /tmp/eb
-part large_image 40 $PY bench/large_image.py --width 6000 --height 4000 --budgets 0,4194304
+part large_image 40 $PY bench/large_image.py $LARGE --budgets 0,4194304
 part e2e_1k_cpu_codec 40 $PY bench/engine_throughput.py --images $N1 --size $SIZE --no-gpu-codec --photos $DATA/photos --work /tmp/eb
 # Prefect's share of a 10k run: alternated loop / flow pairs. Only where prefect is importable: the device image has
 # none, so this is the suite's second call, carrying .pfw (gpu_prepare.sh) instead of .gpu and .whl.

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from arguments import non_negative_int, positive_int
 from PIL import Image
 
 from stylecore.checkpoint import load_model
@@ -57,7 +58,7 @@ def one_run(args) -> None:
     if outcome.error:
         raise SystemExit(outcome.error)
     Path(args.output).write_bytes(outcome.outputs["m"])
-    row = {"width": args.width, "height": args.height, "megapixels": round(args.width * args.height / 1e6, 1),
+    row = {"bench": "large_image", "width": args.width, "height": args.height, "megapixels": round(args.width * args.height / 1e6, 1),
            "budget": args.budget, "device": str(device), "seconds": round(seconds, 1),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
     if device.type == "cuda":
@@ -65,11 +66,17 @@ def one_run(args) -> None:
     print(json.dumps(row))
 
 
+def budgets(text: str) -> list[int]:
+    """Pixel budgets, comma-separated; 0 is the engine's automatic one."""
+    return [non_negative_int(part) for part in text.split(",")]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--width", type=int, default=6000)
-    parser.add_argument("--height", type=int, default=4000)
-    parser.add_argument("--budgets", default="0,8388608,2097152")
+    parser.add_argument("--width", type=positive_int, default=6000)
+    parser.add_argument("--height", type=positive_int, default=4000)
+    parser.add_argument("--budgets", type=budgets, default="0,8388608,2097152",
+                        help="pixel budgets per forward pass, comma-separated (0: the automatic one)")
     parser.add_argument("--model", default=None, help="a model folder or .safetensors; untrained default UNet if left out")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("/tmp/stylize-bench-large"))
@@ -81,7 +88,7 @@ def main() -> None:
 
     args.out.mkdir(parents=True, exist_ok=True)
     rows, outputs = [], {}
-    for budget in (int(b) for b in args.budgets.split(",")):
+    for budget in args.budgets:
         output = args.out / f"budget_{budget}.png"
         command = [sys.executable, __file__, "--width", str(args.width), "--height", str(args.height), "--device",
                    args.device, "--budget", str(budget), "--output", str(output)] + (["--model", args.model] if args.model else [])
@@ -107,7 +114,7 @@ def main() -> None:
         else:
             print(f"{row['budget'] or 'one pass':>12}{row['seconds']:>9}{row['peak_rss_mb']:>13}"
                   f"{row.get('max_difference_to_one_pass', '-'):>10}")
-    print(json.dumps({"large_image": rows}))
+    print(json.dumps({"bench": "large_image", "summary": "budgets", "rows": rows}))
 
 
 if __name__ == "__main__":

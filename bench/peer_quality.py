@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from arguments import add_vgg_weights, existing_file, existing_folder, positive_int  # noqa: E402
 from transformer_net import TransformerNet  # noqa: E402
 
 from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
@@ -82,9 +83,9 @@ def stylize_whole(model: torch.nn.Module, image, device) -> Image.Image:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=Path, required=True)
-    parser.add_argument("--style", type=Path, required=True)
-    parser.add_argument("--vgg-weights", default=None, help="VGG weights file; torchvision's ImageNet VGG16 if left out")
+    parser.add_argument("--photos", type=existing_folder, required=True)
+    parser.add_argument("--style", type=existing_file, required=True)
+    add_vgg_weights(parser)
     parser.add_argument("--budget-s", type=float, default=120.0, help="training wall time per model, priming included")
     parser.add_argument("--priming-share", type=float, default=0.02,
                         help="share of the UNet's budget spent priming (the strict comparison); the fast preset primes "
@@ -106,12 +107,12 @@ def main() -> None:
     parser.add_argument("--content-weight", type=float, default=LossConfig.content_weight,
                         help="the loss's content weight, for both models (style weight 1)")
     parser.add_argument("--seed", type=int, default=0, help="seeds weights and crops; rerun with others to see the spread")
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--style-size", type=int, default=512)
-    parser.add_argument("--held-out-every", type=int, default=10)
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N photos")
-    parser.add_argument("--eval-size", type=int, default=256)
+    parser.add_argument("--size", type=positive_int, default=256)
+    parser.add_argument("--batch", type=positive_int, default=8)
+    parser.add_argument("--style-size", type=positive_int, default=512)
+    parser.add_argument("--held-out-every", type=positive_int, default=10)
+    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N photos")
+    parser.add_argument("--eval-size", type=positive_int, default=256)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--sheet", type=Path, default=None)

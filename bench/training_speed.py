@@ -6,8 +6,8 @@ style with a preset, and the style and content distance the model reaches on hel
         [--save-model DIR]
 
 Held out: every 10th photo of DIR (sorted by name), 40 of the 400 shared photos; training: the others, or the
-first N of them with --train-limit (a small subset makes the `full` preset affordable on a CPU). Prints one
-JSON line; --sheet writes a contact sheet (photo | output) of six held-out photos, --save-model the trained model
+first N of them with --train-limit (a small subset makes the `full` preset affordable on a CPU). Prints a JSON
+line when priming is done and one with the whole result, then a table; --sheet writes a contact sheet (photo | output) of six held-out photos, --save-model the trained model
 (to evaluate or look at elsewhere).
 """
 
@@ -24,6 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from arguments import add_vgg_weights, existing_file, existing_folder, positive_int  # noqa: E402
 from stylecore.checkpoint import save_model  # noqa: E402
 from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
 from stylecore.images import decode_image, image_to_tensor, resize_long_side, tensor_to_image  # noqa: E402
@@ -45,11 +46,11 @@ def step_rate(history: list[dict], batch: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--photos", type=Path, required=True)
-    parser.add_argument("--style", type=Path, required=True)
-    parser.add_argument("--vgg-weights", default=None)
+    parser.add_argument("--photos", type=existing_folder, required=True)
+    parser.add_argument("--style", type=existing_file, required=True)
+    add_vgg_weights(parser)
     parser.add_argument("--preset", default="full", choices=sorted(PRESETS))
-    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--train-limit", type=positive_int, default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--content-weight", type=float, default=LossConfig.content_weight)
     parser.add_argument("--out", type=Path, default=None)
@@ -104,6 +105,11 @@ def main() -> None:
         "identity_style_distance": round(scores.identity.style, 4),
     }
     print(json.dumps(row), flush=True)
+    print(f"\n{args.preset} preset on {row['device']}, {len(train)} training photos, {len(held)} held out")
+    print(f"{'priming':<10}{row['priming_steps']:>7} steps{row['priming_s']:>9.1f} s{row['priming_img_per_s']:>9.1f} img/s")
+    print(f"{'style':<10}{row['style_steps']:>7} steps{row['style_s']:>9.1f} s{row['style_img_per_s']:>9.1f} img/s")
+    print(f"distances on held-out photos: style {row['style_distance']}, content {row['content_distance']} "
+          f"(identity: style {row['identity_style_distance']}, content 0)")
     if args.out is not None:
         args.out.write_text(json.dumps(row, indent=1))
     if args.sheet is not None:

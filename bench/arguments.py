@@ -1,0 +1,53 @@
+"""What every benchmark parses the same way, so that a bad value is one line from argparse, not a traceback
+minutes in: counts and sizes that must be positive, folders and files that must exist, and VGG weights that
+default to $STYLIZE_VGG_WEIGHTS as in the CLI and the flows."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from stylecore.vgg import WEIGHTS_VARIABLE
+
+
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+
+    parse.__name__ = "count"
+    return parse
+
+
+positive_int = _at_least(1)
+non_negative_int = _at_least(0)  # 0 where it means "automatic"
+
+
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of positive whole numbers, e.g. 256,512."""
+    return [positive_int(part) for part in text.split(",") if part.strip()] or [positive_int("")]
+
+
+def existing_folder(text: str) -> Path:
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"no such folder: {text}")
+    return path
+
+
+def existing_file(text: str) -> Path:
+    path = Path(text)
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text}")
+    return path
+
+
+def add_vgg_weights(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--vgg-weights", type=existing_file, default=os.environ.get(WEIGHTS_VARIABLE) or None,
+                        help=f"VGG weights file (default: ${WEIGHTS_VARIABLE}, else torchvision's ImageNet vgg16)")
