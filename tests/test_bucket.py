@@ -298,3 +298,15 @@ def test_model_metadata_that_is_not_a_json_object_is_a_checkpoint_error(tmp_path
     (tmp_path / "odd" / "model.json").write_text("[1]")
     with pytest.raises(CheckpointError, match="is not a JSON object"):
         read_model_metadata(Location(str(tmp_path / "odd")))
+
+
+def test_the_device_of_a_worker_process_can_be_set_in_its_environment(monkeypatch):
+    from tasks.models import default_device
+
+    monkeypatch.setenv("STYLIZE_DEVICE", "cuda")  # what `stylize run --device cuda` passes to the flows' tasks
+    assert default_device() == "cuda"
+    monkeypatch.setenv("STYLIZE_DEVICE", "CPU")
+    assert default_device() == "cpu"
+    monkeypatch.setenv("STYLIZE_DEVICE", "tpu")
+    with pytest.raises(ValueError, match="must be cpu, cuda or auto"):
+        default_device()
