@@ -459,7 +459,7 @@ class _Header:
             return cls(error=f"{width}x{height} is too large for {fmt} output (at most {max_side:,} pixels a side); "
                              "choose another output format")
         plain_jpeg = (image.format == "JPEG" and image.mode == "RGB" and orientation in (0, 1)
-                      and srgb_transform(image.info.get("icc_profile"), "RGB") is None)
+                      and srgb_transform(image.info.get("icc_profile")) is None)
         return cls(pixels=width * height, plain_jpeg=plain_jpeg)
 
 

@@ -80,7 +80,7 @@ def to_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
     one for another colour space (CMYK, gray), or with one that cannot be used (a broken profile must not cost
     the image)."""
     rgb = to_rgb(image)
-    if (transform := srgb_transform(profile, "RGB")) is not None:
+    if (transform := srgb_transform(profile)) is not None:
         try:
             return ImageCms.applyTransform(rgb, transform)
         except (ImageCms.PyCMSError, ValueError, OSError):
@@ -93,18 +93,18 @@ _NO_CACHE = ImageCms.Flags.NOCACHE if hasattr(ImageCms, "Flags") else ImageCms.F
 
 
 @functools.lru_cache(maxsize=64)  # photos of one camera share their profile: built once
-def srgb_transform(profile: bytes | None, mode: str) -> ImageCms.ImageCmsTransform | None:
-    """The transform from ``profile``'s colours in ``mode`` ("RGB") to sRGB; None when there is nothing to
-    convert: no profile, an sRGB one, one for another colour space, or one lcms cannot read."""
+def srgb_transform(profile: bytes | None) -> ImageCms.ImageCmsTransform | None:
+    """The transform from the RGB colours ``profile`` describes to sRGB; None when there is nothing to convert: no
+    profile, an sRGB one, one for another colour space, or one lcms cannot read."""
     if not profile:
         return None
     try:
         parsed = ImageCms.ImageCmsProfile(io.BytesIO(profile))
-        if parsed.profile.xcolor_space.strip() != mode:
+        if parsed.profile.xcolor_space.strip() != "RGB":
             return None
         if "srgb" in (parsed.profile.profile_description or "").lower():
             return None
-        return ImageCms.buildTransform(parsed, ImageCms.createProfile("sRGB"), mode, "RGB", flags=_NO_CACHE)
+        return ImageCms.buildTransform(parsed, ImageCms.createProfile("sRGB"), "RGB", "RGB", flags=_NO_CACHE)
     except (ImageCms.PyCMSError, OSError, ValueError, TypeError, ImportError):  # ImportError: a Pillow without lcms
         return None
 

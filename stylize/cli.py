@@ -39,15 +39,15 @@ from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
 from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, VGGWeightsError, load_vgg
 from tasks import manifest
 from tasks.bucket import (
-    AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, MANIFEST_NAME, SAME_FORMAT, ShardOptions, check_apart, run_shards,
+    AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, MANIFEST_NAME, SAME_FORMAT, ShardOptions, check_apart,
+    run_shards,
 )
+from tasks.lease import DestinationBusy
 from tasks.models import DEVICE_VARIABLE, model_location, read_model_metadata
 from tasks.secrets import hide_options, redact
-from tasks.lease import DestinationBusy
 from tasks.storage import Location, StorageError
 from tasks.workers import WorkerDied
 
-VGG_VARIABLE = WEIGHTS_VARIABLE
 EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL: another run holds the destination; try again later
 
 
@@ -169,7 +169,7 @@ def pick_preset(args: argparse.Namespace, device: torch.device) -> tuple[str, Pr
 
 
 def vgg_weights_path(args: argparse.Namespace) -> str | None:
-    return args.vgg_weights or os.environ.get(VGG_VARIABLE) or None
+    return args.vgg_weights or os.environ.get(WEIGHTS_VARIABLE) or None
 
 
 def load_vgg_source(args: argparse.Namespace):
@@ -179,7 +179,7 @@ def load_vgg_source(args: argparse.Namespace):
         return load_vgg(weights, args.vgg_arch)
     except VGGWeightsError as error:
         if weights is None:
-            raise UserError(f"no VGG weights: {error}; pass --vgg-weights PATH or set {VGG_VARIABLE}") from None
+            raise UserError(f"no VGG weights: {error}; pass --vgg-weights PATH or set {WEIGHTS_VARIABLE}") from None
         raise UserError(str(error)) from None
 
 
@@ -723,7 +723,6 @@ def checked(name: str, convert: Callable, accept: Callable, wanted: str) -> Call
 
 
 positive_int = checked("positive_int", int, lambda value: value >= 1, "a positive integer")
-non_negative_int = checked("non_negative_int", int, lambda value: value >= 0, "zero or more")
 quality = checked("quality", int, lambda value: 1 <= value <= 100, "between 1 and 100")
 non_negative_float = checked("non_negative_float", float, lambda value: 0 <= value < math.inf,  # nan fails too
                              "a finite number, zero or more")
@@ -758,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
     vgg = argparse.ArgumentParser(add_help=False)
     vgg.add_argument("--vgg-weights", metavar="PATH",
                      help=f"VGG weights file (.pth or .safetensors state dict of torchvision vgg16/19 features); "
-                          f"default: ${VGG_VARIABLE}, else torchvision's ImageNet weights (needs internet once)")
+                          f"default: ${WEIGHTS_VARIABLE}, else torchvision's ImageNet weights (needs internet once)")
     vgg.add_argument("--vgg-arch", choices=("vgg16", "vgg19"), default="vgg16",
                      help="torchvision VGG used when no weights file is given (default: vgg16)")
 

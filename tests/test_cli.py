@@ -100,7 +100,7 @@ def test_run_stylises_every_image_with_the_same_relative_paths_and_skips_bad_fil
     for relative in inputs:
         with Image.open(out / relative) as image:
             assert image.size == Image.open(photo_dir / relative).size
-    assert "skipping" in captured.err and "broken.jpg" in captured.err
+    assert "stylize: warning: not stylised: " in captured.err and "broken.jpg: not a recognised" in captured.err
     assert "1 not stylised" in captured.out
 
 
