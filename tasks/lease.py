@@ -3,8 +3,9 @@
 Two runs writing one destination would each do all the work, and each one's start would clear the other's
 temporary files, failing its writes. So a run claims the destination before it cleans or writes anything and
 gives it back when it ends; a run that finds a live claim by another run stops at once, saying whose. A lease
-is live while renewed: one left by a run that could not give it back (``kill -9``, a lost machine) lapses
-``stale_after_s`` after its last renewal, or at once on the same machine when its process is gone.
+is live while renewed: one left by a run that could not give it back (``kill -9``, a lost machine, a store that
+refused the removal) lapses ``stale_after_s`` after its last renewal, or at once on the same machine when its
+process is gone or its run has ended.
 
 Object stores have no exclusive create through fsspec, so two runs starting within the same moment are told
 apart by writing, waiting ``settle_s``, and reading back: the later write wins and the other run stops.
@@ -38,10 +39,19 @@ def _stamp(unix: float) -> str:
     return datetime.fromtimestamp(unix, timezone.utc).isoformat(timespec="seconds")
 
 
-def _process_gone(lease: dict) -> bool:
-    """Whether the lease's process is known to have ended: only decidable on its own machine."""
+# Holders of the leases this process holds now: a lease of this very process held by none of them was left by a
+# run that ended without giving it back (its store refused the removal), and is as good as a dead process's.
+_held_here: set[str] = set()
+_held_lock = threading.Lock()
+
+
+def _holder_gone(lease: dict) -> bool:
+    """Whether the lease's run is known to have ended: only decidable on its own machine."""
     if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
         return False
+    if lease["pid"] == os.getpid():
+        with _held_lock:
+            return lease.get("holder") not in _held_here
     try:
         os.kill(lease["pid"], 0)
     except ProcessLookupError:
@@ -89,7 +99,7 @@ class DestinationLease:
 
     def live(self, lease: dict) -> bool:
         renewed = lease.get("renewed_at_unix")
-        if not isinstance(renewed, (int, float)) or _process_gone(lease):
+        if not isinstance(renewed, (int, float)) or _holder_gone(lease):
             return False
         return time.time() - renewed < self.stale_after_s
 
@@ -103,6 +113,8 @@ class DestinationLease:
         current = self.read()
         if current is None or current.get("holder") != self.holder:
             raise self._busy(current)
+        with _held_lock:
+            _held_here.add(self.holder)
         self._renewer = threading.Thread(target=self._renew, name="destination-lease", daemon=True)
         self._renewer.start()
 
@@ -112,6 +124,8 @@ class DestinationLease:
         if self._renewer is not None:
             self._renewer.join()
             self._renewer = None
+        with _held_lock:
+            _held_here.discard(self.holder)
         current = self.read()
         if current is not None and current.get("holder") == self.holder:
             remove(self.location)

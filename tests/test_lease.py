@@ -2,6 +2,7 @@
 without giving its claim back does not lock the destination for good."""
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -80,6 +81,14 @@ def test_a_claim_left_by_a_process_that_is_gone_is_taken_over_at_once(tmp_path):
     write_bytes(destination.child(LEASE_NAME), lease_of("killed-run", socket.gethostname(), int(ended.stdout), 5))
     summary = run_shards(source, destination, {"m": tiny_model()}, ShardOptions(batch_size=2), 3)
     assert summary["counts"]["ok"] == 6 and not exists(destination.child(LEASE_NAME))
+
+
+def test_a_claim_this_process_could_not_give_back_does_not_lock_it_out(tmp_path):
+    # A destination that turned read-only fails the run and keeps its claim; the same process's rerun (a service,
+    # a notebook) goes on once the store is healed, while a run it still holds stays refused (the test above).
+    source, destination = photos(tmp_path), Location(str(tmp_path / "out"))
+    write_bytes(destination.child(LEASE_NAME), lease_of("ended-run", socket.gethostname(), os.getpid(), 5))
+    assert run_shards(source, destination, {"m": tiny_model()}, ShardOptions(batch_size=2), 3)["counts"]["ok"] == 6
 
 
 def test_a_claim_from_another_machine_holds_until_it_has_not_been_renewed_for_the_stale_time(tmp_path):
