@@ -101,6 +101,7 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
         from tasks.bucket import ShardOptions, run_shards
         from tasks.models import load_model_from
 
+        started = time.perf_counter()  # imports done, as the flow's are: from loading the model on, as it does
         model, _ = load_model_from(store.child("models/bench"))
         source, destination = Location(str(images)), Location(str(work / f"out-loop-{index}"))
         options = ShardOptions(batch_size=batch, workers=workers, compile=compile, gpu_decode=gpu_decode)
