@@ -311,7 +311,7 @@ def refuse_flow_less_options(args: argparse.Namespace, *extra: str) -> None:
 
 
 def cmd_prime(args: argparse.Namespace) -> int:
-    if is_url(args.photos) or is_url(getattr(args, "model_store", None)):
+    if is_url(args.photos) or args.model_store:
         from flows.train_style import prime_photos
 
         refuse_flow_less_options(args, "content_weight", "content_layer")
@@ -400,7 +400,7 @@ def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photo
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    if is_url(args.style_image) or is_url(args.photos) or is_url(getattr(args, "model_store", None)):
+    if is_url(args.style_image) or is_url(args.photos) or args.model_store:
         from flows.train_style import train_style
 
         refuse_flow_less_options(args)
