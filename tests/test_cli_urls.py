@@ -87,6 +87,14 @@ def test_a_model_store_runs_folders_through_the_flow_keeping_each_inputs_format(
     assert "STYLIZE_DEVICE" not in os.environ  # --device was for this run's flow only
 
 
+def test_prime_with_a_model_store_folder_primes_through_the_flow_into_it(home, photo_dir, tmp_path, capsys):
+    store = tmp_path / "store"
+    assert main(["prime", str(photo_dir), "--model-store", str(store), "--steps", "2", "--image-size", "32",
+                 "--quiet"]) == 0
+    assert capsys.readouterr().out.startswith(f"primed checkpoint: {store}/primed/")
+    assert len(list(store.glob("primed/*/model.json"))) == 1 and not (home / "primed").exists()
+
+
 def test_train_on_urls_refuses_unusable_vgg_weights_before_any_priming(home, gcs_bucket, tmp_path, capsys):
     root, options = gcs_bucket
     empty = tmp_path / "vgg.pth"
