@@ -45,9 +45,19 @@ _held_here: set[str] = set()
 _held_lock = threading.Lock()
 
 
+def _pid_namespace() -> int | None:
+    """Which process-id space this process lives in: containers sharing a host name (host networking) do not
+    share process ids."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _holder_gone(lease: dict) -> bool:
     """Whether the lease's run is known to have ended: only decidable on its own machine."""
-    if lease.get("host") != socket.gethostname() or not isinstance(lease.get("pid"), int):
+    if (lease.get("host") != socket.gethostname() or lease.get("pid_namespace") != _pid_namespace()
+            or not isinstance(lease.get("pid"), int)):
         return False
     if lease["pid"] == os.getpid():
         with _held_lock:
@@ -133,6 +143,7 @@ class DestinationLease:
     def _write(self) -> None:
         now = time.time()
         document = {"holder": self.holder, "host": socket.gethostname(), "pid": os.getpid(),
+                    "pid_namespace": _pid_namespace(),
                     "started_at": _stamp(self.started_at), "renewed_at": _stamp(now), "renewed_at_unix": now}
         write_bytes(self.location, (json.dumps(document) + "\n").encode())
 

@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 from tasks.bucket import ShardOptions, run_shards
-from tasks.lease import LEASE_NAME, DestinationBusy, DestinationLease
+from tasks.lease import LEASE_NAME, DestinationBusy, DestinationLease, _pid_namespace
 from tasks.storage import Location, exists, read_bytes, write_bytes
 from tests.test_bucket import fill, jpeg, tiny_model
 
@@ -29,10 +29,10 @@ def outputs(destination: Location) -> list[str]:
     return [path for path in fs.find(root) if path.endswith(".jpg")] if fs.exists(root) else []
 
 
-def lease_of(holder: str, host: str, pid: int, seen_s_ago: float) -> bytes:
+def lease_of(holder: str, host: str, pid: int, seen_s_ago: float, pid_namespace: int | None = None) -> bytes:
     renewed = time.time() - seen_s_ago
-    return json.dumps({"holder": holder, "host": host, "pid": pid, "started_at": "2026-11-27T00:00:00+00:00",
-                       "renewed_at_unix": renewed}).encode()
+    return json.dumps({"holder": holder, "host": host, "pid": pid, "pid_namespace": pid_namespace or _pid_namespace(),
+                       "started_at": "2026-11-27T00:00:00+00:00", "renewed_at_unix": renewed}).encode()
 
 
 def test_a_second_run_into_a_destination_in_use_stops_at_once_and_the_first_finishes(tmp_path):
@@ -81,6 +81,13 @@ def test_a_claim_left_by_a_process_that_is_gone_is_taken_over_at_once(tmp_path):
     write_bytes(destination.child(LEASE_NAME), lease_of("killed-run", socket.gethostname(), int(ended.stdout), 5))
     summary = run_shards(source, destination, {"m": tiny_model()}, ShardOptions(batch_size=2), 3)
     assert summary["counts"]["ok"] == 6 and not exists(destination.child(LEASE_NAME))
+
+    # A container sharing this host's name (host networking) has its own process ids: its claim holds.
+    other_space = (_pid_namespace() or 0) + 1
+    write_bytes(destination.child(LEASE_NAME), lease_of("in-a-container", socket.gethostname(), int(ended.stdout), 5,
+                                                        pid_namespace=other_space))
+    with pytest.raises(DestinationBusy, match="in-a-container"):
+        run_shards(source, destination, {"m": tiny_model()}, ShardOptions(batch_size=2), 3)
 
 
 def test_a_claim_this_process_could_not_give_back_does_not_lock_it_out(tmp_path):
