@@ -9,24 +9,9 @@ import os
 from pathlib import Path
 
 from stylecore.vgg import WEIGHTS_VARIABLE
+from stylize.cli import checked, positive_int  # the CLI's own argparse types: one rule for "a count"
 
-
-def _at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
-        return value
-
-    parse.__name__ = "count"
-    return parse
-
-
-positive_int = _at_least(1)
-non_negative_int = _at_least(0)  # 0 where it means "automatic"
+non_negative_int = checked("non_negative_int", int, lambda value: value >= 0, "zero or more")  # 0: automatic
 
 
 def positive_ints(text: str) -> list[int]:
