@@ -95,8 +95,7 @@ class DestinationLease:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        with contextlib.suppress(Exception):  # a failing store: the run's own outcome matters more; it lapses
-            self.release()
+        self.release()
 
     def read(self) -> dict | None:
         try:
@@ -129,16 +128,18 @@ class DestinationLease:
         self._renewer.start()
 
     def release(self) -> None:
-        """Stop renewing and remove the lease if it is still this run's."""
+        """Stop renewing and remove the lease if it is still this run's. Never raises: with a failing store the
+        run's own outcome matters more, and the lease lapses by itself."""
         self._stop.set()
         if self._renewer is not None:
             self._renewer.join()
             self._renewer = None
         with _held_lock:
             _held_here.discard(self.holder)
-        current = self.read()
-        if current is not None and current.get("holder") == self.holder:
-            remove(self.location)
+        with contextlib.suppress(Exception):
+            current = self.read()
+            if current is not None and current.get("holder") == self.holder:
+                remove(self.location)
 
     def _write(self) -> None:
         now = time.time()

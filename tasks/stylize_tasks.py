@@ -108,8 +108,7 @@ def claimed_destination(destination: str, storage_options: StorageSecrets | dict
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):  # a failing store: the run's own outcome matters more; it lapses
-            lease.release()
+        lease.release()
 
 
 def open_shard_workers(models: list[str], model_store: str | None, count: int,
