@@ -11,7 +11,9 @@ Runs: model (forward only, batch of decoded tensors), loop-local (run_shards, wh
 folders: no Prefect, in --workers processes), flow-local and flow-gcs (the stylize-bucket flow: the flow run's
 whole wall time, once Prefect's server is up), all on the GPU when there is one. A kind named twice runs twice,
 each into its own destination; the table lists every run, and Prefect's overhead compares the kinds' means.
-Prints a table and one JSON line per run.
+Prints a table and one JSON line per run, with the CPU seconds of the run's process, its shard workers and its
+Prefect server: wall-time differences between runs drift with the machine, CPU seconds far less, so Prefect's own
+cost (the flow process's CPU beyond the loop's, plus its server's) is reported as a share of the loop's CPU too.
 Input photos: ../shared/data/photos when present, else the bundled ones, centre-cropped to SIZE and
 re-encoded as JPEG. Not part of the tests.
 """
@@ -48,6 +50,34 @@ def make_images(folder: Path, count: int, size: int) -> None:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def server_cpu_seconds() -> float | None:
+    """CPU time of this process's Prefect server subprocess (the ephemeral one), from /proc; None without /proc."""
+    total, found = 0.0, False
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and b"uvicorn" in (entry / "cmdline").read_bytes():
+                total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                found = True
+        except (OSError, IndexError, ValueError):
+            continue
+    return total if found else None
+
+
+def cpu_record(self_start: float, children_start: float, server_start: float | None = None) -> dict:
+    """CPU seconds since the starts: this process, its finished children (the shard workers), the Prefect server.
+    Unlike wall time these hardly move with what else the machine is doing, so Prefect's own cost shows in them."""
+    server = server_cpu_seconds()
+    return {"cpu_self_s": round(cpu_seconds(resource.RUSAGE_SELF) - self_start, 2),
+            "cpu_workers_s": round(cpu_seconds(resource.RUSAGE_CHILDREN) - children_start, 2),
+            "cpu_server_s": round(server - server_start, 2) if server is not None and server_start is not None else None}
 
 
 def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, workers: int = 1,
@@ -102,6 +132,7 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
         from tasks.models import load_model_from
 
         started = time.perf_counter()  # imports done, as the flow's are: from loading the model on, as it does
+        cpu_start = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
         model, _ = load_model_from(store.child("models/bench"))
         source, destination = Location(str(images)), Location(str(work / f"out-loop-{index}"))
         options = ShardOptions(batch_size=batch, workers=workers, compile=compile, gpu_decode=gpu_decode)
@@ -115,6 +146,7 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
 
         flow(name="bench-warm-up")(lambda: None)()  # starts Prefect's ephemeral server, as a running one would be
         started = time.perf_counter()
+        cpu_start = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN), server_cpu_seconds()
         options = {}
         source, destination = str(images), str(work / f"out-flow-{index}")
         server = None
@@ -134,6 +166,7 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
                 fs.pipe_file(f"bench/in/{path.relative_to(images).as_posix()}", path.read_bytes())
             source, destination = "gs://bench/in", f"gs://bench/out-{index}"
             started = time.perf_counter()
+            cpu_start = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN), server_cpu_seconds()
         summary = stylize_bucket(source, destination, ["bench"], model_store=store.url, storage_options=options,
                                  shard_size=shard_size, batch_size=batch, workers=workers, compile=compile,
                                  gpu_decode=gpu_decode)
@@ -144,15 +177,17 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
         # task runs, artifacts); the one-off ephemeral server start (7-16 s a process) is left out, as it is when
         # a server is running.
         seconds = time.perf_counter() - started
+        cpu = cpu_record(*cpu_start)  # the GCS emulator's threads (flow-gcs) count as this process's
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         return {"run": kind, "images": count, "seconds": round(seconds, 2), "img_per_s": round(count / seconds, 2),
-                "flow_body_seconds": summary["seconds"], "peak_rss_mb": round(peak_rss_mb(), 1),
+                "flow_body_seconds": summary["seconds"], **cpu, "peak_rss_mb": round(peak_rss_mb(), 1),
                 "workers": summary["workers"],
                 "worker_peak_rss_mb": round(children, 1) if summary["workers"] > 1 else None}
     seconds = time.perf_counter() - started
+    cpu = cpu_record(*cpu_start)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"run": kind, "images": count, "seconds": round(seconds, 2), "img_per_s": round(count / seconds, 2),
-            "peak_rss_mb": round(peak_rss_mb(), 1), "workers": workers,
+            **cpu, "peak_rss_mb": round(peak_rss_mb(), 1), "workers": workers,
             "worker_peak_rss_mb": round(children, 1) if workers > 1 else None}
 
 
@@ -202,17 +237,29 @@ def main() -> None:
     model, loop, flow = mean("model", "img_per_s"), mean("loop-local", "seconds"), mean("flow-local", "seconds")
     print(f"\n{args.images} images at {args.size}px, batch {args.batch}, shards of {args.shard_size}, "
           f"{args.workers} worker(s){', compiled' if args.compile else ''}{', GPU decode' if args.gpu_decode else ''}")
-    print(f"{'run':12}{'img/s':>9}{'x model':>9}{'seconds':>9}{'peak RSS MB':>13}")
+    print(f"{'run':12}{'img/s':>9}{'x model':>9}{'seconds':>9}{'peak RSS MB':>13}  CPU s: {'self':>7}{'workers':>9}"
+          f"{'server':>8}")
     for r in results:
         ratio = f"{r['img_per_s'] / model:.2f}" if model else "-"
-        print(f"{r['run']:12}{r['img_per_s']:>9.1f}{ratio:>9}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}")
+        cpu = "".join(f"{r[key]:>{width}.1f}" if r.get(key) is not None else f"{'-':>{width}}"
+                      for key, width in (("cpu_self_s", 7), ("cpu_workers_s", 9), ("cpu_server_s", 8)))
+        print(f"{r['run']:12}{r['img_per_s']:>9.1f}{ratio:>9}{r['seconds']:>9.1f}{r['peak_rss_mb']:>13.0f}         {cpu}")
     if loop and flow:
         pairs = sum(r["run"] == "flow-local" for r in results)
+        # Prefect's own CPU: the flow process's beyond the loop's parent (which does the same listing, workers and
+        # manifest without Prefect), plus its server's; as a share of all the CPU the loop's run used.
+        prefect_cpu = mean("flow-local", "cpu_self_s") + (mean("flow-local", "cpu_server_s") or 0.0) \
+            - mean("loop-local", "cpu_self_s")
+        loop_cpu = mean("loop-local", "cpu_self_s") + mean("loop-local", "cpu_workers_s")
         print(f"Prefect overhead (flow-local vs loop-local, mean seconds of {pairs} run(s) each): "
-              f"{100 * (flow - loop) / loop:+.1f}%")
+              f"{100 * (flow - loop) / loop:+.1f}% of the wall time; Prefect's CPU (flow process beyond the loop's, and "
+              f"its server) {prefect_cpu:.1f} s, {100 * prefect_cpu / loop_cpu:.1f}% of the loop's {loop_cpu:.1f} s")
         print(json.dumps({"bench": "bucket_throughput", "summary": "prefect_overhead", "images": args.images,
                           "size": args.size, "loop_seconds": round(loop, 2), "flow_seconds": round(flow, 2),
-                          "overhead_percent": round(100 * (flow - loop) / loop, 1)}), flush=True)
+                          "overhead_percent": round(100 * (flow - loop) / loop, 1),
+                          "prefect_cpu_seconds": round(prefect_cpu, 2), "loop_cpu_seconds": round(loop_cpu, 2),
+                          "prefect_cpu_percent": round(100 * prefect_cpu / loop_cpu, 1)}), flush=True)
+
 
 if __name__ == "__main__":
     main()
