@@ -57,13 +57,20 @@ def read_metadata(path: str | Path) -> dict:
     """The JSON metadata of a model folder (or of a ``.safetensors`` file with its ``.json`` beside it)."""
     _, metadata_path = _paths(Path(path))
     try:
-        metadata = json.loads(metadata_path.read_text())
+        text = metadata_path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint metadata at {metadata_path}") from None
+    return parse_metadata(text, f"checkpoint metadata {metadata_path}")
+
+
+def parse_metadata(text: bytes | str, where: str) -> dict:
+    """A checkpoint's JSON metadata document as a dict; ``where`` names it in the error."""
+    try:
+        metadata = json.loads(text)
     except ValueError as error:
-        raise CheckpointError(f"checkpoint metadata {metadata_path} is not valid JSON: {error}") from None
+        raise CheckpointError(f"{where} is not valid JSON: {error}") from None
     if not isinstance(metadata, dict):
-        raise CheckpointError(f"checkpoint metadata {metadata_path} is not a JSON object")
+        raise CheckpointError(f"{where} is not a JSON object")
     return metadata
 
 

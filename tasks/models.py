@@ -13,7 +13,9 @@ import threading
 
 import torch
 
-from stylecore.checkpoint import METADATA_FILE, WEIGHTS_FILE, CheckpointError, model_from_bytes, serialize_model
+from stylecore.checkpoint import (
+    METADATA_FILE, WEIGHTS_FILE, CheckpointError, model_from_bytes, parse_metadata, serialize_model,
+)
 from stylecore.model import UNet
 from stylecore.store import check_model_name, default_home
 
@@ -52,14 +54,10 @@ def model_location(reference: str, store: str | None, options: dict | None = Non
 
 def read_model_metadata(location: Location) -> dict:
     try:
-        metadata = json.loads(read_bytes(location.child(METADATA_FILE)))
+        text = read_bytes(location.child(METADATA_FILE))
     except FileNotFoundError:
         raise CheckpointError(f"no model at {location.display} ({METADATA_FILE} not found)") from None
-    except ValueError as error:
-        raise CheckpointError(f"{location.display}/{METADATA_FILE} is not valid JSON: {error}") from None
-    if not isinstance(metadata, dict):
-        raise CheckpointError(f"{location.display}/{METADATA_FILE} is not a JSON object")
-    return metadata
+    return parse_metadata(text, f"{location.display}/{METADATA_FILE}")
 
 
 def load_model_from(location: Location, device: str = "cpu") -> tuple[UNet, dict]:

@@ -84,3 +84,16 @@ def test_metadata_without_a_checksum_is_refused(saved):
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_model(tmp_path / "nothing-here")
+
+
+@pytest.mark.parametrize("text, message", [(None, "no checkpoint metadata"), ("{not json", "is not valid JSON"),
+                                           ("[1, 2]", "is not a JSON object")])
+def test_missing_or_broken_metadata_is_a_checkpoint_error_naming_the_file(saved, text, message):
+    _, folder = saved
+    if text is None:
+        (folder / "model.json").unlink()
+    else:
+        (folder / "model.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message) as raised:
+        load_model(folder)
+    assert "model.json" in str(raised.value)
