@@ -186,6 +186,31 @@ def test_listing_a_bucket_leaves_no_copy_of_its_objects_metadata_in_memory(gcs_e
     assert [key for key in fs.dircache if key == root or key.startswith(root + "/")] == []
 
 
+def test_a_bucket_read_page_by_page_lists_what_gcsfs_find_would(gcs_emulator):
+    # gcsfs's find holds every object's details at once (about 3.7 KB each: gigabytes for millions of images)
+    from tasks import storage
+
+    source = Location(f"gs://photos/{uuid.uuid4().hex[:8]}/in", gcs_emulator)
+    keys = ["a.jpg", "b.JPG", "sub/c.png", "sub/deeper/d.jpg", "folder.jpg/inner.jpg", "notes.txt",
+            *(f"many/{index:02d}.jpg" for index in range(7))]
+    fill(source, {key: key.encode() for key in keys})
+    fs, root = source.filesystem()
+    fs.pipe_file(f"{root}/placeholder.jpg/", b"")  # a console's empty "folder" object
+    found = fs.find(root, detail=True, withdirs=True)
+    expected = {path.rstrip("/"): (info["type"], info["size"], info.get("etag")) for path, info in found.items()
+                if path.rstrip("/") != root and not (path.endswith("/") and info["type"] == "file")}
+    fs.invalidate_cache()
+    # The emulator answers a listing in one page whatever maxResults asks; GCS gives at most 1,000 and a token
+    # for the next, which is followed as gcsfs's find does.
+    paged = {path: (info["type"], info["size"], info.get("etag")) for path, info in storage._gcs_entries(fs, root)}
+    assert paged == expected
+    listed = storage.list_files(source)
+    assert [entry.key for entry in listed] == ["a.jpg", "b.JPG", "folder.jpg", "folder.jpg/inner.jpg",
+                                               *(f"many/{index:02d}.jpg" for index in range(7)), "placeholder.jpg",
+                                               "sub/c.png", "sub/deeper/d.jpg"]
+    assert [entry.key for entry in listed if entry.problem] == ["folder.jpg", "placeholder.jpg"]
+
+
 def test_a_destination_that_holds_the_source_is_refused_and_one_inside_it_is_left_out(gcs_emulator):
     site = Location(f"gs://photos/{uuid.uuid4().hex[:8]}/site", gcs_emulator)
     fill(site, {"incoming/a.jpg": b"x", "incoming/b/c.jpg": b"x", "incoming/out/old.jpg": b"x"})
