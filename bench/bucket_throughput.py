@@ -231,8 +231,8 @@ def main() -> None:
             print(json.dumps({"bench": "bucket_throughput", **results[-1], "size": args.size, "batch": args.batch,
                               "compile": args.compile, "gpu_decode": args.gpu_decode}), flush=True)
     def mean(kind: str, key: str) -> float | None:
-        values = [r[key] for r in results if r["run"] == kind]
-        return sum(values) / len(values) if values else None
+        values = [r[key] for r in results if r["run"] == kind and r.get(key) is not None]
+        return sum(values) / len(values) if values else None  # None: no such run, or none measured it
 
     model, loop, flow = mean("model", "img_per_s"), mean("loop-local", "seconds"), mean("flow-local", "seconds")
     print(f"\n{args.images} images at {args.size}px, batch {args.batch}, shards of {args.shard_size}, "
@@ -248,12 +248,13 @@ def main() -> None:
         pairs = sum(r["run"] == "flow-local" for r in results)
         # Prefect's own CPU: the flow process's beyond the loop's parent (which does the same listing, workers and
         # manifest without Prefect), plus its server's; as a share of all the CPU the loop's run used.
-        prefect_cpu = mean("flow-local", "cpu_self_s") + (mean("flow-local", "cpu_server_s") or 0.0) \
-            - mean("loop-local", "cpu_self_s")
+        server = mean("flow-local", "cpu_server_s")  # None: a server elsewhere (PREFECT_API_URL), not counted
+        prefect_cpu = mean("flow-local", "cpu_self_s") + (server or 0.0) - mean("loop-local", "cpu_self_s")
         loop_cpu = mean("loop-local", "cpu_self_s") + mean("loop-local", "cpu_workers_s")
         print(f"Prefect overhead (flow-local vs loop-local, mean seconds of {pairs} run(s) each): "
-              f"{100 * (flow - loop) / loop:+.1f}% of the wall time; Prefect's CPU (flow process beyond the loop's, and "
-              f"its server) {prefect_cpu:.1f} s, {100 * prefect_cpu / loop_cpu:.1f}% of the loop's {loop_cpu:.1f} s")
+              f"{100 * (flow - loop) / loop:+.1f}% of the wall time; Prefect's CPU (flow process beyond the loop's"
+              f"{', and its server' if server is not None else '; its server runs elsewhere, not counted'}) "
+              f"{prefect_cpu:.1f} s, {100 * prefect_cpu / loop_cpu:.1f}% of the loop's {loop_cpu:.1f} s")
         print(json.dumps({"bench": "bucket_throughput", "summary": "prefect_overhead", "images": args.images,
                           "size": args.size, "loop_seconds": round(loop, 2), "flow_seconds": round(flow, 2),
                           "overhead_percent": round(100 * (flow - loop) / loop, 1),
