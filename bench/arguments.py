@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
-from stylecore.vgg import WEIGHTS_VARIABLE
+from stylecore.vgg import WEIGHTS_VARIABLE, VGGWeightsError, load_vgg
 from stylize.cli import checked, positive_int  # the CLI's own argparse types: one rule for "a count"
 
 non_negative_int = checked("non_negative_int", int, lambda value: value >= 0, "zero or more")  # 0: automatic
@@ -36,3 +37,11 @@ def existing_file(text: str) -> Path:
 def add_vgg_weights(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vgg-weights", type=existing_file, default=os.environ.get(WEIGHTS_VARIABLE) or None,
                         help=f"VGG weights file (default: ${WEIGHTS_VARIABLE}, else torchvision's ImageNet vgg16)")
+
+
+def load_vgg_or_exit(weights: Path | None):
+    """``load_vgg(weights)``, or one line and exit status 1 when they cannot be loaded (offline without a file)."""
+    try:
+        return load_vgg(weights)
+    except VGGWeightsError as error:
+        sys.exit(f"{Path(sys.argv[0]).name}: {error}; give --vgg-weights FILE or set ${WEIGHTS_VARIABLE}")

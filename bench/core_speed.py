@@ -10,12 +10,12 @@ import json
 import time
 
 import torch
-from arguments import add_vgg_weights, positive_int
+from arguments import add_vgg_weights, load_vgg_or_exit, positive_int
 
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed
 from stylecore.model import UNet, UNetConfig
 from stylecore.stylize import stylize_batch
-from stylecore.vgg import VGGFeatures, load_vgg
+from stylecore.vgg import VGGFeatures
 
 
 def best_seconds(function, repeats: int) -> float:
@@ -51,7 +51,7 @@ def main() -> None:
 
     forward = best_seconds(forward_pass, args.repeats)
 
-    features, source = load_vgg(args.vgg_weights)
+    features, source = load_vgg_or_exit(args.vgg_weights)
     loss_config = LossConfig()
     vgg = VGGFeatures(features, source, layers_needed(source, loss_config)).to(device)
     target = StyleTarget.from_image(vgg, torch.rand(3, args.size, args.size, device=device), source.default_layers()[0])

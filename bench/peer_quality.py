@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arguments import add_vgg_weights, existing_file, existing_folder, positive_int  # noqa: E402
+from arguments import add_vgg_weights, load_vgg_or_exit, existing_file, existing_folder, positive_int  # noqa: E402
 from transformer_net import TransformerNet  # noqa: E402
 
 from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
@@ -37,11 +37,14 @@ from stylecore.losses import (  # noqa: E402
 from stylecore.model import UNet, UNetConfig  # noqa: E402
 from stylecore.stylize import autocast_for  # noqa: E402
 from stylecore.train import PRESETS, TrainConfig, autoencoder_objective, prime_autoencoder, train_network  # noqa: E402
-from stylecore.vgg import VGGFeatures, load_vgg  # noqa: E402
+from stylecore.vgg import VGGFeatures  # noqa: E402
 
 
 def read_split(folder: Path, every: int, limit: int | None) -> tuple[list, list]:
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
+    if len(paths) < 2:
+        sys.exit(f"peer_quality: {folder} holds {len(paths)} photos (.jpg, .jpeg, .png, searched recursively); "
+                 "it needs at least two, one to train on and one held out")
     images = [decode_image(p.read_bytes()) for p in paths]
     held = [image for i, image in enumerate(images) if i % every == 0]
     train = [image for i, image in enumerate(images) if i % every != 0]
@@ -128,7 +131,7 @@ def main() -> None:
         torch.backends.cudnn.benchmark = True
 
     train_photos, held_photos = read_split(args.photos, args.held_out_every, args.limit)
-    features, source = load_vgg(args.vgg_weights)
+    features, source = load_vgg_or_exit(args.vgg_weights)
     loss_config = LossConfig(content_weight=args.content_weight)
     vgg = VGGFeatures(features, source, layers_needed(source, loss_config)).to(device)
     style_layers, _ = resolve_layers(source, loss_config)

@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from arguments import add_vgg_weights, existing_file, existing_folder, positive_int  # noqa: E402
+from arguments import add_vgg_weights, load_vgg_or_exit, existing_file, existing_folder, positive_int  # noqa: E402
 from stylecore.checkpoint import save_model  # noqa: E402
 from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
 from stylecore.images import decode_image, image_to_tensor, resize_long_side, tensor_to_image  # noqa: E402
@@ -33,7 +33,7 @@ from stylecore.model import UNetConfig  # noqa: E402
 from stylecore.recipes import run_priming, run_style_training  # noqa: E402
 from stylecore.stylize import stylize_batch  # noqa: E402
 from stylecore.train import PRESETS  # noqa: E402
-from stylecore.vgg import VGGFeatures, load_vgg  # noqa: E402
+from stylecore.vgg import VGGFeatures  # noqa: E402
 
 
 def step_rate(history: list[dict], batch: int) -> float:
@@ -65,7 +65,7 @@ def main() -> None:
     held = [decode_image(p.read_bytes()) for i, p in enumerate(paths) if i % 10 == 0]
     train = [decode_image(p.read_bytes()) for i, p in enumerate(paths) if i % 10 != 0][: args.train_limit]
     preset = PRESETS[args.preset]
-    features, source = load_vgg(args.vgg_weights)
+    features, source = load_vgg_or_exit(args.vgg_weights)
     loss_config = LossConfig(content_weight=args.content_weight)
     vgg = VGGFeatures(features, source, layers_needed(source, loss_config))
     style = decode_image(args.style.read_bytes())
