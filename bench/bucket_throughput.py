@@ -58,7 +58,8 @@ def cpu_seconds(who: int) -> float:
 
 
 def server_cpu_seconds() -> float | None:
-    """CPU time of this process's Prefect server subprocess (the ephemeral one), from /proc; None without /proc."""
+    """CPU time of this process's Prefect server subprocess (the ephemeral one), from /proc; None when there is
+    none (a server elsewhere, PREFECT_API_URL) or no /proc."""
     total, found = 0.0, False
     for entry in Path("/proc").glob("[0-9]*"):
         try:

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from arguments import add_vgg_weights, load_vgg_or_exit, existing_file, existing_folder, positive_int  # noqa: E402
+from arguments import add_vgg_weights, existing_file, existing_folder, load_vgg_or_exit, positive_int  # noqa: E402
 from transformer_net import TransformerNet  # noqa: E402
 
 from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402

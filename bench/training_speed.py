@@ -24,7 +24,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from arguments import add_vgg_weights, load_vgg_or_exit, existing_file, existing_folder, positive_int  # noqa: E402
+from arguments import add_vgg_weights, existing_file, existing_folder, load_vgg_or_exit, positive_int  # noqa: E402
 from stylecore.checkpoint import save_model  # noqa: E402
 from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
 from stylecore.images import decode_image, image_to_tensor, resize_long_side, tensor_to_image  # noqa: E402
