@@ -910,13 +910,32 @@ def _interrupted(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+# Prefect's temporary (ephemeral) server, which URL runs start when PREFECT_API_URL names none, gets 20 s to start
+# by default; its first start in a new PREFECT_HOME builds its database and took longer than that on 2 CPU cores.
+EPHEMERAL_STARTUP_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+EPHEMERAL_STARTUP_SECONDS = "120"
+
+
+def prefect_defaults(quiet: bool) -> None:
+    """Settings for the Prefect flows this process may run, unless the environment sets them: they take effect only
+    before Prefect is imported."""
+    if "prefect" in sys.modules:
+        return
+    os.environ.setdefault(EPHEMERAL_STARTUP_VARIABLE, EPHEMERAL_STARTUP_SECONDS)
+    if quiet:  # URL runs: Prefect's own log lines too
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def is_server_start_timeout(error: BaseException) -> bool:
+    return isinstance(error, RuntimeError) and "ephemeral Prefect API server" in str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "home", None) is None:
         args.home = default_home()
-    if getattr(args, "quiet", False) and "prefect" not in sys.modules:  # URL runs: Prefect's own logs too
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    prefect_defaults(getattr(args, "quiet", False))
     # SIGTERM (what schedulers and `kill` send) stops as cleanly as Ctrl-C: the same message, nothing half-written.
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupted) if in_main_thread else None
@@ -928,6 +947,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stylize: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except RuntimeError as error:
+        if not is_server_start_timeout(error):
+            raise
+        print(f"stylize: error: Prefect's temporary server did not start within "
+              f"{os.environ.get(EPHEMERAL_STARTUP_VARIABLE, '20')} s (a slow or busy machine); raise "
+              f"{EPHEMERAL_STARTUP_VARIABLE}, or start one (`prefect server start`) and set PREFECT_API_URL",
+              file=sys.stderr)
+        return 1
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)

@@ -339,3 +339,33 @@ def test_an_interrupted_training_resumes_when_the_same_command_is_run_again(phot
     metadata = json.loads((home / "models" / "long" / "model.json").read_text())
     assert metadata["steps"] == 150
     assert not (home / "runs" / "train" / "long").exists()
+
+
+def test_prefect_s_temporary_server_gets_two_minutes_to_start_unless_the_environment_says_otherwise(monkeypatch):
+    from stylize.cli import EPHEMERAL_STARTUP_VARIABLE, prefect_defaults
+
+    monkeypatch.delitem(sys.modules, "prefect", raising=False)  # as in a fresh `stylize` process
+    monkeypatch.delenv(EPHEMERAL_STARTUP_VARIABLE, raising=False)
+    prefect_defaults(quiet=False)
+    assert os.environ[EPHEMERAL_STARTUP_VARIABLE] == "120"
+    monkeypatch.setenv(EPHEMERAL_STARTUP_VARIABLE, "45")
+    prefect_defaults(quiet=False)
+    assert os.environ[EPHEMERAL_STARTUP_VARIABLE] == "45"
+
+
+def test_a_temporary_server_that_does_not_start_in_time_is_one_line_naming_the_fixes(photo_dir, tmp_path,
+                                                                                     monkeypatch):
+    from stylecore.checkpoint import save_model
+    from stylecore.model import UNet, UNetConfig
+
+    store = tmp_path / "store"
+    save_model(store / "models" / "m", UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "m"})
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no server running: the run starts a temporary one
+    slow = {"PREFECT_HOME": str(tmp_path / "prefect"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}
+    result = run_console_script("run", str(photo_dir), str(tmp_path / "out"), "--model", "m", "--model-store",
+                                store.as_uri(), "--quiet", env_extra=slow, tmp_path=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("stylize: error: Prefect's temporary server did not start within 1 s"), result.stderr
+    assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in last and "PREFECT_API_URL" in last
