@@ -46,7 +46,9 @@ def _encode_crop(args: tuple[str, int]) -> bytes:
 
 
 def make_images(folder: Path, photos: Path, count: int, size: int) -> None:
-    sources = sorted(str(p) for p in photos.glob("*.jpg"))[:200]
+    sources = sorted(str(p) for p in photos.rglob("*.jpg"))[:200]
+    if not sources:
+        sys.exit(f"{Path(sys.argv[0]).name}: no .jpg photos under {photos}")
     with ProcessPoolExecutor() as pool:
         encoded = list(pool.map(_encode_crop, [(p, size) for p in sources]))
     for index in range(count):

@@ -41,9 +41,10 @@ from stylecore.vgg import VGGFeatures  # noqa: E402
 
 
 def read_split(folder: Path, every: int, limit: int | None) -> tuple[list, list]:
+    """The photos under ``folder`` (recursive, sorted, the first ``limit``), decoded: every ``every``-th held out."""
     paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))[:limit]
     if len(paths) < 2:
-        sys.exit(f"peer_quality: {folder} holds {len(paths)} photos (.jpg, .jpeg, .png, searched recursively); "
+        sys.exit(f"{Path(sys.argv[0]).name}: {folder} holds {len(paths)} photos (.jpg, .jpeg, .png, searched recursively); "
                  "it needs at least two, one to train on and one held out")
     images = [decode_image(p.read_bytes()) for p in paths]
     held = [image for i, image in enumerate(images) if i % every == 0]

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from arguments import add_vgg_weights, existing_file, existing_folder, load_vgg_or_exit, positive_int  # noqa: E402
+from peer_quality import read_split  # noqa: E402
 from stylecore.checkpoint import save_model  # noqa: E402
 from stylecore.evaluate import contact_sheet, evaluate  # noqa: E402
 from stylecore.images import decode_image, image_to_tensor, resize_long_side, tensor_to_image  # noqa: E402
@@ -61,9 +62,8 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    paths = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    held = [decode_image(p.read_bytes()) for i, p in enumerate(paths) if i % 10 == 0]
-    train = [decode_image(p.read_bytes()) for i, p in enumerate(paths) if i % 10 != 0][: args.train_limit]
+    train, held = read_split(args.photos, every=10, limit=None)
+    train = train[: args.train_limit]  # the same held-out photos whatever the limit
     preset = PRESETS[args.preset]
     features, source = load_vgg_or_exit(args.vgg_weights)
     loss_config = LossConfig(content_weight=args.content_weight)
