@@ -72,13 +72,18 @@ def server_cpu_seconds() -> float | None:
     return total if found else None
 
 
-def cpu_record(self_start: float, children_start: float, server_start: float | None = None) -> dict:
-    """CPU seconds since the starts: this process, its finished children (the shard workers), the Prefect server.
-    Unlike wall time these hardly move with what else the machine is doing, so Prefect's own cost shows in them."""
-    server = server_cpu_seconds()
-    return {"cpu_self_s": round(cpu_seconds(resource.RUSAGE_SELF) - self_start, 2),
-            "cpu_workers_s": round(cpu_seconds(resource.RUSAGE_CHILDREN) - children_start, 2),
-            "cpu_server_s": round(server - server_start, 2) if server is not None and server_start is not None else None}
+def cpu_marks() -> tuple[float, float, float | None]:
+    """CPU seconds so far: this process, its finished children (the shard workers), its Prefect server (None: none)."""
+    return cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN), server_cpu_seconds()
+
+
+def cpu_record(start: tuple[float, float, float | None]) -> dict:
+    """CPU seconds since ``start`` (``cpu_marks()``). Unlike wall time these hardly move with what else the machine
+    is doing, so Prefect's own cost shows in them."""
+    (self_start, children_start, server_start), (self_now, children_now, server_now) = start, cpu_marks()
+    server = server_now - server_start if server_now is not None and server_start is not None else None
+    return {"cpu_self_s": round(self_now - self_start, 2), "cpu_workers_s": round(children_now - children_start, 2),
+            "cpu_server_s": round(server, 2) if server is not None else None}
 
 
 def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, workers: int = 1,
@@ -133,7 +138,7 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
         from tasks.models import load_model_from
 
         started = time.perf_counter()  # imports done, as the flow's are: from loading the model on, as it does
-        cpu_start = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN)
+        cpu_start = cpu_marks()
         model, _ = load_model_from(store.child("models/bench"))
         source, destination = Location(str(images)), Location(str(work / f"out-loop-{index}"))
         options = ShardOptions(batch_size=batch, workers=workers, compile=compile, gpu_decode=gpu_decode)
@@ -147,7 +152,7 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
 
         flow(name="bench-warm-up")(lambda: None)()  # starts Prefect's ephemeral server, as a running one would be
         started = time.perf_counter()
-        cpu_start = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN), server_cpu_seconds()
+        cpu_start = cpu_marks()
         options = {}
         source, destination = str(images), str(work / f"out-flow-{index}")
         server = None
@@ -167,7 +172,7 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
                 fs.pipe_file(f"bench/in/{path.relative_to(images).as_posix()}", path.read_bytes())
             source, destination = "gs://bench/in", f"gs://bench/out-{index}"
             started = time.perf_counter()
-            cpu_start = cpu_seconds(resource.RUSAGE_SELF), cpu_seconds(resource.RUSAGE_CHILDREN), server_cpu_seconds()
+            cpu_start = cpu_marks()
         summary = stylize_bucket(source, destination, ["bench"], model_store=store.url, storage_options=options,
                                  shard_size=shard_size, batch_size=batch, workers=workers, compile=compile,
                                  gpu_decode=gpu_decode)
@@ -178,14 +183,14 @@ def run_one(kind: str, images: Path, work: Path, batch: int, shard_size: int, wo
         # task runs, artifacts); the one-off ephemeral server start (7-16 s a process) is left out, as it is when
         # a server is running.
         seconds = time.perf_counter() - started
-        cpu = cpu_record(*cpu_start)  # the GCS emulator's threads (flow-gcs) count as this process's
+        cpu = cpu_record(cpu_start)  # the GCS emulator's threads (flow-gcs) count as this process's
         children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
         return {"run": kind, "images": count, "seconds": round(seconds, 2), "img_per_s": round(count / seconds, 2),
                 "flow_body_seconds": summary["seconds"], **cpu, "peak_rss_mb": round(peak_rss_mb(), 1),
                 "workers": summary["workers"],
                 "worker_peak_rss_mb": round(children, 1) if summary["workers"] > 1 else None}
     seconds = time.perf_counter() - started
-    cpu = cpu_record(*cpu_start)
+    cpu = cpu_record(cpu_start)
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"run": kind, "images": count, "seconds": round(seconds, 2), "img_per_s": round(count / seconds, 2),
             **cpu, "peak_rss_mb": round(peak_rss_mb(), 1), "workers": workers,
