@@ -315,7 +315,8 @@ class StylizeEngine:
             if isinstance(error, torch.cuda.OutOfMemoryError):
                 torch.cuda.empty_cache()
             if count == 1:
-                self.max_batch_pixels = min(self.max_batch_pixels, pixels // 2)
+                # Not below the smallest tile: that would put every later image, however small, in a batch of its own.
+                self.max_batch_pixels = min(self.max_batch_pixels, max(pixels // 2, MIN_TILE_PIXELS))
                 return self._forward_tiled(model, images, self.max_batch_pixels)
             half = count // 2
             # Later batches are cut to what fits (also the fixed shape a compiled model is padded to).

@@ -71,7 +71,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         image = ImageOps.exif_transpose(image)
     except Exception:  # a corrupt EXIF block must not cost the image: keep it as stored
         pass
-    return to_srgb(image, profile)
+    try:
+        return to_srgb(image, profile)
+    except MemoryError:
+        raise
+    except Exception as error:  # a pixel layout PIL decodes but cannot convert: this image's error, not the run's
+        raise ImageDecodeError(f"unsupported {image.format or 'image'} pixel mode {image.mode}: "
+                               f"{_one_line(error)}") from None
 
 
 def to_srgb(image: Image.Image, profile: bytes | None) -> Image.Image:
@@ -127,7 +133,9 @@ def to_rgb(image: Image.Image) -> Image.Image:
         peak = 1.0 if array.max() <= 1.0 else 255.0
         image = Image.fromarray(np.clip(array / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
 
-    has_alpha = image.mode in ("RGBA", "LA", "La", "RGBa", "PA") or "transparency" in image.info
+    if mode == "La":  # gray with premultiplied alpha (a TIFF's "associated" alpha): PIL converts it only to LA
+        image = image.convert("LA")
+    has_alpha = image.mode in ("RGBA", "LA", "RGBa", "PA") or "transparency" in image.info
     if has_alpha:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -74,6 +74,22 @@ def corrupt_exif_jpeg() -> bytes:
     return data[:2] + segment + data[2:]
 
 
+def tiff_with_associated_alpha(image: Image.Image) -> bytes:
+    """An LA or RGBA image as a TIFF whose alpha is marked associated (premultiplied; ExtraSamples = 1): the
+    stored colours are read as already multiplied by alpha, and PIL opens it as mode La or RGBa."""
+    buffer = io.BytesIO()
+    image.save(buffer, "TIFF")
+    data = bytearray(buffer.getvalue())
+    assert data[:2] == b"II"  # PIL writes little-endian TIFFs
+    directory = int.from_bytes(data[4:8], "little")
+    for index in range(int.from_bytes(data[directory : directory + 2], "little")):
+        entry = directory + 2 + 12 * index
+        if int.from_bytes(data[entry : entry + 2], "little") == 338:  # ExtraSamples: 2 (unassociated) -> 1
+            data[entry + 8 : entry + 10] = (1).to_bytes(2, "little")
+            return bytes(data)
+    raise AssertionError("PIL wrote no ExtraSamples tag")
+
+
 def build(folder: Path, outside: Path) -> dict[str, Expect]:
     """Write the corpus under ``folder`` (and one target file in ``outside``, a sibling folder)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -114,6 +130,8 @@ def build(folder: Path, outside: Path) -> dict[str, Expect]:
     rgba = photo().convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize((40, 24)))
     put("modes/alpha.png", encoded(rgba, "PNG"), Expect("ok", (40, 24)))
+    put("modes/gray_premultiplied_alpha.tif", tiff_with_associated_alpha(photo().convert("LA")), Expect("ok", (40, 24)))
+    put("modes/premultiplied_alpha.tif", tiff_with_associated_alpha(rgba), Expect("ok", (40, 24)))
     for orientation in range(1, 9):
         size = (24, 40) if orientation >= 5 else (40, 24)  # 5-8 swap width and height
         put(f"exif/orientation_{orientation}.jpg", with_exif_orientation(orientation), Expect("ok", size))

@@ -253,6 +253,32 @@ def test_a_batch_too_large_for_the_kernels_is_halved_and_later_batches_are_cut_s
         assert (image_to_tensor(decode_image(outcome.outputs["m"])).int() - expected.int()).abs().max() <= 1
 
 
+class FailsOnceUNet(UNet):
+    """A model whose first forward pass runs out of memory, as a GPU shared with other workers can once."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(UNetConfig(base_channels=4, depth=2))
+        self.failed, self.batches = False, []
+
+    def forward(self, images):
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        self.batches.append(len(images))
+        return super().forward(images)
+
+
+def test_one_out_of_memory_on_a_small_image_does_not_shrink_every_later_batch_to_one_image():
+    model = FailsOnceUNet().eval()
+    with StylizeEngine({"m": model}, "cpu", EngineConfig(batch_size=8, output_format="png")) as engine:
+        first = run(engine, [encoded((100, 100), "PNG")])
+        model.batches.clear()
+        later = run(engine, [encoded((64, 64), "PNG", seed=i) for i in range(16)])
+    assert [o.error for o in first + later] == [None] * 17
+    assert model.batches == [8, 8]
+
+
 def test_other_model_errors_are_not_hidden():
     model = IndexLimitedUNet(largest_batch=0).eval()  # refuses everything, even one image
     with StylizeEngine({"m": model}, "cpu", EngineConfig(batch_size=4)) as engine:

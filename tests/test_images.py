@@ -16,6 +16,7 @@ from stylecore.images import (
     image_to_tensor,
     tensor_to_image,
 )
+from tests.hostile_corpus import tiff_with_associated_alpha
 
 # Adobe RGB (1998): its primaries adapted to D50 (the profile connection space) and its gamma, 563/256.
 ADOBE_RGB = ((0.60974, 0.31111, 0.01947), (0.20528, 0.62567, 0.06087), (0.14919, 0.06322, 0.74457))
@@ -101,6 +102,17 @@ def test_transparent_pixels_are_composited_on_white():
     decoded = np.asarray(decode_image(save(image, "PNG")))
     assert tuple(decoded[0, 0]) == (255, 255, 255)
     assert tuple(decoded[1, 1]) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("stored, expected", [((100, 128), (227, 227, 227)), ((100, 50, 20, 128), (227, 177, 147))])
+def test_premultiplied_alpha_is_composited_on_white(stored, expected):
+    # A TIFF's "associated" alpha (PIL modes La and RGBa): the stored colour is already multiplied by alpha, so
+    # over white it shows as colour + 255 * (1 - alpha).
+    image = Image.new("LA" if len(stored) == 2 else "RGBA", (4, 4), stored)
+    image.putpixel((0, 0), (0, 0) if len(stored) == 2 else (0, 0, 0, 0))
+    decoded = np.asarray(decode_image(tiff_with_associated_alpha(image))).astype(int)
+    assert tuple(decoded[0, 0]) == (255, 255, 255)
+    assert np.abs(decoded[1, 1] - np.array(expected)).max() <= 1
 
 
 def test_palette_with_transparency_is_composited_on_white():
