@@ -420,20 +420,44 @@ def cpu_batch_pixels(model: torch.nn.Module, share: float = 0.25) -> int:
     return max(int(available * share / (40 * base_channels + 100)), MIN_TILE_PIXELS)
 
 
-def available_memory() -> int | None:
-    """Bytes of memory available to this process: the system's, or its container's limit if that is lower."""
+def available_memory(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes of memory available to this process: the system's, or what its container's limit still allows if
+    that is less."""
     try:
         meminfo = Path("/proc/meminfo").read_text()
         available = int(re.search(r"MemAvailable:\s+(\d+) kB", meminfo).group(1)) * 1024
     except (OSError, AttributeError):
         return None
-    try:  # cgroup v2, as in containers
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            available = min(available, int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return max(available, 0)
+    headroom = container_headroom(cgroup_root)
+    return max(min(available, headroom) if headroom is not None else available, 0)
+
+
+# (limit, usage, statistics file, its count of page cache not recently used) for cgroup v2, then v1
+_CGROUP_FILES = (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+                  "total_inactive_file"))
+
+
+def container_headroom(cgroup_root: Path) -> int | None:
+    """The container's memory limit minus its usage, or None where there is no limit. The usage counts the page
+    cache of every file the container read; the inactive part of it, which the kernel reclaims before it would
+    kill anything, is left out (as Kubernetes' working set does), or a pipeline that has read many images would
+    see almost no memory and cut its batches to nothing."""
+    for limit_name, usage_name, stat_name, inactive_key in _CGROUP_FILES:
+        try:
+            limit = (cgroup_root / limit_name).read_text().strip()
+            usage = int((cgroup_root / usage_name).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit == "max" or not limit.isdigit() or int(limit) >= 2**60:  # v1 writes "no limit" as a huge number
+            return None
+        try:
+            stat = (cgroup_root / stat_name).read_text()
+            inactive = int(re.search(rf"^{inactive_key} (\d+)$", stat, re.MULTILINE).group(1))
+        except (OSError, AttributeError):
+            inactive = 0
+        return int(limit) - max(usage - inactive, 0)
+    return None
 
 
 @dataclass

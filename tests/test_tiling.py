@@ -1,11 +1,13 @@
 """Images too large for one forward pass are stylised in tiles, and the tiles give the picture one pass gives:
 no seams, no change of look, whatever the memory budget."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from PIL import Image
 
-from stylecore.engine import EngineConfig, Job, StylizeEngine, available_memory, cpu_batch_pixels
+from stylecore.engine import EngineConfig, Job, StylizeEngine, available_memory, container_headroom, cpu_batch_pixels
 from stylecore.images import decode_image, encode_image, image_to_tensor
 from stylecore.model import UNet, UNetConfig
 from stylecore.stylize import stylize_batch
@@ -130,6 +132,38 @@ def test_the_cpu_pixel_budget_is_a_quarter_of_free_memory_at_the_models_bytes_pe
     assert cpu_batch_pixels(wide) < cpu_batch_pixels(narrow)
     expected = available / 4 / (40 * 16 + 100)
     assert 0.8 * expected < cpu_batch_pixels(UNet()) < 1.2 * expected
+
+
+GIB = 1024**3
+
+
+def cgroup(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_a_containers_memory_limit_counts_its_page_cache_as_free_once_it_is_inactive(tmp_path):
+    # 8 GiB limit, 7.5 GiB in use of which 5 GiB is page cache not recently used (images read earlier): 5.5 GiB
+    # left, not 0.5, on both cgroup versions.
+    v2 = cgroup(tmp_path / "v2", {"memory.max": f"{8 * GIB}\n", "memory.current": f"{15 * GIB // 2}\n",
+                                  "memory.stat": f"anon {2 * GIB}\nactive_file 0\ninactive_file {5 * GIB}\n"})
+    v1 = cgroup(tmp_path / "v1", {"memory/memory.limit_in_bytes": f"{8 * GIB}\n",
+                                  "memory/memory.usage_in_bytes": f"{15 * GIB // 2}\n",
+                                  "memory/memory.stat": f"inactive_file 4096\ntotal_inactive_file {5 * GIB}\n"})
+    assert container_headroom(v2) == container_headroom(v1) == 11 * GIB // 2
+    assert available_memory(v2) == min(available_memory(tmp_path / "none"), 11 * GIB // 2)
+
+
+def test_no_container_limit_leaves_the_systems_free_memory(tmp_path):
+    unlimited_v2 = cgroup(tmp_path / "v2", {"memory.max": "max\n", "memory.current": "123\n"})
+    unlimited_v1 = cgroup(tmp_path / "v1", {"memory/memory.limit_in_bytes": "9223372036854771712\n",
+                                            "memory/memory.usage_in_bytes": "123\n"})
+    without_stat = cgroup(tmp_path / "nostat", {"memory.max": f"{GIB}\n", "memory.current": f"{GIB // 4}\n"})
+    assert container_headroom(unlimited_v2) is None and container_headroom(unlimited_v1) is None
+    assert container_headroom(tmp_path / "missing") is None
+    assert container_headroom(without_stat) == 3 * GIB // 4  # usage counted whole when it cannot be split
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
