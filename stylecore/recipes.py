@@ -39,7 +39,7 @@ def photos_fingerprint(items: list[tuple[str, bytes | str]]) -> str:
     digest = hashlib.sha256()
     for name, data in sorted(items):
         tag = hashlib.sha256(data).digest() if isinstance(data, bytes) else data.encode()
-        digest.update(name.encode() + b"\0" + tag)
+        digest.update(name.encode("utf-8", "surrogateescape") + b"\0" + tag)  # a local name may not be UTF-8
     return digest.hexdigest()
 
 

@@ -128,16 +128,21 @@ def safe_relative(key: str, tag: bool = False) -> str:
     relative = "/".join(parts)
     if relative != key or tag:
         stem, extension = posixpath.splitext(relative)
-        relative = f"{stem}.{hashlib.sha256(key.encode()).hexdigest()[:8]}{extension}"
+        relative = f"{stem}.{hashlib.sha256(_raw(key)).hexdigest()[:8]}{extension}"
     return relative
 
 
+def _raw(text: str) -> bytes:
+    """A key's bytes; a local file name that is not UTF-8 (held as lone surrogates) gives back its own bytes."""
+    return text.encode("utf-8", "surrogateescape")
+
+
 def _shorten(segment: str) -> str:
-    if len(segment.encode()) <= MAX_SEGMENT_BYTES:
+    if len(_raw(segment)) <= MAX_SEGMENT_BYTES:
         return segment
     stem, extension = posixpath.splitext(segment)
-    extension = extension if len(extension.encode()) <= 16 else ""
-    return stem.encode()[:MAX_SEGMENT_BYTES - 16].decode(errors="ignore") + "~" + extension
+    extension = extension if len(_raw(extension)) <= 16 else ""
+    return _raw(stem)[:MAX_SEGMENT_BYTES - 16].decode(errors="ignore") + "~" + extension
 
 
 def output_key(key: str, model: str, several_models: bool, fmt: str, clashing: bool = False) -> str:
@@ -298,6 +303,13 @@ def stylize_shard(
     # On the way out of a failure or Ctrl-C, the writers shut down first, then every output written is recorded.
     with _recorded_on_failure(write_behind, record_written, journal), \
             ThreadPoolExecutor(options.io_threads) as readers, ThreadPoolExecutor(options.io_threads) as writers:
+        def recorded(key: str, model: str) -> dict | None:
+            """The earlier row of this input's output, if it was written where this run would write it (not
+            before the destination moved, in another format, or under another name since a clash came or went)."""
+            earlier = previous.get((source.child(key).display, model))
+            return earlier if earlier is not None and earlier["output_uri"] == output_location(key, model).display \
+                else None
+
         # What is already done (an earlier ok/skipped row and its output still there) is skipped.
         def done_models(index: int) -> tuple[list[str], str | None]:
             key = shard.keys[index]
@@ -305,9 +317,8 @@ def stylize_shard(
                 output_key(key, "", several, options.output_format)
             except ValueError as error:
                 return [], str(error)
-            input_uri = source.child(key).display
             return [name for name in models
-                    if ((input_uri, name) in previous or options.skip_existing)
+                    if (options.skip_existing or recorded(key, name) is not None)
                     and exists(output_location(key, name))], shard.problem(index)
 
         todo: list[_Input] = []
@@ -317,7 +328,7 @@ def stylize_shard(
         for index, (done, problem) in enumerate(checking(done_models, range(len(shard)))):
             key = shard.keys[index]
             for name in done:
-                earlier = previous.get((source.child(key).display, name))
+                earlier = recorded(key, name)
                 if earlier is not None and options.flow_run_id and earlier["flow_run_id"] == options.flow_run_id:
                     rows.append({**earlier, "shard_id": shard.shard_id})  # an earlier attempt of this run made it
                     continue

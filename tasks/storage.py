@@ -56,7 +56,7 @@ class Location:
     @property
     def display(self) -> str:
         """The URL with any credentials masked: the only form that goes into logs, manifests and artifacts."""
-        return redact(self.url, self.options)
+        return printable(redact(self.url, self.options))
 
     def __str__(self) -> str:
         return self.display
@@ -66,6 +66,19 @@ class Location:
 
 
 _LOCAL = LocalFileSystem()
+
+
+def printable(text: str) -> str:
+    """``text`` as valid UTF-8: a local file name that is not (old archives' Latin-1 names, which Python holds as
+    lone surrogates) gets its raw bytes as ``\\xe9`` escapes, so logs and the manifest (Parquet) can hold it."""
+    try:
+        text.encode()
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:
+            return text.encode("utf-8", "backslashreplace").decode()
 
 
 class Listed(NamedTuple):

@@ -250,6 +250,66 @@ def test_a_rerun_after_inputs_were_added_or_removed_early_in_the_listing_redoes_
         "img05.jpg"}
 
 
+def test_an_earlier_output_counts_as_done_only_where_this_run_would_write_it(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from tasks.bucket import run_shards
+
+    def rows(destination: Location) -> dict[str, dict]:
+        table = manifest.read_table(destination.child("manifest.parquet"))
+        return {row["input_uri"].rsplit("/", 1)[1]: row for row in table.to_pylist()}
+
+    def pixels(path) -> np.ndarray:
+        return np.asarray(Image.open(path).convert("RGB"), dtype=int)
+
+    source, first = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {"a.png": jpeg("red"), "b.jpg": jpeg("green")})
+    models, options = {"m": tiny_model()}, ShardOptions(batch_size=4)
+    assert run_shards(source, first, models, options)["counts"]["ok"] == 2
+
+    # The destination moved: its manifest names the old place, so everything is written again, in the new one.
+    shutil.move(tmp_path / "out", tmp_path / "moved")
+    moved = Location(str(tmp_path / "moved"))
+    assert run_shards(source, moved, models, options)["counts"] == {"ok": 2, "skipped": 0, "error": 0}
+    assert {row["output_uri"] for row in rows(moved).values()} == {f"{tmp_path}/moved/a.jpg", f"{tmp_path}/moved/b.jpg"}
+
+    # PNG, then JPEG again: the rows name the JPEG files, which this run wrote.
+    run_shards(source, moved, models, ShardOptions(batch_size=4, output_format="png"))
+    assert run_shards(source, moved, models, options)["counts"]["ok"] == 2
+    assert all(row["output_uri"].endswith(".jpg") and row["status"] == "ok" for row in rows(moved).values())
+
+    # a.jpg arrives beside a.png (both outputs get a hashed name), then a.png goes: a.jpg's output takes the plain
+    # name, which held a.png's picture until now.
+    (tmp_path / "in" / "a.jpg").write_bytes(jpeg("blue"))
+    run_shards(source, moved, models, options)
+    hashed = rows(moved)["a.jpg"]["output_uri"]
+    assert hashed != f"{tmp_path}/moved/a.jpg"
+    (tmp_path / "in" / "a.png").unlink()
+    assert run_shards(source, moved, models, options)["counts"] == {"ok": 1, "skipped": 1, "error": 0}
+    assert rows(moved)["a.jpg"]["output_uri"] == f"{tmp_path}/moved/a.jpg"
+    assert np.abs(pixels(tmp_path / "moved" / "a.jpg") - pixels(hashed)).max() <= 2
+
+
+def test_a_local_file_name_that_is_not_utf8_is_stylised_and_recorded_with_its_bytes_escaped(tmp_path):
+    import os
+
+    from tasks.bucket import run_shards
+
+    latin1 = os.fsdecode(b"caf\xe9.jpg")  # an old archive's Latin-1 name: Python holds it as a lone surrogate
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / latin1).write_bytes(jpeg("red"))
+    (tmp_path / "in" / "plain.jpg").write_bytes(jpeg("green"))
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    models, options = {"m": tiny_model()}, ShardOptions(batch_size=4)
+    assert run_shards(source, destination, models, options)["counts"] == {"ok": 2, "skipped": 0, "error": 0}
+    assert (tmp_path / "out" / latin1).is_file()  # under its own bytes
+    rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
+    assert {row["input_uri"] for row in rows} == {f"{tmp_path}/in/caf\\xe9.jpg", f"{tmp_path}/in/plain.jpg"}
+    assert run_shards(source, destination, models, options)["counts"] == {"ok": 0, "skipped": 2, "error": 0}
+
+
 def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
     fill(source, {f"img{i:03}.jpg": jpeg((i * 5, 0, 0), (8, 8)) for i in range(45)})

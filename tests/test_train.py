@@ -179,3 +179,13 @@ def test_epochs_translate_to_steps_over_the_photo_set():
     assert TrainConfig(batch_size=8, steps=5).total_steps(1000) == 5
     with pytest.raises(ValueError, match="exactly one"):
         TrainConfig(steps=3, epochs=1)
+
+
+def test_a_photo_set_with_a_file_name_that_is_not_utf8_has_its_own_stable_fingerprint():
+    import os
+
+    from stylecore.recipes import photos_fingerprint
+
+    latin1, utf8 = os.fsdecode(b"caf\xe9.jpg"), "café.jpg"  # the same name, in Latin-1 and in UTF-8 bytes
+    assert photos_fingerprint([(latin1, b"x")]) == photos_fingerprint([(latin1, b"x")])
+    assert photos_fingerprint([(latin1, b"x")]) != photos_fingerprint([(utf8, b"x")])
