@@ -447,7 +447,12 @@ def _write(inside: InsideCheck, target: Location, data: bytes) -> float | str:
     began = time.perf_counter()
     if not inside.allows(target):
         return "the output path would lead outside the destination (a symbolic link)"
-    write_bytes(target, data)  # a storage error propagates to the shard
+    try:
+        write_bytes(target, data)  # a storage error propagates to the shard
+    except IsADirectoryError:  # something left in the destination, in this output's way only
+        return "a folder of that name is in the output's way in the destination"
+    except NotADirectoryError:
+        return "a file is in the way of the output's folder in the destination"
     return time.perf_counter() - began
 
 

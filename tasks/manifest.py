@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import Location, read_bytes, unstrip_protocol, write_bytes
+from .storage import Location, StorageError, read_bytes, unstrip_protocol, write_bytes
 
 SCHEMA = pa.schema([
     pa.field("input_uri", pa.string(), nullable=False),
@@ -55,7 +55,12 @@ def read_table(location: Location) -> pa.Table | None:
         return None
     # Arrow's own buffer, not a Python file object: Arrow's I/O threads would call back into Python to read one,
     # and such a call still under way at interpreter exit aborts the process (apache/arrow#34314).
-    return conform(pq.read_table(pa.BufferReader(data)))
+    try:
+        return conform(pq.read_table(pa.BufferReader(data)))
+    except (pa.ArrowException, ValueError) as error:  # not Parquet, or not this tool's columns
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise StorageError(f"{location.display} is not a manifest this tool can read ({reason}); move it out of the "
+                           "way or choose another destination") from None
 
 
 def conform(table: pa.Table) -> pa.Table:

@@ -143,9 +143,11 @@ def write_bytes(location: Location, data: bytes) -> None:
             with file:
                 file.write(data)
             os.replace(temporary, path)
-        except BaseException:
+        except BaseException as error:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+            if isinstance(error, OSError) and error.filename == temporary:
+                error.filename = path  # name the file the user knows, not the temporary one that is gone
             raise
     else:
         fs.pipe_file(path, data)

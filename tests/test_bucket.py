@@ -310,6 +310,22 @@ def test_a_local_file_name_that_is_not_utf8_is_stylised_and_recorded_with_its_by
     assert run_shards(source, destination, models, options)["counts"] == {"ok": 0, "skipped": 2, "error": 0}
 
 
+def test_something_left_in_an_outputs_way_in_the_destination_is_that_outputs_error_row(tmp_path):
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, FILES)
+    (tmp_path / "out" / "a.jpg").mkdir(parents=True)  # a folder where a.jpg's output goes
+    (tmp_path / "out" / "nested").write_text("a file where nested/b.jpg's folder goes")
+    [shard] = list_shards(source, shard_size=100)
+    result = stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions(batch_size=2))
+    rows = {r["input_uri"].rsplit("/", 1)[-1]: r for r in
+            manifest.read_table(part_location(destination, shard.shard_id)).to_pylist()}
+    assert result.counts == {"ok": 0, "skipped": 0, "error": 4}
+    assert "a folder of that name is in the output's way" in rows["a.jpg"]["error"]
+    assert "a file is in the way of the output's folder" in rows["b.jpg"]["error"]
+    assert "a file is in the way" in rows["c.png"]["error"]  # nested/deeper/c.jpg
+    assert not list((tmp_path / "out").rglob("*.partial"))
+
+
 def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
     fill(source, {f"img{i:03}.jpg": jpeg((i * 5, 0, 0), (8, 8)) for i in range(45)})

@@ -124,6 +124,22 @@ def test_run_refuses_a_destination_that_is_the_source_or_holds_it(trained, photo
     assert sorted(p for p in photo_dir.rglob("*") if p.is_file()) == before  # nothing written, nothing removed
 
 
+def test_run_into_a_destination_holding_a_file_named_manifest_that_is_not_one_is_a_one_line_error(
+        trained, photo_dir, tmp_path, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    destination = tmp_path / "out"
+    destination.mkdir()
+    (destination / "manifest.parquet").write_text("junk\n")
+    assert main(["run", str(photo_dir), str(destination), "--model", "swirls", "--quiet"]) == 2
+    assert "manifest.parquet is not a manifest this tool can read" in one_error_line(capsys)
+    pq.write_table(pa.table({"input_uri": ["x.jpg"], "status": ["ok"]}), destination / "manifest.parquet")  # another tool's
+    assert main(["run", str(photo_dir), str(destination), "--model", "swirls", "--quiet"]) == 2
+    assert "not a manifest this tool can read" in one_error_line(capsys)
+    assert (destination / "manifest.parquet").read_bytes()[:4] == b"PAR1"  # left as it was
+
+
 def test_run_leaves_a_destination_another_run_is_writing_to_alone_with_exit_75(trained, photo_dir, tmp_path, capsys):
     destination = tmp_path / "out"
     write_bytes(Location(str(destination)).child(LEASE_NAME), lease_of("nightly-run", "other-host", 4242, 20))

@@ -157,6 +157,7 @@ def test_a_destination_that_becomes_read_only_fails_clearly_and_heals_on_rerun(t
         assert outcome["code"] == 1
         err = capsys.readouterr().err
         assert "storage failed" in err and "run the same command again" in err and "Traceback" not in err
+        assert ".partial" not in err  # it names the output, not the temporary file that is gone
         written_before = [path for path in destination.rglob("*.jpg")]
         assert written_before and all(decodes(path.read_bytes()) for path in written_before)
     finally:
