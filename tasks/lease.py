@@ -8,12 +8,15 @@ refused the removal) lapses ``stale_after_s`` after its last renewal, or at once
 process is gone or its run has ended.
 
 Object stores have no exclusive create through fsspec, so two runs starting within the same moment are told
-apart by writing, waiting ``settle_s``, and reading back: the later write wins and the other run stops.
+apart by writing, waiting ``settle_s``, and reading back: the later write wins and the other run stops. On a
+local disk claims are also made one at a time (a file lock held from reading the lease to writing it), so a run
+stalled between the two cannot overwrite a claim made meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -114,18 +117,37 @@ class DestinationLease:
 
     def claim(self) -> None:
         """Take the lease and keep it renewed, or raise DestinationBusy."""
-        current = self.read()
-        if current is not None and current.get("holder") != self.holder and self.live(current):
-            raise self._busy(current)
-        self._write()
-        time.sleep(self.settle_s)
-        current = self.read()
-        if current is None or current.get("holder") != self.holder:
-            raise self._busy(current)
-        with _held_lock:
+        with _held_lock:  # from before its first write: a claim being made is not one this process left behind
             _held_here.add(self.holder)
+        try:
+            with self._claiming_alone():
+                current = self.read()
+                if current is not None and current.get("holder") != self.holder and self.live(current):
+                    raise self._busy(current)
+                self._write()
+            time.sleep(self.settle_s)
+            current = self.read()
+            if current is None or current.get("holder") != self.holder:
+                raise self._busy(current)
+        except BaseException:
+            with _held_lock:
+                _held_here.discard(self.holder)
+            raise
         self._renewer = threading.Thread(target=self._renew, name="destination-lease", daemon=True)
         self._renewer.start()
+
+    @contextlib.contextmanager
+    def _claiming_alone(self):
+        """On a local disk, an exclusive lock on ``lease.lock`` beside the lease for the block (the kernel drops
+        it if the process dies); elsewhere nothing."""
+        fs, path = self.location.filesystem()
+        if not isinstance(fs, LocalFileSystem):
+            yield
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(os.path.splitext(path)[0] + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
 
     def release(self) -> None:
         """Stop renewing and remove the lease if it is still this run's. Never raises: with a failing store the

@@ -142,6 +142,35 @@ def test_of_two_runs_claiming_at_the_same_moment_exactly_one_goes_on(gcs_emulato
     assert json.loads(read_bytes(destination.child(LEASE_NAME)))["holder"] == winner
 
 
+class SlowToWriteLease(DestinationLease):
+    """A run whose machine stalls between reading the lease and writing its own (a busy machine, a swap-in)."""
+
+    def read(self):
+        lease = super().read()
+        time.sleep(0.4)
+        return lease
+
+
+def test_on_a_local_disk_a_run_stalled_while_claiming_cannot_overwrite_a_claim_made_meanwhile(tmp_path):
+    destination, outcomes = Location(str(tmp_path / "out")), []
+    slow = SlowToWriteLease(destination, holder="slow", settle_s=0.1)
+
+    def claim(lease: DestinationLease) -> None:
+        try:
+            lease.claim()
+            outcomes.append(("claimed", lease.holder))
+        except DestinationBusy:
+            outcomes.append(("refused", lease.holder))
+
+    first = threading.Thread(target=claim, args=(slow,))
+    first.start()
+    time.sleep(0.1)  # the slow run has read "no lease" and stalls; another run claims now
+    claim(DestinationLease(destination, holder="quick", settle_s=0.1))
+    first.join(30)
+    slow.release()
+    assert sorted(outcomes) == [("claimed", "slow"), ("refused", "quick")]
+
+
 def test_a_long_run_keeps_its_claim_renewed_and_never_takes_back_one_another_run_took_over(tmp_path):
     destination = Location(str(tmp_path / "out"))
     lease = DestinationLease(destination, holder="long-run", renew_every_s=0.05)
