@@ -150,7 +150,8 @@ def output_key(key: str, model: str, several_models: bool, fmt: str, clashing: b
     ``clashing`` when another input has the same name but for its extension."""
     stem, extension = posixpath.splitext(safe_relative(key, tag=clashing))
     relative = f"{stem}{output_extension(extension, fmt)}"
-    return f"{model}/{relative}" if several_models else relative
+    # a model's name comes from its metadata, which whoever made the model wrote: it cannot climb out either
+    return f"{safe_relative(model)}/{relative}" if several_models else relative
 
 
 def output_extension(input_extension: str, fmt: str) -> str:
@@ -314,7 +315,7 @@ def stylize_shard(
         def done_models(index: int) -> tuple[list[str], str | None]:
             key = shard.keys[index]
             try:
-                output_key(key, "", several, options.output_format)
+                output_key(key, "", False, options.output_format)  # the key alone: can it have an output?
             except ValueError as error:
                 return [], str(error)
             return [name for name in models

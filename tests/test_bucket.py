@@ -68,6 +68,7 @@ def test_keys_never_climb_out_of_the_destination_and_never_share_an_output():
     assert safe_relative("/abs//./x.jpg").startswith("abs/x.")
     assert output_key("a/../../b.png", "m", False, "jpeg").startswith("a/b.")
     assert output_key("a/b.png", "m", True, "webp") == "m/a/b.webp"
+    assert output_key("b.png", "../../elsewhere", True, "jpeg").startswith("elsewhere.")  # a model's own name too
     keys = ["b.jpg", "a/../b.jpg", "./b.jpg", "/b.jpg", "b.JPG", "b.png"]
     shard, = make_shards([(key, 1, "") for key in keys], 10)
     outputs = [output_key(key, "m", False, "jpeg", key in shard.clashing) for key in keys]
