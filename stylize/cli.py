@@ -460,7 +460,7 @@ def shard_options_from(args: argparse.Namespace) -> ShardOptions:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.format != SAME_FORMAT:
+    if args.format.lower() != SAME_FORMAT:
         try:
             image_io.output_format(args.format)
         except ValueError:

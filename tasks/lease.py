@@ -9,8 +9,8 @@ process is gone or its run has ended.
 
 Object stores have no exclusive create through fsspec, so two runs starting within the same moment are told
 apart by writing, waiting ``settle_s``, and reading back: the later write wins and the other run stops. On a
-local disk claims are also made one at a time (a file lock held from reading the lease to writing it), so a run
-stalled between the two cannot overwrite a claim made meanwhile.
+local disk claims are also made one at a time (a lock on the lease's folder, held from reading the lease to
+writing it), so a run stalled between the two cannot overwrite a claim made meanwhile.
 """
 
 from __future__ import annotations
@@ -138,16 +138,20 @@ class DestinationLease:
 
     @contextlib.contextmanager
     def _claiming_alone(self):
-        """On a local disk, an exclusive lock on ``lease.lock`` beside the lease for the block (the kernel drops
-        it if the process dies); elsewhere nothing."""
+        """On a local disk, an exclusive lock on the lease's folder for the block (the kernel drops it if the
+        process dies; no file of its own is left behind); elsewhere nothing."""
         fs, path = self.location.filesystem()
         if not isinstance(fs, LocalFileSystem):
             yield
             return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(os.path.splitext(path)[0] + ".lock", "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield  # closing the file releases the lock
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(descriptor)  # releases the lock
 
     def release(self) -> None:
         """Stop renewing and remove the lease if it is still this run's. Never raises: with a failing store the

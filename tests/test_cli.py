@@ -164,6 +164,9 @@ def test_run_writes_png_and_can_leave_existing_outputs(trained, photo_dir, tmp_p
     assert main(["run", str(photo_dir), str(out), "--model", "swirls", "--format", "png", "--skip-existing",
                  "--quiet"]) == 0
     assert "0 written" in capsys.readouterr().out  # all already done
+    same = tmp_path / "same"  # format names in any case, as with PNG or JPG
+    assert main(["run", str(photo_dir), str(same), "--model", "swirls", "--format", "Same", "--quiet"]) == 0
+    assert {p.suffix for p in same.rglob("*") if p.is_file() and p.suffix != ".parquet"} <= {".jpg", ".png"}
 
 
 def test_run_with_a_small_pixel_budget_tiles_large_images_into_the_same_pictures(trained, bundled_photos, tmp_path):
