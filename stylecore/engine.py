@@ -179,7 +179,9 @@ class StylizeEngine:
                         stream.wait_event(batch.ready)
                         for output in batch.results.values():
                             output.record_stream(stream)  # made on the stylise stream, last used here
-                    yield from self._encode(batch)
+                    outcomes = list(self._encode(batch))
+                # outside the stream's context: the caller's own CUDA work, between outcomes, stays on its stream
+                yield from outcomes
         finally:
             stop.set()
             for thread in stages:

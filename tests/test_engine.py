@@ -163,6 +163,15 @@ def test_jpeg_outputs_are_the_pictures_the_model_made():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_between_outcomes_the_callers_thread_is_back_on_its_own_cuda_stream():
+    streams = []
+    with StylizeEngine({"m": tiny_model().cuda()}, "cuda", EngineConfig(batch_size=2)) as engine:
+        for _ in engine.run(Job(i, encoded((32, 32), seed=i), ("m",)) for i in range(5)):
+            streams.append(torch.cuda.current_stream())
+    assert streams and all(stream == torch.cuda.default_stream() for stream in streams)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_codec_gives_the_same_pictures_as_the_cpu_path():
     model = tiny_model()
     photo = Image.effect_mandelbrot((96, 64), (-2, -1, 1, 1), 60).convert("RGB")
