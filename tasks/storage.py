@@ -231,6 +231,11 @@ def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSION
                 continue
             # exactly what follows "root/": an object key may itself start with "/" or hold "//"
             relative = path[len(root) + 1:] if path.startswith(root.rstrip("/") + "/") else ""
+            if relative and info.get("islink") and isinstance(fs, LocalFileSystem) and os.path.isdir(path):
+                # a link to a folder is not walked (links can loop), but its images must not vanish unnoticed
+                found.append(Listed(relative, 0, "", "a symbolic link to a folder, not followed; give the folder "
+                                                     "it leads to as a source of its own"))
+                continue
             if not relative or not relative.lower().endswith(extensions):
                 continue
             tag = str(info.get("etag") or info.get("generation") or info.get("md5Hash") or info.get("mtime") or "")
@@ -274,7 +279,7 @@ def _entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, di
             if path == folder:
                 continue
             yield path, info
-            if info["type"] == "directory":
+            if info["type"] == "directory" and not info.get("islink"):  # links can loop: not walked
                 folders.append(path)
 
 

@@ -158,6 +158,8 @@ def build(folder: Path, outside: Path) -> dict[str, Expect]:
     expect["links/outside.jpg"] = Expect("error", reason="outside the source folder")
     os.symlink(folder / "links" / "nowhere.jpg", folder / "links" / "dangling.jpg")
     expect["links/dangling.jpg"] = Expect("error", reason="broken symbolic link")
+    os.symlink(folder / "formats", folder / "links" / "to_a_folder")
+    expect["links/to_a_folder"] = Expect("error", reason="a symbolic link to a folder, not followed")
     (folder / "x.jpg").mkdir()
     expect["x.jpg"] = Expect("error", reason="a folder, not an image file")
     return expect
