@@ -137,7 +137,7 @@ def stylize_bucket(
                      "options": options, "storage_options": storage_options, "pinned": pinned}
         per_shard, failed = run_shard_tasks(shard_task, shards, arguments, workers)
         try:
-            summary = combine_manifest(destination, [s.shard_id for s in shards], storage_options)
+            summary = combine_manifest(destination, [s.shard_id for s in shards], storage_options, source)
         except Exception as error:
             raise ShardsFailed(f"{len(failed)} of {len(shards)} shards failed ({failed[0] if failed else 'none'}), and "
                                f"{error}; run the flow again to redo only the missing images") from None

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 import threading
 import time
 from collections import deque
@@ -488,31 +489,36 @@ def _row(source: Location, item: _Input, outcome: Outcome, model: str, shard: Sh
 
 
 def carry_over_rows(source: Location, destination: Location, shards: list[Shard]) -> int:
-    """Give shards that have no record of their own the rows their inputs got in the destination's last manifest.
-    A shard's id hashes its inputs, so an input added or removed early in the listing gives every later shard a
-    new id; without this, each would stylise all its images again. A row is carried over where the input is
-    unchanged (same version as listed now) and was done (``ok`` or ``skipped``); it goes into the shard's journal,
-    which the shard reads as after a crash: outputs still there are ``skipped``, the rest is done. Returns how many
-    rows were carried over."""
-    fs, parts = destination.child(PARTS_FOLDER).filesystem()
-    try:
-        recorded = {posixpath.basename(name.rstrip("/")).rsplit(".", 1)[0] for name in fs.ls(parts, detail=False)}
-    except FileNotFoundError:
+    """Give shards that have no record of their own the rows their inputs got in earlier runs. A shard's id hashes
+    its inputs, so an input added or removed early in the listing gives every later shard a new id; without this,
+    each would stylise all its images again. The earlier rows come from the destination's last manifest and from
+    the records of shards that are no longer in the listing (an interrupted run's, which never reached a
+    manifest). A row is carried over where the input is unchanged (same version as listed now) and was done
+    (``ok`` or ``skipped``); it goes into the shard's journal, which the shard reads as after a crash: outputs
+    still there are ``skipped``, the rest is done. Returns how many rows were carried over."""
+    recorded = _recorded_shard_ids(destination)
+    if recorded is None:
         return 0  # a destination never written to
+    current = {shard.shard_id for shard in shards}
     lacking = [shard for shard in shards if shard.shard_id not in recorded]
-    table = manifest.read_table(destination.child(MANIFEST_NAME)) if lacking else None
-    if table is None or table.num_rows == 0:
+    if not lacking:
+        return 0
+    tables = [table for table in [manifest.read_table(destination.child(MANIFEST_NAME))] if table is not None]
+    for shard_id in sorted(recorded - current):
+        tables.extend(_shard_record(destination, shard_id))
+    table = manifest.combine(tables)
+    if table.num_rows == 0:
         return 0
     uris, versions = table.column("input_uri").to_pylist(), table.column("input_version").to_pylist()
-    statuses = table.column("status").to_pylist()
-    rows_of: dict[tuple[str, str], list[int]] = {}
-    for index, (uri, version, status) in enumerate(zip(uris, versions, statuses)):
+    statuses, models = table.column("status").to_pylist(), table.column("model").to_pylist()
+    rows_of: dict[tuple[str, str], dict[str, int]] = {}  # (input, version) -> model -> row; one row each
+    for index, (uri, version, status, model) in enumerate(zip(uris, versions, statuses, models)):
         if version is not None and status in ("ok", "skipped"):
-            rows_of.setdefault((uri, version), []).append(index)
+            rows_of.setdefault((uri, version), {})[model] = index
     carried = 0
     for shard in lacking:
         picked = [index for position, key in enumerate(shard.keys)
-                  for index in rows_of.get((source.child(key).display, shard.tag(position)), ())]
+                  for index in rows_of.get((source.child(key).display, shard.tag(position)), {}).values()]
         if picked:
             manifest.write_table(journal_location(destination, shard.shard_id).child("carried-over.parquet"),
                                  table.take(picked))
@@ -520,12 +526,46 @@ def carry_over_rows(source: Location, destination: Location, shards: list[Shard]
     return carried
 
 
+_SHARD_ID = re.compile(r"^[0-9a-f]{16}$")
+
+
+def _recorded_shard_ids(destination: Location) -> set[str] | None:
+    """Ids of the shards with a part or a journal in the destination; None when it has no parts folder."""
+    fs, parts = destination.child(PARTS_FOLDER).filesystem()
+    try:
+        names = [posixpath.basename(name.rstrip("/")).rsplit(".", 1)[0] for name in fs.ls(parts, detail=False)]
+    except FileNotFoundError:
+        return None
+    return {name for name in names if _SHARD_ID.match(name)}
+
+
+def _shard_record(destination: Location, shard_id: str) -> list:
+    """The rows a shard recorded: its part, or else its journal (a crash or an interruption)."""
+    table = manifest.read_table(part_location(destination, shard_id))
+    return [table] if table is not None else manifest.read_folder(journal_location(destination, shard_id))
+
+
+def _prune_records(source: Location, destination: Location, shard_ids: set[str]) -> int:
+    """Remove the records of this source's shards that are no longer in its listing, once every current shard has
+    its part: the rows of their unchanged inputs were carried into the current shards, so keeping them would only
+    make every later carry-over read more. Records of another source's runs into the same destination stay.
+    Returns how many shards' records were removed."""
+    prefix = source.display.rstrip("/") + "/"
+    removed = 0
+    for shard_id in sorted((_recorded_shard_ids(destination) or set()) - shard_ids):
+        tables = _shard_record(destination, shard_id)
+        if any(uri.startswith(prefix) for table in tables for uri in table.column("input_uri").to_pylist()[:1]) \
+                or not any(table.num_rows for table in tables):
+            remove(part_location(destination, shard_id))
+            remove(journal_location(destination, shard_id))
+            removed += 1
+    return removed
+
+
 def _previous_rows(destination: Location, shard_id: str) -> dict[tuple[str, str], dict]:
     """Rows of outputs an earlier run finished: from the shard's part, or else from its journal (a crash)."""
-    table = manifest.read_table(part_location(destination, shard_id))
-    tables = [table] if table is not None else manifest.read_folder(journal_location(destination, shard_id))
-    return {(row["input_uri"], row["model"]): row
-            for table in tables for row in table.to_pylist() if row["status"] in ("ok", "skipped")}
+    return {(row["input_uri"], row["model"]): row for table in _shard_record(destination, shard_id)
+            for row in table.to_pylist() if row["status"] in ("ok", "skipped")}
 
 
 class BoundedMap:
@@ -593,7 +633,7 @@ def run_shards(
             if device is not None:
                 models = {name: model.to(device) for name, model in models.items()}
             results = [stylize_shard(shard, source, destination, models, options, on_progress) for shard in shards]
-        summary = combine_parts(destination, [shard.shard_id for shard in shards])
+        summary = combine_parts(destination, [shard.shard_id for shard in shards], source)
     summary.update({"images": images, "shards": len(shards), "workers": options.workers,
                     "redone": sum(result.redone for result in results)})
     return summary
@@ -618,13 +658,17 @@ def auto_workers(images: int) -> int:
     return max(2, (os.cpu_count() or 1) // 4)
 
 
-def combine_parts(destination: Location, shard_ids: list[str]) -> dict:
-    """Combine the shard parts that exist into ``<destination>/manifest.parquet`` (written atomically)."""
+def combine_parts(destination: Location, shard_ids: list[str], source: Location | None = None) -> dict:
+    """Combine the shard parts that exist into ``<destination>/manifest.parquet`` (written atomically); when every
+    shard has its part, the records of ``source``'s shards no longer in the listing are removed (see
+    ``_prune_records``)."""
     tables = [t for t in (manifest.read_table(part_location(destination, sid)) for sid in shard_ids) if t is not None]
     table = manifest.combine(tables)
     target = destination.child(MANIFEST_NAME)
     manifest.write_table(target, table)
+    complete = source is not None and len(tables) == len(shard_ids)
+    pruned = _prune_records(source, destination, set(shard_ids)) if complete else 0
     return {"manifest_uri": target.display, "rows": table.num_rows, "shards_with_parts": len(tables),
-            "counts": manifest.counts(table)}
+            "counts": manifest.counts(table), "pruned_shard_records": pruned}
 
 

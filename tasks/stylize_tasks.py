@@ -147,11 +147,14 @@ class ShardError(RuntimeError):
 
 
 @task(name="combine-manifest")
-def combine_manifest(destination: str, shard_ids: list[str], storage_options: StorageSecrets | dict | None = None) -> dict:
-    """Combine the shard parts that exist into ``<destination>/manifest.parquet`` (written atomically)."""
+def combine_manifest(destination: str, shard_ids: list[str], storage_options: StorageSecrets | dict | None = None,
+                     source: str | None = None) -> dict:
+    """Combine the shard parts that exist into ``<destination>/manifest.parquet`` (written atomically); once all
+    are there, ``source``'s records of shards no longer listed are removed."""
     storage = reveal_options(storage_options)
     try:
-        return combine_parts(Location(destination, storage), shard_ids)
+        return combine_parts(Location(destination, storage), shard_ids,
+                             Location(source, storage) if source is not None else None)
     except Exception as error:
         raise ShardError(f"cannot write the manifest: {type(error).__name__}: {redact(error, storage)}") from None
 
@@ -174,4 +177,7 @@ def recorded_run(destination: str, storage_options: StorageSecrets | dict | None
         return json.loads(read_bytes(Location(destination, reveal_options(storage_options)).child(RUN_RECORD)))
     except FileNotFoundError:
         raise ValueError(f"{destination} has no record of a stylize-bucket run ({RUN_RECORD} not found)") from None
+    except ValueError:  # not JSON (UnicodeDecodeError is one too)
+        raise ValueError(f"{destination}'s record of its last run ({RUN_RECORD}) is not readable JSON; run "
+                         "stylize-bucket with its parameters instead") from None
 

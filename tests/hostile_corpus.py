@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import struct
+import subprocess
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,3 +165,22 @@ def build(folder: Path, outside: Path) -> dict[str, Expect]:
     (folder / "x.jpg").mkdir()
     expect["x.jpg"] = Expect("error", reason="a folder, not an image file")
     return expect
+
+
+def make_read_only(folder: Path) -> bool:
+    """Make a folder tree read-only even for root (immutable attribute); False where this system cannot."""
+    if shutil.which("chattr") is None:
+        return False
+    if subprocess.run(["chattr", "-R", "+i", str(folder)], capture_output=True).returncode != 0:
+        return False
+    try:
+        (folder / ".probe").write_bytes(b"")
+    except OSError:
+        return True
+    (folder / ".probe").unlink()
+    make_writable(folder)
+    return False
+
+
+def make_writable(folder: Path) -> None:
+    subprocess.run(["chattr", "-R", "-i", str(folder)], capture_output=True)

@@ -327,6 +327,30 @@ def test_something_left_in_an_outputs_way_in_the_destination_is_that_outputs_err
     assert not list((tmp_path / "out").rglob("*.partial"))
 
 
+def test_after_an_interrupted_run_new_inputs_early_in_the_listing_do_not_cost_its_finished_work(tmp_path):
+    from tasks.bucket import PARTS_FOLDER, run_shards
+
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {f"img{index:02}.jpg": jpeg((index * 20, 90, 200)) for index in range(12)})
+    models, options = {"m": tiny_model()}, ShardOptions(batch_size=4)
+    other = Location(str(tmp_path / "other"))  # another source's run into the same destination: its records stay
+    fill(other, {"zzz.jpg": jpeg("white")})
+    [other_shard] = list_shards(other, 4)
+    run_shards(other, destination, models, options, 4)
+    # An interrupted run: two of its three shards finished, and it never wrote a manifest.
+    for shard in list_shards(source, 4)[:2]:
+        stylize_shard(shard, source, destination, models, options)
+
+    (tmp_path / "out" / "manifest.parquet").unlink()  # the other source's: this source's run never wrote one
+    fill(source, {"aaa.jpg": jpeg("red")})  # every shard gets a new id
+    again = run_shards(source, destination, models, options, 4)
+    assert again["counts"] == {"ok": 5, "skipped": 8, "error": 0}  # the new image and the unfinished shard's four
+    assert again["pruned_shard_records"] == 2  # the interrupted run's records, now carried into the new shards
+    parts = sorted(path.name for path in (tmp_path / "out" / PARTS_FOLDER).glob("*.parquet"))
+    assert parts == sorted(f"{shard.shard_id}.parquet" for shard in [*list_shards(source, 4), other_shard])
+    assert run_shards(source, destination, models, options, 4)["counts"] == {"ok": 0, "skipped": 13, "error": 0}
+
+
 def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
     fill(source, {f"img{i:03}.jpg": jpeg((i * 5, 0, 0), (8, 8)) for i in range(45)})

@@ -3,9 +3,7 @@ run again; outputs written before the fault stay valid, and the manifest ends wi
 (Intermittent write failures are in test_stylize_bucket_flow.py.)"""
 
 import io
-import shutil
 import socket
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -117,25 +115,6 @@ def test_the_gcs_emulator_stopped_and_restarted_mid_run(emulator, tmp_path):
     print(f"{len(before)} outputs before the outage; final {manifest.counts(manifest.to_table(rows))}")
 
 
-def make_read_only(folder: Path) -> bool:
-    """Make a folder tree read-only even for root (immutable attribute); False where this system cannot."""
-    if shutil.which("chattr") is None:
-        return False
-    if subprocess.run(["chattr", "-R", "+i", str(folder)], capture_output=True).returncode != 0:
-        return False
-    try:
-        (folder / ".probe").write_bytes(b"")
-    except OSError:
-        return True
-    (folder / ".probe").unlink()
-    make_writable(folder)
-    return False
-
-
-def make_writable(folder: Path) -> None:
-    subprocess.run(["chattr", "-R", "-i", str(folder)], capture_output=True)
-
-
 def test_a_destination_that_becomes_read_only_fails_clearly_and_heals_on_rerun(tmp_path, capsys):
     source, destination, home = tmp_path / "in", tmp_path / "out", tmp_path / "home"
     hostile_corpus.write_photos(source, 240, groups=3)
@@ -149,7 +128,7 @@ def test_a_destination_that_becomes_read_only_fails_clearly_and_heals_on_rerun(t
     runner.start()
     while runner.is_alive() and len(journaled_rows(destination)) < 40:
         time.sleep(0.02)
-    read_only = make_read_only(destination)
+    read_only = hostile_corpus.make_read_only(destination)
     try:
         runner.join(timeout=300)
         if not read_only:
@@ -161,7 +140,7 @@ def test_a_destination_that_becomes_read_only_fails_clearly_and_heals_on_rerun(t
         written_before = [path for path in destination.rglob("*.jpg")]
         assert written_before and all(decodes(path.read_bytes()) for path in written_before)
     finally:
-        make_writable(destination)
+        hostile_corpus.make_writable(destination)
 
     done_before = {row["input_uri"] for row in journaled_rows(destination) if row["status"] == "ok"}
     assert main(command) == 0
