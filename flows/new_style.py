@@ -15,7 +15,7 @@ from flows.train_style import train_style
 from stylecore.images import ImageDecodeError, decode_image
 from stylecore.store import MODEL_NAME_PATTERN, default_home
 from tasks.storage import IMAGE_EXTENSIONS, Location, StorageError, list_files, read_bytes
-from tasks.secrets import StorageSecrets, reveal_options, with_secret_block
+from tasks.secrets import StorageSecrets, redact, reveal_options, with_secret_block
 
 
 class TrainStyleRequest(BaseModel):
@@ -65,21 +65,25 @@ def train_new_style(request: TrainStyleRequest, storage_options: StorageSecrets 
         tv_weight=request.tv_weight,
         storage_options=storage_options, replace=request.replace,
     )
-    get_run_logger().info("new style model %r: %s", request.model_name, model)
+    get_run_logger().info("new style model %r: %s", request.model_name, redact(model, reveal_options(storage_options)))
     return model
 
 
 def check_inputs(request: TrainStyleRequest, storage_options: dict) -> None:
     """Refuse unreadable inputs with one clear sentence, before any priming or training."""
+    style = Location(request.style_image_url, storage_options)
     try:
-        decode_image(read_bytes(Location(request.style_image_url, storage_options)))
+        decode_image(read_bytes(style))
     except FileNotFoundError:
-        raise ValueError(f"style image not found: {request.style_image_url}") from None
+        raise ValueError(f"style image not found: {style.display}") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise ValueError(f"style image {style.display} is a folder, not an image file") from None
     except ImageDecodeError as error:
-        raise ValueError(f"style image {request.style_image_url} is not a readable image: {error}") from None
+        raise ValueError(f"style image {style.display} is not a readable image: {error}") from None
+    photos_location = Location(request.photos_url, storage_options)
     try:
-        photos = list_files(Location(request.photos_url, storage_options), IMAGE_EXTENSIONS)
+        photos = list_files(photos_location, IMAGE_EXTENSIONS)
     except StorageError as error:
         raise ValueError(f"photo set: {error}") from None
     if not photos:
-        raise ValueError(f"no images under {request.photos_url}")
+        raise ValueError(f"no images under {photos_location.display}")

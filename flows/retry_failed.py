@@ -14,6 +14,7 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
+from prefect.exceptions import ObjectNotFound
 
 from flows.stylize_bucket import stylize_bucket
 from tasks.secrets import StorageSecrets, with_secret_block
@@ -32,7 +33,10 @@ def retry_failed(destination: str | None = None, flow_run_id: str | None = None,
         except ValueError:
             raise ValueError(f"{flow_run_id!r} is not a flow run id (a UUID)") from None
         with get_client(sync_client=True) as client:
-            run = client.read_flow_run(run_id)
+            try:
+                run = client.read_flow_run(run_id)
+            except ObjectNotFound:
+                raise ValueError(f"no flow run {flow_run_id} on this Prefect server") from None
             flow_name = client.read_flow(run.flow_id).name
         if flow_name != "stylize-bucket":
             raise ValueError(f"flow run {flow_run_id} is a run of {flow_name!r}, not of 'stylize-bucket'")

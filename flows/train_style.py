@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import PurePosixPath
+from typing import Annotated
 
 from prefect import flow, get_run_logger
+from pydantic import Field
 
 from stylecore.losses import LossConfig
 from stylecore.model import UNetConfig
@@ -17,6 +19,10 @@ from stylecore.train import PRESETS, with_overrides
 from tasks.training_tasks import ensure_gpu_limit, model_exists, primed_checkpoint, train_style_task
 from tasks.secrets import StorageSecrets, hide_options, redact, reveal_options
 from tasks.storage import masked_errors
+
+
+# Checked before the run starts (and shown in a deployment's form): NaN or a negative weight trained a model of NaNs
+LossWeight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
 def training_plan(preset: str, steps: int | None, prime_steps: int | None, image_size: int | None,
@@ -42,9 +48,9 @@ def train_style(
     image_size: int | None = None,
     batch_size: int | None = None,
     style_size: int | None = None,
-    style_weight: float | None = None,
-    content_weight: float | None = None,
-    tv_weight: float | None = None,
+    style_weight: LossWeight | None = None,
+    content_weight: LossWeight | None = None,
+    tv_weight: LossWeight | None = None,
     style_layers: list[str] | None = None,
     content_layer: str | None = None,
     vgg_weights: str | None = None,
@@ -81,7 +87,8 @@ def train_style(
         for style, name in zip(styles, names)
     ]
     models = [future.result() for future in futures]
-    get_run_logger().info("trained %d style models: %s", len(models), ", ".join(models))
+    get_run_logger().info("trained %d style models: %s", len(models),
+                          ", ".join(redact(model, reveal_options(storage_options)) for model in models))
     return models
 
 

@@ -101,6 +101,10 @@ class TrainResult:
     resumed_from: int = 0
 
 
+class TrainingDiverged(ArithmeticError):
+    """The loss stopped being a finite number: the weights are lost, and a model of NaNs would stylise to black."""
+
+
 # Called after every step with (step, total steps, the losses averaged over the last logged interval).
 StepCallback = Callable[[int, int, dict[str, float]], None]
 
@@ -260,6 +264,9 @@ def _train(
         summed += 1
         if step % config.log_every == 0 or step == total_steps:
             latest = {name: float(total) / summed for name, total in running.items()}
+            if not math.isfinite(latest["loss"]):
+                raise TrainingDiverged(f"training diverged: the loss became {latest['loss']} by step {step} (a "
+                                       "learning rate or loss weight too large?); no model was saved")
             history.append({"step": step, "seconds": round(time.perf_counter() - started, 3), **latest})
             running, summed = {}, 0
         if on_step is not None:

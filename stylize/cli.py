@@ -35,7 +35,7 @@ from stylecore.model import NORMS, UNet, UNetConfig
 from stylecore.recipes import content_term, photos_fingerprint, priming_key, run_priming, run_style_training
 from stylecore.store import HOME_VARIABLE, ModelStore, default_home
 from stylecore.stylize import stylize_batch
-from stylecore.train import PRESETS, Preset, TrainConfig, with_overrides
+from stylecore.train import PRESETS, Preset, TrainConfig, TrainingDiverged, with_overrides
 from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, VGGWeightsError, load_vgg
 from tasks import manifest
 from tasks.bucket import (
@@ -947,6 +947,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("stylize: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except TrainingDiverged as error:
+        print(f"stylize: error: {error}", file=sys.stderr)
+        return 1
     except RuntimeError as error:
         if not is_server_start_timeout(error):
             raise

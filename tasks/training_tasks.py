@@ -74,7 +74,9 @@ def _priming_key(parameters: dict) -> str:
 
 
 def priming_cache_key(context: TaskRunContext, parameters: dict) -> str:
-    return f"stylize-prime-{_priming_key(parameters)}-{parameters['model_store']}"
+    # the store's URL hashed: it may carry credentials, and the key becomes a file name under PREFECT_HOME
+    store = hashlib.sha256(parameters["model_store"].encode()).hexdigest()[:16]
+    return f"stylize-prime-{_priming_key(parameters)}-{store}"
 
 
 def primed_checkpoint(photos: str, model_store: str, model_config: dict, train_config: dict,
@@ -138,9 +140,9 @@ def train_style_task(style: str, name: str, photos: str, primed: str, model_stor
                 config.image_size)
     with concurrency(GPU_LIMIT, occupy=1):
         model, metadata, used_style = run_style_training(
-            name, images, listing_fingerprint(Location(photos, options)), style_image, style,
+            name, images, listing_fingerprint(Location(photos, options)), style_image, style_location.display,
             hashlib.sha256(style_bytes).hexdigest(), style_size, primed_model,
-            {"uri": primed, "weights_sha256": primed_metadata.get("weights_sha256")},
+            {"uri": Location(primed, options).display, "weights_sha256": primed_metadata.get("weights_sha256")},
             vgg, losses, config, default_device(), preset,
         )
     target = Location(model_store, options).child(f"models/{name}")

@@ -47,8 +47,10 @@ def test_the_flow_refuses_bad_values_and_unreadable_inputs_before_training(tmp_p
         train_new_style(request={"style_image_url": str(style_image), "model_name": "bad name!",
                                  "photos_url": str(photo_dir), "model_store": str(store)})
     (tmp_path / "fake.jpg").write_text("not an image")
+    (tmp_path / "folder.jpg").mkdir()
     for style, photos, message in [
         (tmp_path / "missing.jpg", photo_dir, "style image not found"),
+        (tmp_path / "folder.jpg", photo_dir, "is a folder, not an image file"),
         (tmp_path / "fake.jpg", photo_dir, "not a readable image"),
         (style_image, tmp_path / "no-photos-here", "does not exist"),
     ]:

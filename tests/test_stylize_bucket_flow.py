@@ -263,6 +263,12 @@ def test_two_models_of_one_name_are_refused_before_any_shard(tmp_path, model_sto
 def test_retry_failed_without_an_earlier_run_says_so(tmp_path):
     with pytest.raises(ValueError, match="has no record of a stylize-bucket run"):
         retry_failed(destination=str(tmp_path / "never-written"))
+    (tmp_path / "damaged" / "_manifest_parts").mkdir(parents=True)
+    (tmp_path / "damaged" / "_manifest_parts" / "run.json").write_text('{"source": ')
+    with pytest.raises(ValueError, match="is not readable JSON"):
+        retry_failed(destination=str(tmp_path / "damaged"))
+    with pytest.raises(ValueError, match="no flow run 00000000-0000-4000-8000-000000000000 on this Prefect server"):
+        retry_failed(flow_run_id="00000000-0000-4000-8000-000000000000")
 
 
 def test_retry_failed_refuses_an_id_that_is_not_a_stylize_bucket_run():

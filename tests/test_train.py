@@ -6,7 +6,7 @@ import torch
 from stylecore.images import image_to_tensor
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed
 from stylecore.model import UNet, UNetConfig
-from stylecore.train import TrainConfig, TrainingPhotos, prime_autoencoder, train_style
+from stylecore.train import TrainConfig, TrainingDiverged, TrainingPhotos, prime_autoencoder, train_style
 from stylecore.vgg import VGGFeatures, load_vgg
 
 MODEL = UNetConfig(base_channels=8, depth=2)
@@ -60,6 +60,14 @@ def test_style_training_lowers_style_loss(small_pil_photos, perceptual_loss):
         after = perceptual_loss(result.model(batch), batch)["style"]
     assert after < 0.8 * before
     assert set(result.history[-1]) >= {"step", "loss", "style", "content"}
+
+
+def test_a_loss_that_stops_being_a_number_stops_the_training_instead_of_ending_in_a_model_of_nans(
+        small_pil_photos, perceptual_loss):
+    perceptual_loss.config.style_weight = float("nan")  # a weight no caller checked
+    config = TrainConfig(image_size=32, batch_size=2, steps=20, log_every=5)
+    with pytest.raises(TrainingDiverged, match="the loss became nan by step 5"):
+        train_style(small_pil_photos, UNet(MODEL).eval(), perceptual_loss, config)
 
 
 def test_training_is_deterministic_given_a_seed(small_pil_photos):

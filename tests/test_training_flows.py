@@ -89,6 +89,42 @@ def test_train_style_refuses_a_name_that_has_a_model_unless_asked_to_replace_it(
                     names=["../escape"], storage_options=gcs_emulator, **TINY)
 
 
+@pytest.mark.parametrize("bad", [{"style_weight": float("nan")}, {"content_weight": -1.0}, {"tv_weight": float("inf")}])
+def test_loss_weights_that_are_not_finite_and_positive_are_refused_before_any_priming(bucket, gcs_emulator, tmp_path,
+                                                                                       bad):
+    from prefect.exceptions import ParameterTypeError
+
+    with pytest.raises(ParameterTypeError, match=next(iter(bad))):
+        train_style([bucket.child("styles/swirls.jpg").url], bucket.child("train").url, str(tmp_path / "store"),
+                    storage_options=gcs_emulator, **TINY, **bad)
+    assert not (tmp_path / "store").exists()
+
+
+def test_the_pipeline_checks_its_bucket_parameters_before_training_and_keeps_existing_models(bucket, gcs_emulator,
+                                                                                           tmp_path):
+    from prefect.exceptions import ParameterTypeError
+
+    arguments = ([bucket.child("styles/swirls.jpg").url], bucket.child("train").url, str(tmp_path / "store"))
+    with pytest.raises(ParameterTypeError, match="output_format"):
+        style_pipeline(*arguments, source=bucket.child("train").url, destination=str(tmp_path / "out"),
+                       storage_options=gcs_emulator, output_format="gif", **TINY)
+    assert not (tmp_path / "store").exists()  # nothing was trained
+    save_model_to(Location(str(tmp_path / "store" / "models" / "swirls")), UNet(UNetConfig(base_channels=4, depth=2)),
+                  {"name": "swirls"})  # as a run that failed after training leaves it
+    with pytest.raises(ValueError, match="already exists"):
+        style_pipeline(*arguments, source=bucket.child("train").url, destination=str(tmp_path / "out"),
+                       storage_options=gcs_emulator, **TINY)
+
+
+def test_the_priming_cache_key_holds_no_credentials_of_the_model_store(photo_dir):
+    from tasks.training_tasks import priming_cache_key
+
+    key = priming_cache_key(None, {"photos": str(photo_dir), "model_store": "https://alice:SECRET@host/store",
+                                   **PRIME_ARGS})
+    other = priming_cache_key(None, {"photos": str(photo_dir), "model_store": "https://host/other", **PRIME_ARGS})
+    assert "SECRET" not in key and "alice" not in key and key != other
+
+
 def test_train_style_writes_one_model_per_style_into_the_store(bucket, gcs_emulator, vgg_weights, monkeypatch):
     fs, path = bucket.filesystem()
     fs.pipe_file(f"{path}/styles/second.jpg", fs.cat_file(f"{path}/styles/swirls.jpg"))
