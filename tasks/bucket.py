@@ -513,7 +513,7 @@ def carry_over_rows(source: Location, destination: Location, shards: list[Shard]
     statuses, models = table.column("status").to_pylist(), table.column("model").to_pylist()
     rows_of: dict[tuple[str, str], dict[str, int]] = {}  # (input, version) -> model -> row; one row each
     for index, (uri, version, status, model) in enumerate(zip(uris, versions, statuses, models)):
-        if version is not None and status in ("ok", "skipped"):
+        if version and status in ("ok", "skipped"):  # an input of unknown version ("") cannot be known unchanged
             rows_of.setdefault((uri, version), {})[model] = index
     carried = 0
     for shard in lacking:

@@ -238,7 +238,7 @@ def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSION
                 continue
             if not relative or not relative.lower().endswith(extensions):
                 continue
-            tag = str(info.get("etag") or info.get("generation") or info.get("md5Hash") or info.get("mtime") or "")
+            tag = _version_tag(info)
             problem = None
             if info.get("type") == "directory":
                 problem = "a folder, not an image file"
@@ -252,6 +252,15 @@ def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSION
     finally:
         _forget_listing(fs, root)
     return sorted(found)
+
+
+# What stores call an object's version, most telling first: GCS and gcsfs (etag, generation, md5Hash), local disks
+# (mtime), S3 (ETag, LastModified), fsspec's memory:// and others (created). "" where none: the version is unknown.
+_VERSION_FIELDS = ("etag", "ETag", "generation", "md5Hash", "mtime", "LastModified", "last_modified", "created")
+
+
+def _version_tag(info: dict) -> str:
+    return str(next((info[field] for field in _VERSION_FIELDS if info.get(field)), ""))
 
 
 def _entries(fs: fsspec.AbstractFileSystem, root: str) -> Iterator[tuple[str, dict]]:
