@@ -22,6 +22,7 @@ import posixpath
 import re
 import threading
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -187,6 +188,7 @@ class ShardOptions:
     journal_seconds: float = 5.0  # how often finished rows are journaled: what a crash can cost at most
     skip_existing: bool = False  # treat an existing output as done even without a manifest row
     flow_run_id: str | None = None
+    model_weights: dict[str, str] | None = None  # model name -> weights_fingerprint, set by stylize_shard
     # Processes running shards side by side on this machine (run_shards), each engine with its share of the cores
     # and of the memory budget; 0 = auto_workers().
     workers: int = 1
@@ -284,6 +286,8 @@ def stylize_shard(
     started = time.perf_counter()
     several = len(models) > 1
     previous = _previous_rows(destination, shard.shard_id)
+    weights = {name: weights_fingerprint(model) for name, model in models.items()}
+    options = replace(options, model_weights=weights)  # each row records the weights that made it
     rows: list[dict] = []
     journal = _Journal(journal_location(destination, shard.shard_id), options.journal_seconds)
     engine = engine_for(models, options)
@@ -307,10 +311,12 @@ def stylize_shard(
             ThreadPoolExecutor(options.io_threads) as readers, ThreadPoolExecutor(options.io_threads) as writers:
         def recorded(key: str, model: str) -> dict | None:
             """The earlier row of this input's output, if it was written where this run would write it (not
-            before the destination moved, in another format, or under another name since a clash came or went)."""
+            before the destination moved, in another format, or under another name since a clash came or went)
+            and by these very weights (not by the model before it was retrained under the same name)."""
             earlier = previous.get((source.child(key).display, model))
-            return earlier if earlier is not None and earlier["output_uri"] == output_location(key, model).display \
-                else None
+            if earlier is None or earlier["output_uri"] != output_location(key, model).display:
+                return None
+            return earlier if earlier.get("model_weights") in (None, weights[model]) else None  # None: older rows
 
         # What is already done (an earlier ok/skipped row and its output still there) is skipped.
         def done_models(index: int) -> tuple[list[str], str | None]:
@@ -485,7 +491,23 @@ def _row(source: Location, item: _Input, outcome: Outcome, model: str, shard: Sh
         "duration_ms": round((item.read_seconds + outcome.seconds + extra_seconds) * 1000, 3),
         "flow_run_id": options.flow_run_id,
         "finished_at": manifest.now(),
+        "model_weights": options.model_weights.get(model) if options.model_weights else None,
     }
+
+
+_fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's weights (8 MB of them for the default UNet: milliseconds, once per model object)."""
+    model = getattr(model, "_orig_mod", model)  # a compiled model's own
+    if model not in _fingerprints:
+        digest = hashlib.sha256()
+        for name, tensor in sorted(model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        _fingerprints[model] = digest.hexdigest()[:16]
+    return _fingerprints[model]
 
 
 def carry_over_rows(source: Location, destination: Location, shards: list[Shard]) -> int:

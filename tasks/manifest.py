@@ -24,6 +24,7 @@ SCHEMA = pa.schema([
     pa.field("duration_ms", pa.float64()),
     pa.field("flow_run_id", pa.string()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    pa.field("model_weights", pa.string()),  # a hash of the weights that made the output (older manifests: null)
 ])
 STATUSES = ("ok", "skipped", "error")
 

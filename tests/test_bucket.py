@@ -368,6 +368,21 @@ def test_a_rerun_over_a_memory_store_redoes_an_image_whose_content_changed():
     assert rows["img3.jpg"]["status"] == "ok" and rows["img3.jpg"]["width"] == 30 and rows["img3.jpg"]["input_version"]
 
 
+def test_a_model_retrained_under_the_same_name_restyles_everything_and_the_same_weights_skip_it(tmp_path):
+    from tasks.bucket import run_shards
+
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {f"img{index}.jpg": jpeg((index * 40, 90, 200)) for index in range(5)})
+    options = ShardOptions(batch_size=4)
+    assert run_shards(source, destination, {"m": tiny_model(seed=0)}, options, 2)["counts"]["ok"] == 5
+    retrained = run_shards(source, destination, {"m": tiny_model(seed=1)}, options, 2)
+    assert retrained["counts"] == {"ok": 5, "skipped": 0, "error": 0}
+    same_weights = run_shards(source, destination, {"m": tiny_model(seed=1)}, options, 2)  # loaded afresh
+    assert same_weights["counts"] == {"ok": 0, "skipped": 5, "error": 0}
+    rows = manifest.read_table(destination.child("manifest.parquet")).to_pylist()
+    assert len({row["model_weights"] for row in rows}) == 1 and rows[0]["model_weights"]
+
+
 def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
     fill(source, {f"img{i:03}.jpg": jpeg((i * 5, 0, 0), (8, 8)) for i in range(45)})
