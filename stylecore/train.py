@@ -101,6 +101,22 @@ class TrainResult:
     resumed_from: int = 0
 
 
+# A sliver photo (1x20000) scaled to the crop size on its short side would take gigabytes: its middle is used.
+MAX_PHOTO_ASPECT = 4
+
+
+def _within_aspect(image: Image.Image, aspect: int) -> Image.Image:
+    """The centre of ``image`` at most ``aspect`` times longer than wide."""
+    width, height = image.size
+    if width > aspect * height:
+        left = (width - aspect * height) // 2
+        return image.crop((left, 0, left + aspect * height, height))
+    if height > aspect * width:
+        top = (height - aspect * width) // 2
+        return image.crop((0, top, width, top + aspect * width))
+    return image
+
+
 class TrainingDiverged(ArithmeticError):
     """The loss stopped being a finite number: the weights are lost, and a model of NaNs would stylise to black."""
 
@@ -116,7 +132,8 @@ class TrainingPhotos:
         if not images:
             raise ValueError("no training photos")
         self.crop_size = crop_size
-        self.tensors = [image_to_tensor(resize_short_side(image, crop_size)) for image in images]
+        self.tensors = [image_to_tensor(resize_short_side(_within_aspect(image, MAX_PHOTO_ASPECT), crop_size))
+                        for image in images]
 
     def __len__(self) -> int:
         return len(self.tensors)
@@ -232,8 +249,9 @@ def _train(
     optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate, fused=device.type == "cuda")
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total_steps, config.final_learning_rate_fraction))
     generator = torch.Generator().manual_seed(config.seed)
-    signature = {"config": config.to_dict(), "total_steps": total_steps, "num_photos": len(photos),
-                 "resume_key": resume_key}
+    # how often it logs and saves its state does not change what a run computes: a rerun with others resumes
+    computed = {k: v for k, v in config.to_dict().items() if k not in ("log_every", "checkpoint_every")}
+    signature = {"config": computed, "total_steps": total_steps, "num_photos": len(photos), "resume_key": resume_key}
 
     # Losses are summed on the device and read back once per log interval: reading a GPU value every step
     # stalls the step, and small-batch steps are dominated by such waits. ``summed`` counts the steps in running.

@@ -81,11 +81,12 @@ def read_photos(folder: Path, limit: int | None, quiet: bool) -> tuple[list[Imag
         paths = paths[:limit]
     photos, items = [], []
     for path in tqdm(paths, desc="reading photos", unit="img", disable=quiet or not sys.stderr.isatty(), leave=False):
-        data = path.read_bytes()
         try:
+            data = path.read_bytes()
             photos.append(image_io.decode_image(data))
-        except image_io.ImageDecodeError as error:
-            print(f"stylize: warning: skipping {path}: {error}", file=sys.stderr)
+        except (image_io.ImageDecodeError, OSError) as error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            print(f"stylize: warning: skipping {path}: {reason}", file=sys.stderr)
             continue
         items.append((path.relative_to(folder).as_posix(), data))
     if not photos:
@@ -96,12 +97,20 @@ def read_photos(folder: Path, limit: int | None, quiet: bool) -> tuple[list[Imag
 def read_style_image(path: Path) -> tuple[Image.Image, str]:
     if not path.is_file():
         raise UserError(f"style image not found: {path}")
-    data = path.read_bytes()
     try:
+        data = path.read_bytes()
         image = image_io.decode_image(data)
+    except OSError as error:
+        raise UserError(f"cannot read style image {path}: {error.strerror or error}") from None
     except image_io.ImageDecodeError as error:
         raise UserError(f"cannot read style image {path}: {error}") from None
+    width, height = image.size
+    if max(width, height) > MAX_STYLE_ASPECT * min(width, height):  # VGG's pooling would leave nothing of it
+        raise UserError(f"style image {path} is {width}x{height}: at most {MAX_STYLE_ASPECT} times longer than wide")
     return image, hashlib.sha256(data).hexdigest()
+
+
+MAX_STYLE_ASPECT = 8
 
 
 def is_url(text: str | None) -> bool:
@@ -597,7 +606,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         print_evaluation(evaluation)
     if args.sheet:
-        write_contact_sheet(model, photos[: args.sheet_rows], args.sheet)
+        try:
+            write_contact_sheet(model, photos[: args.sheet_rows], args.sheet)
+        except OSError as error:
+            raise UserError(f"cannot write the contact sheet {args.sheet}: {error.strerror or error}") from None
         print(f"contact sheet: {args.sheet}")
     return 0
 

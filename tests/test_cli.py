@@ -194,6 +194,18 @@ def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(tr
     assert len(by_layer) == 4 and sum(by_layer.values()) / 4 == pytest.approx(result["model"]["style"], rel=1e-5)
     with Image.open(sheet) as image:
         assert image.width > image.height / 5  # rows of input | output
+    capsys.readouterr()
+    (tmp_path / "a_folder.png").mkdir()
+    assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--sheet", str(tmp_path / "a_folder.png"),
+                 "--quiet"]) == 2
+    assert "cannot write the contact sheet" in capsys.readouterr().err
+
+
+def test_a_style_image_too_thin_for_vgg_is_refused_before_any_training(home, photo_dir, tmp_path, capsys):
+    Image.new("RGB", (500, 2), "orange").save(tmp_path / "thin.png")
+    assert main(["train", str(tmp_path / "thin.png"), "--photos", str(photo_dir), "--name", "thin", *TINY]) == 2
+    assert "at most 8 times longer than wide" in one_error_line(capsys)
+    assert not (home / "primed").exists()
 
 
 def test_models_lists_trained_models(trained, capsys):

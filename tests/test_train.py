@@ -151,6 +151,27 @@ def test_state_from_a_different_configuration_is_not_resumed(small_pil_photos, t
     assert prime_autoencoder(small_pil_photos, MODEL, other, state_dir=state_dir).resumed_from == 0
 
 
+def test_saving_or_logging_more_or_less_often_still_resumes_the_run(small_pil_photos, tmp_path):
+    state_dir = tmp_path / "state"
+    first = TrainConfig(image_size=32, batch_size=2, steps=4, checkpoint_every=2, log_every=1)
+
+    def stop(step, total, losses):
+        if step == 3:
+            raise Interrupt()
+
+    with pytest.raises(Interrupt):
+        prime_autoencoder(small_pil_photos, MODEL, first, on_step=stop, state_dir=state_dir)
+    other = TrainConfig(image_size=32, batch_size=2, steps=4, checkpoint_every=1000, log_every=2)
+    assert prime_autoencoder(small_pil_photos, MODEL, other, state_dir=state_dir).resumed_from == 2
+
+
+def test_a_sliver_photo_is_trained_on_by_its_middle_not_scaled_up_whole():
+    from PIL import Image
+
+    photos = TrainingPhotos([Image.new("RGB", (1, 20_000), "red"), Image.new("RGB", (120, 80), "blue")], 32)
+    assert [tuple(t.shape) for t in photos.tensors] == [(3, 128, 32), (3, 32, 48)]
+
+
 def test_an_interrupted_style_run_is_resumed_only_by_a_run_of_the_same_style(small_pil_photos, vgg_weights, tmp_path):
     from PIL import Image
 
