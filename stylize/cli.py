@@ -16,6 +16,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import asdict
@@ -336,6 +337,7 @@ def cmd_prime(args: argparse.Namespace) -> int:
         return 0
     args.photos = Path(args.photos)
     check_output_folder(args.out, "--out")
+    check_writable_home(args.home)
     device = pick_device(args.device)
     store = ModelStore(args.home)
     _, preset = pick_preset(args, device)
@@ -449,6 +451,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             return 1
         print(f"model: {url}")
         return 0
+    check_writable_home(args.home)
     destination = train_one_style(args, Path(args.style_image), args.name, Path(args.photos))
     print(f"model: {destination}")
     return 0
@@ -581,6 +584,17 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     return 1
 
 
+def check_writable_home(home: Path) -> None:
+    """Refuse, before any training, a model store that cannot be written: its checkpoints are written after it."""
+    try:
+        Path(home).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=home):
+            pass
+    except OSError as error:
+        raise UserError(f"the model store {home} cannot be written ({error.strerror or error}); "
+                        "choose another with --home or $STYLIZE_HOME") from None
+
+
 def check_output_folder(folder: Path | None, option: str) -> None:
     """Refuse, before any work, an output folder that cannot be one."""
     if folder is None:
@@ -687,6 +701,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     photos_dir = args.photos or assets / "photos"
     style_path = args.style or assets / "style_swirls.jpg"
     check_output_folder(args.out, "--out")
+    check_writable_home(args.home)
     if photos_dir.is_dir() and args.out.resolve().is_relative_to(photos_dir.resolve()):
         raise UserError(f"--out {args.out} lies inside the photo folder {photos_dir}: its outputs would be taken "
                         "for photos on the next run; choose an output folder outside it")

@@ -201,6 +201,16 @@ def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(tr
     assert "cannot write the contact sheet" in capsys.readouterr().err
 
 
+def test_a_model_store_that_cannot_be_written_is_refused_before_any_training(photo_dir, style_image, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("not a folder")
+    home = tmp_path / "a_file" / "home"
+    for command in (["prime", str(photo_dir), "--steps", "2", "--quiet"],
+                    ["train", str(style_image), "--photos", str(photo_dir), "--name", "x", *TINY]):
+        assert main([*command, "--home", str(home)]) == 2
+        line = one_error_line(capsys)
+        assert "the model store" in line and "cannot be written" in line
+
+
 def test_a_style_image_too_thin_for_vgg_is_refused_before_any_training(home, photo_dir, tmp_path, capsys):
     Image.new("RGB", (500, 2), "orange").save(tmp_path / "thin.png")
     assert main(["train", str(tmp_path / "thin.png"), "--photos", str(photo_dir), "--name", "thin", *TINY]) == 2
