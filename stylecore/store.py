@@ -67,7 +67,7 @@ class ModelStore:
             return []
         found = []
         for folder in sorted(self.models.iterdir()):
-            if (folder / METADATA_FILE).is_file():
+            if not folder.name.startswith(".") and (folder / METADATA_FILE).is_file():  # not one being written
                 try:
                     found.append((folder.name, read_metadata(folder)))
                 except CheckpointError as error:

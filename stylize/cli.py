@@ -18,6 +18,7 @@ import signal
 import sys
 import tempfile
 import threading
+import uuid
 import time
 from dataclasses import asdict
 from importlib import resources
@@ -399,10 +400,15 @@ def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photo
     )
     if metadata["resumed_from_step"]:
         print(f"resumed from step {metadata['resumed_from_step']}", file=sys.stderr)
+    # Written beside it, then swapped in: an interrupt leaves the old model or the new one, never half of one.
+    staging = destination.with_name(f".{destination.name}.partial-{uuid.uuid4().hex[:8]}")
+    save_model(staging, model, metadata)
+    used_style.save(staging / "style.jpg", "JPEG", quality=95)
+    replaced = destination.with_name(f".{destination.name}.replaced-{uuid.uuid4().hex[:8]}")
     if destination.exists():
-        shutil.rmtree(destination)
-    save_model(destination, model, metadata)
-    used_style.save(destination / "style.jpg", "JPEG", quality=95)
+        destination.rename(replaced)
+    staging.rename(destination)
+    shutil.rmtree(replaced, ignore_errors=True)
     shutil.rmtree(run_dir, ignore_errors=True)
     losses = metadata["final_losses"]
     print(f"trained in {metadata['training_seconds']:.1f}s: style {losses.get('style', float('nan')):.4f}, "

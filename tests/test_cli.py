@@ -1,6 +1,7 @@
 """The stylize command line, end to end on tiny real inputs, and its answers to user mistakes."""
 
 import json
+import shutil
 import os
 import signal
 import subprocess
@@ -274,6 +275,19 @@ def test_user_mistakes_give_exit_code_2_and_one_readable_line(make_args, message
 def test_existing_model_is_not_replaced_without_force(trained, photo_dir, style_image, capsys):
     assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "swirls", *TINY]) == 2
     assert "already exists" in one_error_line(capsys)
+
+
+def test_a_model_is_replaced_whole_and_a_half_written_one_is_never_listed(trained, home, photo_dir, style_image,
+                                                                          capsys):
+    leftover = home / "models" / ".swirls.partial-0000"  # what an interrupted save leaves
+    shutil.copytree(trained, leftover)
+    (leftover / "style.jpg").unlink()
+    assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "swirls", "--force", *TINY]) == 0
+    assert {path.name for path in trained.iterdir()} >= {"model.safetensors", "model.json", "style.jpg"}
+    capsys.readouterr()
+    assert main(["models", "--json"]) == 0
+    assert [model["name"] for model in json.loads(capsys.readouterr().out)] == ["swirls"]
+    assert sorted(path.name for path in (home / "models").iterdir()) == [".swirls.partial-0000", "swirls"]
 
 
 @pytest.mark.parametrize("arguments,message", [
