@@ -44,6 +44,7 @@ from .images import (
     encode_image,
     encode_jpeg_tensor,
     image_to_tensor,
+    jpeg_ends_complete,
     output_format,
     srgb_transform,
     tensor_to_image,
@@ -245,7 +246,8 @@ class StylizeEngine:
                 return str(error)
             return tensor.pin_memory() if self.cuda else tensor
 
-        on_gpu = [i for i, (_, header) in enumerate(group) if self.gpu_decode and header.plain_jpeg]
+        on_gpu = [i for i, (job, header) in enumerate(group)
+                  if self.gpu_decode and header.plain_jpeg and jpeg_ends_complete(job.data)]
         if on_gpu:
             try:
                 for index, image in zip(on_gpu, _nvjpeg_decode([group[i][0].data for i in on_gpu], self.device)):

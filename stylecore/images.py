@@ -170,6 +170,13 @@ def decode_plain_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> torc
     return image_to_tensor(decode_image(data, max_pixels))
 
 
+def jpeg_ends_complete(data: bytes) -> bool:
+    """Whether a JPEG's bytes end with its end-of-image marker (a little trailing padding allowed). nvjpeg decodes
+    a truncated JPEG without a word, grey below the cut, where libjpeg and PIL refuse it; in the coded data a 0xFF
+    byte is always followed by 0x00 or a restart marker, so FF D9 near the end is the real end."""
+    return b"\xff\xd9" in data[-64:]
+
+
 def encode_jpeg_tensor(image: torch.Tensor, quality: int = 90) -> bytes:
     """A uint8 (3, H, W) CPU tensor to JPEG bytes (4:2:0 chroma, as ``encode_image``). libjpeg-turbo without the
     GIL: PIL holds it while encoding, so its encodes do not run in parallel in threads."""

@@ -20,6 +20,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.states import Scheduled
 
 from tasks import manifest
+from tasks.bucket import journal_location, list_shards
 from tasks.storage import Location
 
 pytestmark = pytest.mark.slow
@@ -145,16 +146,19 @@ def test_each_deployment_runs_for_real_and_failed_batches_heal(served, photo_dir
         assert manifest.counts(manifest.read_table(Location(str(root / "out" / "manifest.parquet"))))["ok"] == 9
         print(f"stylize-bucket: {seconds:.1f}s from run_deployment to Completed")
 
-        # A run that fails on one shard: a file stands where its output folder must go (a storage failure).
+        # A run that fails on one shard: a file stands where that shard's journal folder must go, so recording its
+        # rows fails (a storage failure of the shard, as a lost connection would be).
+        part1, = [shard for shard in list_shards(Location(str(root / "bucket")), 3) if shard.keys[0].startswith("part1/")]
         for destination in ("heal-by-retry-failed", "heal-by-flow-retry"):
             target = root / destination
-            target.mkdir()
-            (target / "part1").write_text("in the way")
+            blocker = Path(journal_location(Location(str(target)), part1.shard_id).url)
+            blocker.parent.mkdir(parents=True)
+            blocker.write_text("in the way")
             failed, _ = run("stylize-bucket/stylize-bucket", {**bucket, "destination": str(target), "retries": 0})
             assert failed.state.is_failed()
             counts = manifest.counts(manifest.read_table(Location(str(target / "manifest.parquet"))))
             assert counts == {"ok": 6, "skipped": 0, "error": 0}
-            (target / "part1").unlink()
+            blocker.unlink()
 
         flow_run, seconds = run("retry-failed/retry-failed", {"destination": str(root / "heal-by-retry-failed")})
         assert flow_run.state.is_completed(), flow_run.state

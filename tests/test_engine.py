@@ -11,7 +11,8 @@ from PIL import Image
 
 from stylecore.engine import EngineConfig, Job, StylizeEngine
 from stylecore.images import (
-    ImageDecodeError, decode_image, decode_plain_jpeg, encode_image, image_to_tensor, tensor_to_image,
+    ImageDecodeError, decode_image, decode_plain_jpeg, encode_image, image_to_tensor, jpeg_ends_complete,
+    tensor_to_image,
 )
 from stylecore.model import UNet, UNetConfig
 from stylecore.stylize import stylize_batch
@@ -131,6 +132,18 @@ def test_plain_jpegs_decode_to_the_same_pixels_as_every_other_image_and_broken_o
         assert torch.equal(decode_plain_jpeg(data), image_to_tensor(decode_image(data)))
         with pytest.raises(ImageDecodeError, match="truncated"):
             decode_plain_jpeg(data[: len(data) // 2])
+
+
+def test_only_jpegs_that_end_whole_are_left_to_the_gpu_decoder():
+    # nvjpeg decodes a cut-off JPEG without complaint (grey below the cut), so those go to the CPU path, which
+    # says "truncated"; a JPEG with a few padding bytes after its end is whole.
+    photo = Image.effect_mandelbrot((96, 64), (-2, -1, 1, 1), 60).convert("RGB")
+    for options in ({}, {"progressive": True}):
+        buffer = io.BytesIO()
+        photo.save(buffer, "JPEG", quality=90, **options)
+        data = buffer.getvalue()
+        assert jpeg_ends_complete(data) and jpeg_ends_complete(data + bytes(16))
+        assert not any(jpeg_ends_complete(data[:cut]) for cut in range(100, len(data) - 1))
 
 
 def adobe_rgb_jpeg() -> bytes:
