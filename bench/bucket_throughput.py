@@ -205,7 +205,8 @@ def main() -> None:
     parser.add_argument("--shard-size", type=positive_int, default=256)
     parser.add_argument("--workers", type=positive_int, default=1, help="shard worker processes of loop-local and the flows (default 1)")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model (each worker its own)")
-    parser.add_argument("--gpu-decode", action="store_true", help="decode JPEG inputs on the GPU")
+    parser.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode JPEG inputs on the GPU (the default there; --no-gpu-decode: in CPU threads)")
     parser.add_argument("--only", choices=RUNS, help="run just this one")
     parser.add_argument("--runs", default=",".join(RUNS), help=f"comma-separated subset of {', '.join(RUNS)}")
     parser.add_argument("--work", type=Path, help="(internal) working folder holding images/")
@@ -229,7 +230,7 @@ def main() -> None:
             command = [sys.executable, __file__, "--only", kind, "--work", str(work), "--images", str(args.images),
                        "--size", str(args.size), "--batch", str(args.batch), "--shard-size", str(args.shard_size),
                        "--workers", str(args.workers), "--index", str(index)]
-            command += ["--compile"] * args.compile + ["--gpu-decode"] * args.gpu_decode
+            command += ["--compile"] * args.compile + ["--no-gpu-decode"] * (not args.gpu_decode)
             process = subprocess.run(command, capture_output=True, text=True, env=env)
             if process.returncode != 0:
                 sys.exit(f"{kind} failed:\n{process.stderr[-3000:]}")
@@ -242,7 +243,7 @@ def main() -> None:
 
     model, loop, flow = mean("model", "img_per_s"), mean("loop-local", "seconds"), mean("flow-local", "seconds")
     print(f"\n{args.images} images at {args.size}px, batch {args.batch}, shards of {args.shard_size}, "
-          f"{args.workers} worker(s){', compiled' if args.compile else ''}{', GPU decode' if args.gpu_decode else ''}")
+          f"{args.workers} worker(s){', compiled' if args.compile else ''}{'' if args.gpu_decode else ', CPU decode'}")
     print(f"{'run':12}{'img/s':>9}{'x model':>9}{'seconds':>9}{'peak RSS MB':>13}  CPU s: {'self':>7}{'workers':>9}"
           f"{'server':>8}")
     for r in results:

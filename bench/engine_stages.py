@@ -1,13 +1,14 @@
 """Where end-to-end time goes: each stage of a bucket run timed alone on the same images (the profile behind
 engine_throughput's ratio). One JSON line of img/s per stage.
 
-    python bench/engine_stages.py --images 2000 --size 512 [--photos DIR] [--work DIR]
+    python bench/engine_stages.py --images 2000 --size 512 [--compile] [--photos DIR] [--work DIR]
 
 Stages: read (16 threads, storage layer), header (PIL header probe, one thread), decode on the CPU (one thread
 per core: libjpeg-turbo through torchvision as the engine does, and PIL's path for comparison; on a GPU batched
 nvjpeg too, warmed up), model (the engine's forward), encode on the GPU (nvjpeg, warmed up) and on the CPU
 (torchvision, and PIL for comparison), write (16 threads, storage layer's atomic write), and the engine alone on
-bytes held in memory (decode, model and encode overlapped, no storage).
+bytes held in memory (decode, model and encode overlapped, no storage); with --compile also the compiled model
+and the engine with it, for each choice of GPU decode and GPU encode.
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
     parser.add_argument("--photos", type=existing_folder, default=REPO / "stylecore" / "assets" / "photos")
     parser.add_argument("--work", type=Path, default=Path("/tmp/engine-stages"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the compiled model, and the engine in memory with it (each codec choice)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cores = os.cpu_count() or 2
@@ -121,18 +124,32 @@ def main() -> None:
         rates["write_16_threads"] = timed(
             lambda: list(io_pool.map(lambda i: write_bytes(Location(str(target / f"d{i // 1000}" / f"{i}.jpg")),
                                                            datas[i]), range(n))), n, device)
-        for gpu_codec in ((True, False) if device.type == "cuda" else (False,)):
-            with StylizeEngine({"m": model}, device, EngineConfig(batch_size=b, gpu_codec=gpu_codec)) as run_engine:
+        # The whole engine (decode, model, encode, overlapped) on bytes already in memory: one process's ceiling.
+        cuda = device.type == "cuda"
+        variants = [("", {"gpu_codec": codec}) for codec in ((True, False) if cuda else (False,))]
+        if args.compile:
+            variants += [("compiled_", {"compile": True, "gpu_codec": codec, "gpu_decode": decode})
+                         for codec in ((True, False) if cuda else (False,)) for decode in ((True, False) if cuda else (False,))]
+        for prefix, settings in variants:
+            with StylizeEngine({"m": model}, device, EngineConfig(batch_size=b, **settings)) as run_engine:
+                if prefix and "model_compiled" not in rates:
+                    run_engine.forward(run_engine.models["m"], batch)  # compiles
+                    rates["model_compiled"] = timed(
+                        lambda: [run_engine.forward(run_engine.models["m"], batch) for _ in range(repeats)],
+                        repeats * b, device)
                 list(run_engine.run(Job(i, datas[i], ("m",)) for i in range(min(n, 2 * b))))  # warm-up
-                rates[f"engine_in_memory_gpu_codec_{gpu_codec}"] = timed(
+                name = f"engine_in_memory_{prefix}gpu_codec_{settings['gpu_codec']}"
+                name += f"_gpu_decode_{settings['gpu_decode']}" if "gpu_decode" in settings else ""
+                rates[name] = timed(
                     lambda: list(run_engine.run(Job(i, d, ("m",)) for i, d in enumerate(datas))), n, device)
         engine.close()
     row = {"bench": "engine_stages", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "images": n, "size": args.size, "batch": b, "img_per_s": rates}
     print(json.dumps(row), flush=True)
     print(f"\n{n} images at {args.size}px, batch {b}, on {row['device']}")
+    width = max(map(len, rates)) + 2
     for name, rate in rates.items():
-        print(f"{name:<36}{rate:>10.1f} img/s")
+        print(f"{name:<{width}}{rate:>10.1f} img/s")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """End to end against model only, in one process, on whatever device is there (the GPU benchmark; the CPU one
 with Prefect is bucket_throughput.py).
 
-    python bench/engine_throughput.py --images 10000 --size 512 [--compile] [--no-gpu-codec] [--gpu-decode] [--workers N] [--photos DIR]
+    python bench/engine_throughput.py --images 10000 --size 512 [--compile] [--no-gpu-codec] [--no-gpu-decode] [--workers N] [--photos DIR]
 
 Writes N JPEGs of SIZE x SIZE (crops of the photos, re-encoded) to a temporary folder, builds the shard
 engine once, then times (1) model only: the engine's forward on a decoded uint8 batch already on the device
@@ -72,7 +72,8 @@ def main() -> None:
     parser.add_argument("--depth", type=positive_int, default=UNetConfig.depth)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-gpu-codec", action="store_true")
-    parser.add_argument("--gpu-decode", action="store_true", help="decode JPEG inputs by nvjpeg on a GPU")
+    parser.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=True,
+                        help="decode JPEG inputs by nvjpeg on a GPU (the default; --no-gpu-decode: in CPU threads)")
     parser.add_argument("--workers", type=positive_int, default=1, help="shard worker processes (default 1)")
     parser.add_argument("--photos", type=existing_folder, default=REPO / "stylecore" / "assets" / "photos")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

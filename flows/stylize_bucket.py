@@ -89,7 +89,7 @@ def stylize_bucket(
     max_pixels: Annotated[int, Field(ge=1)] = DEFAULT_MAX_PIXELS,
     max_image_bytes: Annotated[int, Field(ge=1)] = DEFAULT_MAX_IMAGE_BYTES,
     gpu_codec: bool = True,
-    gpu_decode: bool = False,
+    gpu_decode: bool = True,
     compile: bool = False,
     retries: Annotated[int, Field(ge=0, le=100)] = 3,
     retry_delay_seconds: Annotated[float, Field(ge=0, le=86_400)] = 5.0,
@@ -101,7 +101,7 @@ def stylize_bucket(
     ``destination/manifest.parquet``. ``batch_size`` 0 picks it (64 on a GPU within its free memory, 8 on a CPU).
     ``max_batch_pixels`` bounds one forward pass (0: from the free memory, a quarter of it on a CPU); a larger image
     is stylised in tiles. ``gpu_codec`` encodes JPEG outputs on the GPU, ``gpu_decode`` decodes
-    plain JPEG inputs there (default: in CPU threads); ``compile`` runs the model through torch.compile. Images over
+    plain JPEG inputs there (off: in CPU threads); ``compile`` runs the model through torch.compile. Images over
     ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished rows
     every ``journal_seconds``: the most work a crashed worker can cost. ``workers`` N > 1 runs shards in N worker
     processes, each holding the models with its share of the cores and memory (one process's per-image Python work

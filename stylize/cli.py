@@ -870,9 +870,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the model: slower start, faster on long runs of few image sizes")
     run.add_argument("--no-gpu-codec", action="store_true",
                      help="encode JPEG outputs on the CPU even on a GPU (default: nvjpeg, full chroma)")
-    run.add_argument("--gpu-decode", action="store_true",
-                     help="on a GPU, decode plain JPEG inputs there (nvjpeg, a batch at a time) instead of in CPU "
-                          "threads (the default)")
+    run.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=True,
+                     help="on a GPU, decode plain JPEG inputs there (nvjpeg, a batch at a time; the default); "
+                          "--no-gpu-decode decodes them in CPU threads")
     run.add_argument("--max-pixels", type=positive_int, default=image_io.DEFAULT_MAX_PIXELS,
                      help=f"refuse images with more pixels (default {image_io.DEFAULT_MAX_PIXELS:,})")
     run.add_argument("--max-bytes", type=positive_int, default=DEFAULT_MAX_IMAGE_BYTES,

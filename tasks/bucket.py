@@ -180,7 +180,7 @@ class ShardOptions:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per input file, checked before and while reading
     max_batch_pixels: int = 0  # 0: automatic (from free GPU memory)
     gpu_codec: bool = True
-    gpu_decode: bool = False
+    gpu_decode: bool = True
     compile: bool = False
     io_threads: int = 16  # reads and writes each: 8 wrote 1,869 files/s on an H200 box, 16 wrote 2,886
     read_ahead_bytes: int = 256 * 2**20  # input bytes read but not yet decoded, at most (one file always fits)
