@@ -356,7 +356,7 @@ class StylizeEngine:
 
         # The pool's threads copy on their own CUDA stream, which does not wait for the model's: the outputs they
         # encode come to the host here, on the stream that waited for this batch.
-        images = {key: batch.results[key].cpu() for key in on_cpu} if self.cuda else batch.results
+        images = _to_host({key: batch.results[key] for key in on_cpu}) if self.cuda else batch.results
 
         def cpu_encode(key: tuple[int, str]) -> bytes | str:
             try:
@@ -497,6 +497,18 @@ def _nvjpeg_decode(datas: list[bytes], device: torch.device) -> list[torch.Tenso
 
     return decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in datas],
                        mode=ImageReadMode.RGB, device=device)
+
+
+def _to_host(outputs: dict) -> dict:
+    """The outputs copied to the host, one copy per image size: a ``.cpu()`` per image waits for the GPU once per
+    image, and where several processes share the GPU each wait can be a time slice."""
+    by_shape: dict[tuple, list] = defaultdict(list)
+    for key, output in outputs.items():
+        by_shape[tuple(output.shape)].append(key)
+    host = {}
+    for keys in by_shape.values():
+        host.update(zip(keys, torch.stack([outputs[key] for key in keys]).cpu().unbind(0)))
+    return host
 
 
 def _nvjpeg_encode(images: list[torch.Tensor], quality: int) -> list[bytes]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from stylecore import engine as engine_module
 from stylecore.engine import EngineConfig, Job, StylizeEngine
 from stylecore.images import (
     ImageDecodeError, decode_image, decode_plain_jpeg, encode_image, image_to_tensor, jpeg_ends_complete,
@@ -144,6 +145,15 @@ def test_only_jpegs_that_end_whole_are_left_to_the_gpu_decoder():
         data = buffer.getvalue()
         assert jpeg_ends_complete(data) and jpeg_ends_complete(data + bytes(16))
         assert not any(jpeg_ends_complete(data[:cut]) for cut in range(100, len(data) - 1))
+
+
+def test_outputs_come_to_the_host_with_their_own_pixels_whatever_their_sizes():
+    # on a GPU the outputs of a batch are copied back one stack per image size, then handed out per image
+    outputs = {(index, name): torch.randint(0, 256, (3, 8 + 4 * (index % 3), 12), dtype=torch.uint8)
+               for index in range(7) for name in ("a", "b")}
+    host = engine_module._to_host(outputs)
+    assert host.keys() == outputs.keys()
+    assert all(torch.equal(host[key], outputs[key]) for key in outputs)
 
 
 def adobe_rgb_jpeg() -> bytes:
