@@ -542,7 +542,8 @@ def carry_over_rows(source: Location, destination: Location, shards: list[Shard]
         picked = [index for position, key in enumerate(shard.keys)
                   for index in rows_of.get((source.child(key).display, shard.tag(position)), {}).values()]
         if picked:
-            manifest.write_table(journal_location(destination, shard.shard_id).child("carried-over.parquet"),
+            # named to sort before the journal's own entries (named by the time), which are newer
+            manifest.write_table(journal_location(destination, shard.shard_id).child("0-carried-over.parquet"),
                                  table.take(picked))
             carried += len(picked)
     return carried
@@ -562,9 +563,11 @@ def _recorded_shard_ids(destination: Location) -> set[str] | None:
 
 
 def _shard_record(destination: Location, shard_id: str) -> list:
-    """The rows a shard recorded: its part, or else its journal (a crash or an interruption)."""
+    """The tables a shard recorded, oldest first: its part, then its journal (a crash or an interruption). A
+    journal beside a part is newer than it (a rerun of a finished shard, stopped before its new part), so where
+    both have a row for an output, the journal's says what is in the file now."""
     table = manifest.read_table(part_location(destination, shard_id))
-    return [table] if table is not None else manifest.read_folder(journal_location(destination, shard_id))
+    return ([table] if table is not None else []) + manifest.read_folder(journal_location(destination, shard_id))
 
 
 def _prune_records(source: Location, destination: Location, shard_ids: set[str]) -> int:
@@ -585,7 +588,8 @@ def _prune_records(source: Location, destination: Location, shard_ids: set[str])
 
 
 def _previous_rows(destination: Location, shard_id: str) -> dict[tuple[str, str], dict]:
-    """Rows of outputs an earlier run finished: from the shard's part, or else from its journal (a crash)."""
+    """Rows of outputs earlier runs finished: from the shard's part and its journal (a crash), the newest row of
+    each output."""
     return {(row["input_uri"], row["model"]): row for table in _shard_record(destination, shard_id)
             for row in table.to_pylist() if row["status"] in ("ok", "skipped")}
 

@@ -383,6 +383,35 @@ def test_a_model_retrained_under_the_same_name_restyles_everything_and_the_same_
     assert len({row["model_weights"] for row in rows}) == 1 and rows[0]["model_weights"]
 
 
+def test_a_rerun_stopped_part_way_through_a_finished_shard_keeps_what_it_did(tmp_path):
+    # the shard has its part from the first run; the second (a retrained model) is stopped after a few images:
+    # those outputs now hold the new model's pictures, and its journal says so
+    from tasks.bucket import journal_location, run_shards
+
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {f"img{index}.jpg": jpeg((index * 40, 90, 200)) for index in range(6)})
+    old, new, options = tiny_model(seed=0), tiny_model(seed=1), ShardOptions(batch_size=2)
+    [shard] = list_shards(source, 10)
+    run_shards(source, destination, {"m": old}, options, 10)
+    seen = []
+
+    def stop_after_three(count):
+        seen.append(count)
+        if sum(seen) >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_shards(source, destination, {"m": new}, options, 10, on_progress=stop_after_three)
+    redone = [row["input_uri"] for table in manifest.read_folder(journal_location(destination, shard.shard_id))
+              for row in table.to_pylist()]
+    assert 1 <= len(redone) < 6
+
+    again = run_shards(source, destination, {"m": new}, options, 10)  # only what the stopped run did not do
+    assert again["counts"] == {"ok": 6 - len(redone), "skipped": len(redone), "error": 0}
+    back = run_shards(source, destination, {"m": old}, options, 10)  # every output is the new model's now
+    assert back["counts"] == {"ok": 6, "skipped": 0, "error": 0}
+
+
 def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
     fill(source, {f"img{i:03}.jpg": jpeg((i * 5, 0, 0), (8, 8)) for i in range(45)})
