@@ -91,6 +91,7 @@ def stylize_bucket(
     gpu_codec: bool = True,
     gpu_decode: bool = True,
     compile: bool = False,
+    skip_existing: bool = False,
     retries: Annotated[int, Field(ge=0, le=100)] = 3,
     retry_delay_seconds: Annotated[float, Field(ge=0, le=86_400)] = 5.0,
     journal_seconds: Annotated[float, Field(gt=0, le=86_400)] = 5.0,
@@ -101,7 +102,8 @@ def stylize_bucket(
     ``destination/manifest.parquet``. ``batch_size`` 0 picks it (64 on a GPU within its free memory, 8 on a CPU).
     ``max_batch_pixels`` bounds one forward pass (0: from the free memory, a quarter of it on a CPU); a larger image
     is stylised in tiles. ``gpu_codec`` encodes JPEG outputs on the GPU, ``gpu_decode`` decodes
-    plain JPEG inputs there (off: in CPU threads); ``compile`` runs the model through torch.compile. Images over
+    plain JPEG inputs there (off: in CPU threads); ``compile`` runs the model through torch.compile.
+    ``skip_existing`` also counts an output that exists without a manifest row as done. Images over
     ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished rows
     every ``journal_seconds``: the most work a crashed worker can cost. ``workers`` N > 1 runs shards in N worker
     processes, each holding the models with its share of the cores and memory (one process's per-image Python work
@@ -124,7 +126,7 @@ def stylize_bucket(
         options = {"output_format": output_format, "quality": quality, "batch_size": batch_size,
                    "max_batch_pixels": max_batch_pixels, "max_pixels": max_pixels,
                    "max_image_bytes": max_image_bytes, "gpu_codec": gpu_codec,
-                   "gpu_decode": gpu_decode, "compile": compile,
+                   "gpu_decode": gpu_decode, "compile": compile, "skip_existing": skip_existing,
                    "journal_seconds": journal_seconds}
         # What this run was asked to do (storage options left out: they may hold secrets), for retry-failed.
         record_run(destination, {"source": source, "models": models, "model_store": model_store,

@@ -571,7 +571,7 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
             max_batch_pixels=args.max_batch_pixels or 0, output_format=args.format.lower(), quality=args.quality,
             max_pixels=args.max_pixels, max_image_bytes=args.max_bytes, retries=args.retries,
             gpu_codec=not args.no_gpu_codec, compile=args.compile, gpu_decode=args.gpu_decode,
-            journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,
+            skip_existing=args.skip_existing, journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,
         )
     if state.is_completed():
         summary = state.result()

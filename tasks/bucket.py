@@ -38,7 +38,7 @@ from stylecore.model import UNet
 from . import manifest
 from .lease import DestinationLease
 from .storage import (
-    IMAGE_EXTENSIONS, InputError, InsideCheck, Listed, Location, StorageError, exists, list_files, read_input, remove,
+    IMAGE_EXTENSIONS, InputError, InsideCheck, Listed, Location, StorageError, is_file, list_files, read_input, remove,
     remove_partial_files, write_bytes,
 )
 
@@ -318,6 +318,13 @@ def stylize_shard(
                 return None
             return earlier if earlier.get("model_weights") in (None, weights[model]) else None  # None: older rows
 
+        def made_by_other_weights(key: str, model: str) -> bool:
+            """Whether an earlier row says this very output was made by other weights: skip_existing, which
+            counts outputs without a row as done, does not count those."""
+            earlier = previous.get((source.child(key).display, model))
+            return (earlier is not None and earlier["output_uri"] == output_location(key, model).display
+                    and earlier.get("model_weights") not in (None, weights[model]))
+
         # What is already done (an earlier ok/skipped row and its output still there) is skipped.
         def done_models(index: int) -> tuple[list[str], str | None]:
             key = shard.keys[index]
@@ -326,8 +333,9 @@ def stylize_shard(
             except ValueError as error:
                 return [], str(error)
             return [name for name in models
-                    if (options.skip_existing or recorded(key, name) is not None)
-                    and exists(output_location(key, name))], shard.problem(index)
+                    if (recorded(key, name) is not None
+                        or options.skip_existing and not made_by_other_weights(key, name))
+                    and is_file(output_location(key, name))], shard.problem(index)
 
         todo: list[_Input] = []
         # Only an earlier run's rows (or skip_existing) send the check to storage; otherwise a thread per image
@@ -340,9 +348,10 @@ def stylize_shard(
                 if earlier is not None and options.flow_run_id and earlier["flow_run_id"] == options.flow_run_id:
                     rows.append({**earlier, "shard_id": shard.shard_id})  # an earlier attempt of this run made it
                     continue
+                # counted done by skip_existing: from now on, done by these weights (a retrained model redoes it)
                 earlier = earlier or {"input_uri": source.child(key).display,
                                       "output_uri": output_location(key, name).display, "model": name,
-                                      "input_version": shard.tag(index)}
+                                      "input_version": shard.tag(index), "model_weights": weights[name]}
                 rows.append({**earlier, "status": "skipped", "error": None, "shard_id": shard.shard_id,
                              "duration_ms": 0.0, "flow_run_id": options.flow_run_id, "finished_at": manifest.now()})
             remaining = tuple(name for name in models if name not in done)

@@ -212,6 +212,12 @@ def exists(location: Location) -> bool:
     return fs.exists(path)
 
 
+def is_file(location: Location) -> bool:
+    """Whether a file (an object) is there: not a folder, not a prefix."""
+    fs, path = location.filesystem()
+    return fs.isfile(path)
+
+
 def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSIONS,
                exclude: str | None = None) -> list[Listed]:
     """Every entry under ``location`` whose name ends in one of ``extensions``, sorted by key. The tag is an

@@ -58,6 +58,16 @@ def test_train_and_run_on_a_gcs_bucket(home, gcs_bucket, capsys):
                  *options, "--quiet"]) == 0
     assert "0 written, 5 already done" in capsys.readouterr().out
 
+    # --skip-existing on URLs too: an output already in a new destination is left alone
+    first_output = next(uri for uri in table.column("output_uri").to_pylist() if uri)
+    made_elsewhere = root.child("out2/" + first_output.rsplit("/out/", 1)[1])
+    write_bytes(made_elsewhere, b"made elsewhere")
+    assert main(["run", root.child("in").url, root.child("out2").url, "--model", "g", "--skip-existing",
+                 *options, "--quiet"]) == 0
+    assert "4 written, 1 already done" in capsys.readouterr().out
+    fs, path = made_elsewhere.filesystem()
+    assert fs.cat_file(path) == b"made elsewhere"
+
 
 def test_a_bucket_another_run_is_writing_to_is_left_alone_with_exit_75(home, gcs_bucket, photo_dir, style_image,
                                                                         capsys):

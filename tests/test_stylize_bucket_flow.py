@@ -78,6 +78,17 @@ def test_a_bucket_is_stylised_with_a_typed_manifest_readable_by_pyarrow_and_duck
     assert again["counts"] == {"ok": 0, "skipped": 7, "error": 2}
 
 
+def test_skip_existing_leaves_outputs_made_elsewhere_alone(tmp_path, model_store):
+    make_bucket(tmp_path / "in", 3)
+    made_elsewhere = tmp_path / "out" / "part0" / "img000.jpg"
+    made_elsewhere.parent.mkdir(parents=True)
+    made_elsewhere.write_bytes(b"made elsewhere")
+    summary = stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), ["tiny"], model_store=model_store,
+                             skip_existing=True)
+    assert summary["counts"] == {"ok": 2, "skipped": 1, "error": 0}
+    assert made_elsewhere.read_bytes() == b"made elsewhere"
+
+
 def test_model_names_without_a_store_come_from_the_workers_stylize_home(tmp_path, model_store, monkeypatch):
     monkeypatch.setenv("STYLIZE_HOME", str(tmp_path / "store"))  # where train-new-style puts models by default
     make_bucket(tmp_path / "in", 2)
