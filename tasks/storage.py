@@ -257,7 +257,10 @@ def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSION
         raise StorageError(f"cannot list {location.display}: {redact(error, location.options)}") from error
     finally:
         _forget_listing(fs, root)
-    return sorted(found)
+    # An object store can hold an object "x.jpg" beside objects under "x.jpg/": one key, an image and a folder.
+    # The image is the input (the folder's images are listed on their own): one entry, one row.
+    found.sort(key=lambda entry: (entry.key, entry.problem is not None))
+    return [entry for index, entry in enumerate(found) if index == 0 or entry.key != found[index - 1].key]
 
 
 # What stores call an object's version, most telling first: GCS and gcsfs (etag, generation, md5Hash), local disks

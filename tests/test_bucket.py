@@ -178,6 +178,13 @@ def test_a_gcs_bucket_is_read_and_written_through_gcsfs(gcs_emulator):
     assert result.part_uri.startswith("gs://photos/")
 
 
+def test_an_object_beside_a_prefix_of_the_same_name_is_one_input(gcs_emulator):
+    source = Location(f"gs://photos/{uuid.uuid4().hex[:8]}/in", gcs_emulator)
+    fill(source, {"x.jpg": jpeg("red"), "x.jpg/y.jpg": jpeg("green")})
+    [shard] = list_shards(source, 10)
+    assert shard.keys == ("x.jpg", "x.jpg/y.jpg") and shard.problems == () and not shard.clashing
+
+
 def test_listing_a_bucket_leaves_no_copy_of_its_objects_metadata_in_memory(gcs_emulator):
     # gcsfs caches every object a find returns, for as long as the process lives: about 1.7 GB for a million images
     source = Location(f"gs://photos/{uuid.uuid4().hex[:8]}/in", gcs_emulator)
