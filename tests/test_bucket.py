@@ -185,6 +185,18 @@ def test_an_object_beside_a_prefix_of_the_same_name_is_one_input(gcs_emulator):
     assert shard.keys == ("x.jpg", "x.jpg/y.jpg") and shard.problems == () and not shard.clashing
 
 
+def test_object_names_with_url_like_characters_are_stylised_like_any_other(gcs_emulator):
+    run = uuid.uuid4().hex[:8]
+    source = Location(f"gs://photos/{run}/in", gcs_emulator)
+    destination = Location(f"gs://photos/{run}/out", gcs_emulator)
+    names = ["10::30 sunrise.jpg", "a#b.jpg", "100% c.jpg", "d?e=f.jpg"]
+    fill(source, {name: jpeg("red") for name in names})
+    [shard] = list_shards(source, 10)
+    result = stylize_shard(shard, source, destination, {"m": tiny_model()}, ShardOptions())
+    assert result.counts == {"ok": 4, "skipped": 0, "error": 0}
+    assert set(read_outputs(destination)) == set(names)
+
+
 def test_listing_a_bucket_leaves_no_copy_of_its_objects_metadata_in_memory(gcs_emulator):
     # gcsfs caches every object a find returns, for as long as the process lives: about 1.7 GB for a million images
     source = Location(f"gs://photos/{uuid.uuid4().hex[:8]}/in", gcs_emulator)
