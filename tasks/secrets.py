@@ -58,8 +58,17 @@ def redact(text: Any, options: Any = None) -> str:
         text = text.replace(value, MASK)
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
     return _QUERY_PARAMETER.sub(
-        lambda m: m.group("name") + (MASK if is_sensitive(m.group("key")) else m.group("value")), text
+        lambda m: m.group("name") + (MASK if is_sensitive(m.group("key")) and _in_query(m) else m.group("value")),
+        text,
     )
+
+
+def _in_query(match: re.Match) -> bool:
+    """Whether a ``[?&;]name=value`` match is in a URL's query: it opens it, or a "?" comes before it in the same
+    URL. Without one, "&" and ";" are parts of a name ("cam;key=front.jpg"), which must stay as it is."""
+    if match.string[match.start()] == "?":
+        return True
+    return "?" in re.search(r"\S*$", match.string[:match.start()]).group()
 
 
 def hide_options(options: dict | StorageSecrets | None) -> StorageSecrets | None:

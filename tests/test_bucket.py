@@ -451,6 +451,18 @@ def test_skip_existing_counts_outputs_without_rows_as_done_but_not_another_model
     assert run_shards(source, destination, {"m": new}, ShardOptions(batch_size=4), 10)["counts"]["skipped"] == 4
 
 
+def test_names_that_look_like_query_parameters_stay_distinct_in_the_manifest(tmp_path):
+    from tasks.bucket import run_shards
+
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    names = ["cam;key=front.jpg", "cam;key=back.jpg", "shot&session=1.jpg", "shot&session=2.jpg"]
+    fill(source, {name: jpeg("red") for name in names})
+    run_shards(source, destination, {"m": tiny_model()}, ShardOptions(batch_size=4), 10)
+    rows = manifest.read_table(destination.child("manifest.parquet")).to_pylist()
+    assert sorted(row["input_uri"].rsplit("/", 1)[1] for row in rows) == sorted(names)
+    assert sorted(row["output_uri"].rsplit("/", 1)[1] for row in rows) == sorted(names)
+
+
 def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
     fill(source, {f"img{i:03}.jpg": jpeg((i * 5, 0, 0), (8, 8)) for i in range(45)})
