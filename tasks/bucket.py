@@ -530,6 +530,7 @@ def carry_over_rows(source: Location, destination: Location, shards: list[Shard]
     recorded = _recorded_shard_ids(destination)
     if recorded is None:
         return 0  # a destination never written to
+    _check_one_source(source, destination, recorded)
     current = {shard.shard_id for shard in shards}
     lacking = [shard for shard in shards if shard.shard_id not in recorded]
     if not lacking:
@@ -561,6 +562,22 @@ def carry_over_rows(source: Location, destination: Location, shards: list[Shard]
 _SHARD_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
+def _check_one_source(source: Location, destination: Location, recorded: set[str]) -> None:
+    """Refuse a destination that holds the records of another source's runs (a few shards' records are read).
+    Outputs are named by their path under the source: a second source's photos would overwrite the first's of the
+    same names, whose rows would then call those outputs done."""
+    prefix = source.display.rstrip("/") + "/"
+    for shard_id in sorted(recorded)[:3]:
+        for table in _shard_record(destination, shard_id):
+            first = table.column("input_uri").to_pylist()[:1]
+            if first and not first[0].startswith(prefix):
+                raise StorageError(
+                    f"{destination.display} holds the outputs of another source's run (its records name {first[0]}): "
+                    "outputs are named by their path under the source, so this run's could overwrite those and be "
+                    "taken for them; choose another destination (or remove its "
+                    f"{PARTS_FOLDER} folder to let this run replace what is there)")
+
+
 def _recorded_shard_ids(destination: Location) -> set[str] | None:
     """Ids of the shards with a part or a journal in the destination; None when it has no parts folder."""
     fs, parts = destination.child(PARTS_FOLDER).filesystem()
@@ -582,7 +599,8 @@ def _shard_record(destination: Location, shard_id: str) -> list:
 def _prune_records(source: Location, destination: Location, shard_ids: set[str]) -> int:
     """Remove the records of this source's shards that are no longer in its listing, once every current shard has
     its part: the rows of their unchanged inputs were carried into the current shards, so keeping them would only
-    make every later carry-over read more. Records of another source's runs into the same destination stay.
+    make every later carry-over read more. Records of another source's runs (destinations written before runs
+    from a second source were refused) stay.
     Returns how many shards' records were removed."""
     prefix = source.display.rstrip("/") + "/"
     removed = 0
