@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stylecore import images as image_io
-from stylecore.checkpoint import CheckpointError, load_model, read_metadata, save_model
+from stylecore.checkpoint import WEIGHTS_FILE, CheckpointError, load_model, read_metadata, save_model
 from stylecore.evaluate import contact_sheet, evaluate
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
 from stylecore.model import NORMS, UNet, UNetConfig
@@ -129,14 +129,16 @@ def storage_options_from(args: argparse.Namespace) -> dict:
     return options
 
 
-def checked_location(url: str, options: dict, what: str, must_exist: bool = True) -> Location:
+def checked_location(url: str, options: dict, what: str, must_exist: bool = True, folder: bool = False) -> Location:
     """A URL the flows will use, checked here first, so that a mistake in it is one line (exit 2), not a flow run
-    that fails after Prefect's start-up with a traceback."""
+    that fails after Prefect's start-up with a traceback. A ``folder`` must not be a file."""
     location = Location(url, options)
     try:
         fs, path = location.filesystem()
         if must_exist and not fs.exists(path):
             raise UserError(f"{what} not found: {location.display}")
+        if folder and fs.isfile(path):
+            raise UserError(f"the {what} {location.display} is a file, not a folder")
     except (ValueError, ImportError) as error:  # an unknown protocol, a malformed URL
         raise UserError(f"{what} {location.display}: {error}") from None
     except (OSError, StorageError) as error:
@@ -326,7 +328,7 @@ def cmd_prime(args: argparse.Namespace) -> int:
         from flows.train_style import prime_photos
 
         refuse_flow_less_options(args, "content_weight", "content_layer")
-        checked_location(args.photos, storage_options_from(args), "photo folder")
+        checked_location(args.photos, storage_options_from(args), "photo folder", folder=True)
 
         device = pick_device(args.device)
         preset_name, _ = pick_preset(args, device)
@@ -422,7 +424,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         refuse_flow_less_options(args)
         options = storage_options_from(args)
-        checked_location(args.photos, options, "photo folder")
+        checked_location(args.photos, options, "photo folder", folder=True)
         style = checked_location(args.style_image, options, "style image")
         style_fs, style_path = style.filesystem()
         try:
@@ -556,9 +558,12 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     model = args.model
     if not is_url(model) and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
+        if Path(model).is_file() and Path(model).name != WEIGHTS_FILE:
+            raise UserError(f"{args.model} is a file: runs on URLs take a model by name or by its folder (the one "
+                            "that holds model.json and model.safetensors)")
     options = storage_options_from(args)
-    source = checked_location(args.source, options, "source")
-    destination = checked_location(args.destination, options, "destination", must_exist=False)
+    source = checked_location(args.source, options, "source", folder=True)
+    destination = checked_location(args.destination, options, "destination", must_exist=False, folder=True)
     try:
         check_apart(source, destination)
         read_model_metadata(model_location(model, model_store_for(args), options))

@@ -57,6 +57,8 @@ def read_model_metadata(location: Location) -> dict:
         text = read_bytes(location.child(METADATA_FILE))
     except FileNotFoundError:
         raise CheckpointError(f"no model at {location.display} ({METADATA_FILE} not found)") from None
+    except (NotADirectoryError, IsADirectoryError):  # a file given as the model's folder, or a folder as its file
+        raise CheckpointError(f"no model at {location.display} (not a model's folder)") from None
     return parse_metadata(text, f"{location.display}/{METADATA_FILE}")
 
 

@@ -142,6 +142,14 @@ def test_failed_shards_exit_non_zero_and_name_the_retry(home, photo_dir, style_i
     (lambda t: ["prime", f"file://{t}/nope"], "photo folder not found"),
     (lambda t: ["train", f"file://{t}/nostyle.jpg", "--photos", f"file://{t}/in", "--name", "x"], "style image not found"),
     (lambda t: ["train", f"file://{t}/in/notes.jpg", "--photos", f"file://{t}/in", "--name", "x"], "cannot read style image"),
+    (lambda t: ["run", f"file://{t}/in/notes.jpg", f"file://{t}/out", "--model", "m"], "source file://"),
+    (lambda t: ["run", f"file://{t}/in", f"file://{t}/in/notes.jpg", "--model", "m"], "is a file, not a folder"),
+    (lambda t: ["train", f"file://{t}/in/notes.jpg", "--photos", f"file://{t}/in/notes.jpg", "--name", "x"],
+     "the photo folder file://"),
+    (lambda t: ["run", f"file://{t}/in", f"file://{t}/out", "--model", str(t / "in" / "notes.jpg")],
+     "notes.jpg is a file: runs on URLs take a model by name or by its folder"),
+    (lambda t: ["run", f"file://{t}/in", f"file://{t}/out", "--model", f"file://{t}/in/notes.jpg"],
+     "not a model's folder"),
 ])
 def test_mistakes_in_urls_are_one_line_before_any_flow_starts(make_args, message, home, tmp_path, capsys):
     (tmp_path / "in").mkdir()
