@@ -16,7 +16,9 @@ from stylecore.losses import LossConfig
 from stylecore.model import UNetConfig
 from stylecore.store import check_model_name
 from stylecore.train import PRESETS, with_overrides
-from tasks.training_tasks import ensure_gpu_limit, model_exists, primed_checkpoint, train_style_task
+from tasks.training_tasks import (
+    check_style_images, ensure_gpu_limit, model_exists, primed_checkpoint, train_style_task,
+)
 from tasks.secrets import StorageSecrets, hide_options, redact, reveal_options
 from tasks.storage import masked_errors
 
@@ -79,6 +81,7 @@ def train_style(
                          "style_layers": style_layers, "content_layer": content_layer}.items():
         if value is not None:
             setattr(loss, field, value)
+    check_style_images(styles, style_size or default_style_size, loss.style_layers, storage_options)
     ensure_gpu_limit()
     primed = primed_checkpoint(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)
     futures = [

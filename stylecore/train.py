@@ -47,8 +47,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.image_size < 16:
             raise ValueError("image_size must be at least 16")
-        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and self.epochs <= 0):
-            raise ValueError("the number of steps or epochs must be positive")
+        if (self.steps is not None and self.steps < 1) or (self.epochs is not None and not 0 < self.epochs < math.inf):
+            raise ValueError("the number of steps or epochs must be positive (and finite)")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be positive")
 

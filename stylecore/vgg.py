@@ -35,6 +35,22 @@ class VGGWeightsError(Exception):
     """The VGG weights cannot be found, read or used as asked."""
 
 
+def style_image_problem(width: int, height: int, style_size: int, style_layers: list[str] | None) -> str | None:
+    """Why a style image of ``width`` x ``height``, shrunk to ``style_size`` on its long side, cannot give Gram
+    matrices at ``style_layers`` (None: the defaults, down to relu4_x at most), or None. VGG halves an image at
+    each pooling before a layer (three before relu4_x): a side of fewer pixels than that leaves nothing."""
+    blocks = [int(match.group(1)) for layer in (style_layers or JOHNSON_LAYERS)
+              if (match := re.match(r"(?:relu|conv)(\d+)_", layer))]
+    deepest = max(blocks, default=1)
+    needed = 2 ** (deepest - 1)
+    scale = min(1.0, style_size / max(width, height))
+    short = max(1, round(min(width, height) * scale))
+    if short >= needed:
+        return None
+    return (f"is {width}x{height}: with its long side at most {style_size} px its short side is {short} px, and "
+            f"VGG's block {deepest} layers need at least {needed}; use a larger or less elongated image, or a larger style size (--style-size)")
+
+
 _TORCHVISION_CFG = {"vgg16": "D", "vgg19": "E"}
 
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from stylecore import images as image_io
 from stylecore.checkpoint import WEIGHTS_FILE, CheckpointError, load_model, read_metadata, save_model
+from stylecore.engine import MAX_OUTPUT_SIDE
 from stylecore.evaluate import contact_sheet, evaluate
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
 from stylecore.model import NORMS, UNet, UNetConfig
@@ -38,7 +39,7 @@ from stylecore.recipes import content_term, photos_fingerprint, priming_key, run
 from stylecore.store import HOME_VARIABLE, ModelStore, default_home
 from stylecore.stylize import stylize_batch
 from stylecore.train import PRESETS, Preset, TrainConfig, TrainingDiverged, with_overrides
-from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, VGGWeightsError, load_vgg
+from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, VGGWeightsError, load_vgg, style_image_problem
 from tasks import manifest
 from tasks.bucket import (
     AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, MANIFEST_NAME, SAME_FORMAT, ShardOptions, check_apart,
@@ -375,6 +376,10 @@ def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photo
     photos, fingerprint = read_photos(photos_dir, args.limit, args.quiet)
     loss_config = loss_config_from(args)
     vgg = load_vgg_for(args, loss_config)
+    problem = style_image_problem(*style_image.size, style_size,
+                                  loss_config.style_layers or vgg.source.default_layers()[0])
+    if problem:
+        raise UserError(f"style image {style_path} {problem}")
 
     if args.primed:
         primed_path = store.resolve(str(args.primed))
@@ -428,14 +433,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         style = checked_location(args.style_image, options, "style image")
         style_fs, style_path = style.filesystem()
         try:
-            image_io.decode_image(style_fs.cat_file(style_path))
+            style_image = image_io.decode_image(style_fs.cat_file(style_path))
         except image_io.ImageDecodeError as error:
             raise UserError(f"cannot read style image {style.display}: {error}") from None
         except IsADirectoryError:
             raise UserError(f"style image {style.display} is a folder") from None
         device = pick_device(args.device)
-        preset_name, _ = pick_preset(args, device)
+        preset_name, preset = pick_preset(args, device)
         loss = loss_config_from(args)
+        problem = style_image_problem(*style_image.size, args.style_size or preset.style_size, loss.style_layers)
+        if problem:
+            raise UserError(f"style image {style.display} {problem}")
         weights = vgg_weights_path(args)
         if is_url(weights):
             checked_location(weights, options, "VGG weights")
@@ -626,16 +634,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     store = ModelStore(args.home)
     model, metadata, path = load_style_model(store, args.model, device)
     evaluation, photos, _ = evaluate_model(args, model, metadata, path, args.photos, device)
+    if args.sheet:  # first: a sheet that cannot be written is the command's one line, with nothing printed before
+        write_contact_sheet(model, photos[: args.sheet_rows], args.sheet)
     if args.json:
-        print(json.dumps({**evaluation.to_dict(), "model_path": str(path)}))
+        sheet = {"sheet": str(args.sheet)} if args.sheet else {}
+        print(json.dumps({**evaluation.to_dict(), "model_path": str(path), **sheet}))
     else:
         print_evaluation(evaluation)
-    if args.sheet:
-        try:
-            write_contact_sheet(model, photos[: args.sheet_rows], args.sheet)
-        except OSError as error:
-            raise UserError(f"cannot write the contact sheet {args.sheet}: {error.strerror or error}") from None
-        print(f"contact sheet: {args.sheet}")
+        if args.sheet:
+            print(f"contact sheet: {args.sheet}")
     return 0
 
 
@@ -671,22 +678,43 @@ def print_evaluation(evaluation) -> None:
     print(f"{'identity':10}{evaluation.identity.style:>16.4f}{evaluation.identity.content:>18.4f}")
 
 
+SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+
+
 def write_contact_sheet(model: UNet, photos: list[Image.Image], out: Path) -> None:
+    """The photos beside their stylised versions, written beside ``out`` and then renamed onto it: a sheet that
+    fails (too large for its format, an interrupt) leaves an earlier one as it was."""
     rows = []
     for photo in photos:
         small = image_io.resize_long_side(photo, 512)
         output = stylize_batch(model, image_io.image_to_tensor(small).unsqueeze(0))[0].cpu()
         rows.append([small, image_io.tensor_to_image(output)])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    contact_sheet(rows).save(out)
+    sheet = contact_sheet(rows)
+    fmt = SHEET_FORMATS[out.suffix.lower()]
+    longest = max(sheet.size)
+    if longest > MAX_OUTPUT_SIDE[fmt]:
+        raise UserError(f"the contact sheet would be {sheet.width}x{sheet.height} px, more than {fmt} holds "
+                        f"({MAX_OUTPUT_SIDE[fmt]:,} a side): choose fewer --sheet-rows or a .png sheet")
+    temporary = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        sheet.save(temporary, fmt)
+        os.replace(temporary, out)
+    except OSError as error:
+        raise UserError(f"cannot write the contact sheet {out}: {error.strerror or error}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
     store = ModelStore(args.home)
     models = store.list()
     if args.json:
+        # the name is the folder's (what --model takes); the metadata's own name, if it differs, is "trained_as"
         print(json.dumps([{"name": n, "path": str(store.models / n),
-                           **{k: v for k, v in m.items() if k != "history"}} for n, m in models]))
+                           **{("trained_as" if k == "name" else k): v for k, v in m.items() if k != "history"}}
+                          for n, m in models]))
         return 0
     if not models:
         print(f"no models in {store.models}")
@@ -712,6 +740,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     photos_dir = args.photos or assets / "photos"
     style_path = args.style or assets / "style_swirls.jpg"
     check_output_folder(args.out, "--out")
+    for name in ("contact_sheet.png", "evaluation.json"):
+        if (args.out / name).is_dir():
+            raise UserError(f"--out {args.out}: {args.out / name} is a folder; the demo writes a file there")
     check_writable_home(args.home)
     if photos_dir.is_dir() and args.out.resolve().is_relative_to(photos_dir.resolve()):
         raise UserError(f"--out {args.out} lies inside the photo folder {photos_dir}: its outputs would be taken "
@@ -735,7 +766,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         progress_bar.close()
     evaluation, photos, _ = evaluate_model(args, model, metadata, path, photos_dir, device)
     write_contact_sheet(model, photos[:6], out / "contact_sheet.png")
-    (out / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=2) + "\n")
+    try:
+        (out / "evaluation.json").write_text(json.dumps(evaluation.to_dict(), indent=2) + "\n")
+    except OSError as error:
+        raise UserError(f"cannot write {out / 'evaluation.json'}: {error.strerror or error}") from None
     print_evaluation(evaluation)
     print(f"model:          {destination}")
     print(f"stylized:       {stylized} ({summary['counts']['ok'] + summary['counts']['skipped']} images, "
@@ -765,6 +799,7 @@ quality = checked("quality", int, lambda value: 1 <= value <= 100, "between 1 an
 non_negative_float = checked("non_negative_float", float, lambda value: 0 <= value < math.inf,  # nan fails too
                              "a finite number, zero or more")
 positive_float = checked("positive_float", float, lambda value: 0 < value < math.inf, "a finite number above zero")
+epochs = checked("epochs", float, lambda value: 0 < value <= 1_000_000, "above 0 and at most 1,000,000")
 seed = checked("seed", int, lambda value: 0 <= value < 2**63, "between 0 and 2**63 - 1")
 image_side = checked("image_side", int, lambda value: value >= 32, "at least 32 pixels (VGG's pooling needs them)")
 # The stylize-bucket flow's bounds, so that a URL run refuses what a folder run refuses.
@@ -810,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "default auto = full on CUDA, fast on CPU")
     length = training.add_mutually_exclusive_group()
     length.add_argument("--steps", type=positive_int, help="training steps (overrides the preset; or --epochs)")
-    length.add_argument("--epochs", type=positive_float,
+    length.add_argument("--epochs", type=epochs,
                         help="training epochs over the photos (overrides the preset; or --steps)")
     training.add_argument("--image-size", type=image_side, help="side of the square training crops")
     training.add_argument("--batch-size", type=positive_int, help="training batch size")
@@ -978,13 +1013,18 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _interrupted) if in_main_thread else None
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
+        return status
     except (UserError, CheckpointError, VGGWeightsError) as error:
         print(f"stylize: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("stylize: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`stylize models | head -1`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor fail flushing stdout at exit
+        return 1
     except TrainingDiverged as error:
         print(f"stylize: error: {error}", file=sys.stderr)
         return 1

@@ -31,7 +31,7 @@ from stylecore.losses import LossConfig, layers_needed
 from stylecore.model import UNetConfig
 from stylecore.recipes import photos_fingerprint, priming_key, run_priming, run_style_training
 from stylecore.train import TrainConfig
-from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, load_vgg
+from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, load_vgg, style_image_problem
 
 from .models import default_device, is_complete, load_model_from, save_model_to
 from .secrets import StorageSecrets, reveal_options
@@ -118,6 +118,28 @@ def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, tr
     save_model_to(target, model, metadata)
     logger.info("primed in %.1fs: %s", metadata["training_seconds"], target.display)
     return target.url
+
+
+@task(name="check-style-images", cache_policy=NO_CACHE)
+@masking_errors
+def check_style_images(styles: list[str], style_size: int, style_layers: list[str] | None,
+                       storage_options: StorageSecrets | dict | None = None) -> None:
+    """Refuse a style image that cannot be read, or that VGG's pooling would shrink to nothing at
+    ``style_size``, in one sentence, before any priming."""
+    options = reveal_options(storage_options)
+    for style in styles:
+        location = Location(style, options)
+        try:
+            image = decode_image(read_bytes(location))
+        except FileNotFoundError:
+            raise ValueError(f"style image not found: {location.display}") from None
+        except (IsADirectoryError, NotADirectoryError):
+            raise ValueError(f"style image {location.display} is a folder, not an image file") from None
+        except ImageDecodeError as error:
+            raise ValueError(f"style image {location.display} is not a readable image: {error}") from None
+        problem = style_image_problem(*image.size, style_size, style_layers)
+        if problem:
+            raise ValueError(f"style image {location.display} {problem}")
 
 
 @task(name="train-style", task_run_name="train-style-{name}", cache_policy=NO_CACHE)

@@ -168,6 +168,9 @@ def test_run_writes_png_and_can_leave_existing_outputs(trained, photo_dir, tmp_p
     same = tmp_path / "same"  # format names in any case, as with PNG or JPG
     assert main(["run", str(photo_dir), str(same), "--model", "swirls", "--format", "Same", "--quiet"]) == 0
     assert {p.suffix for p in same.rglob("*") if p.is_file() and p.suffix != ".parquet"} <= {".jpg", ".png"}
+    # a limit far above any file ("no limit") is no reason to set that much memory aside
+    assert main(["run", str(photo_dir), str(tmp_path / "unlimited"), "--model", "swirls", "--max-bytes",
+                 str(2**62), "--quiet"]) == 0
 
 
 def test_run_with_a_small_pixel_budget_tiles_large_images_into_the_same_pictures(trained, bundled_photos, tmp_path):
@@ -187,8 +190,8 @@ def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(tr
     sheet = tmp_path / "sheet.png"
     assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--sheet", str(sheet), "--json",
                  "--quiet"]) == 0
-    result = json.loads(capsys.readouterr().out.splitlines()[0])
-    assert result["images"] == 5 and result["model_path"] == str(trained)
+    result = json.loads(capsys.readouterr().out)  # one JSON object, the sheet named in it
+    assert result["images"] == 5 and result["model_path"] == str(trained) and result["sheet"] == str(sheet)
     assert result["identity"]["content"] == 0.0
     assert result["identity"]["style"] > 0 and result["model"]["style"] > 0
     by_layer = result["model_style_by_layer"]  # equal layer weights: the style distance is their mean
@@ -200,6 +203,18 @@ def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(tr
     assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--sheet", str(tmp_path / "a_folder.png"),
                  "--quiet"]) == 2
     assert "cannot write the contact sheet" in capsys.readouterr().err
+
+    # a sheet too tall for WebP (16,383 px a side) is refused; the sheet already there is left as it was
+    many = tmp_path / "many"
+    many.mkdir()
+    for index in range(64):
+        Image.new("RGB", (32, 24), (index * 4, 90, 160)).save(many / f"p{index:02}.jpg")
+    (tmp_path / "old.webp").write_bytes(b"an earlier sheet")
+    assert main(["eval", "--model", "swirls", "--photos", str(many), "--sheet", str(tmp_path / "old.webp"),
+                 "--sheet-rows", "64", "--image-size", "32", "--quiet"]) == 2
+    assert "more than WEBP holds" in one_error_line(capsys)
+    assert (tmp_path / "old.webp").read_bytes() == b"an earlier sheet"
+    assert [path.name for path in tmp_path.iterdir() if "partial" in path.name] == []
 
 
 def test_a_model_store_that_cannot_be_written_is_refused_before_any_training(photo_dir, style_image, tmp_path, capsys):
@@ -219,12 +234,31 @@ def test_a_style_image_too_thin_for_vgg_is_refused_before_any_training(home, pho
     assert not (home / "primed").exists()
 
 
+def test_a_style_image_too_small_for_vgg_at_its_style_size_is_refused_before_any_training(home, photo_dir, tmp_path,
+                                                                                         capsys):
+    Image.new("RGB", (3, 3), "orange").save(tmp_path / "tiny.png")
+    assert main(["train", str(tmp_path / "tiny.png"), "--photos", str(photo_dir), "--name", "tiny", *TINY]) == 2
+    assert "short side is 3 px" in one_error_line(capsys)
+    assert not (home / "primed").exists()
+
+
 def test_models_lists_trained_models(trained, capsys):
     assert main(["models"]) == 0
     assert "swirls" in capsys.readouterr().out
     assert main(["models", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [m["name"] for m in listed] == ["swirls"] and "history" not in listed[0]
+    # a copy under another name is listed by the name --model takes; the name it was trained as is kept apart
+    shutil.copytree(trained, trained.parent / "swirls-copy")
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [(m["name"], m["trained_as"]) for m in listed] == [("swirls", "swirls"), ("swirls-copy", "swirls")]
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(trained):
+    reader_gone = subprocess.run(f"{sys.executable} -m stylize.cli models --json | true", shell=True,
+                                 capture_output=True, text=True, env={**os.environ, "STYLIZE_HOME": str(trained.parent.parent)})
+    assert "Traceback" not in reader_gone.stderr and "BrokenPipeError" not in reader_gone.stderr
 
 
 def test_demo_runs_the_whole_job(home, tmp_path, capsys):
@@ -294,7 +328,8 @@ def test_a_model_is_replaced_whole_and_a_half_written_one_is_never_listed(traine
     (["run", "a", "b", "--model", "m", "--batch-size", "0"], "must be between 1 and 65536"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--lr", "nan"], "must be a finite number above zero"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--lr", "-1"], "must be a finite number above zero"),
-    (["train", "s.jpg", "--photos", "p", "--name", "x", "--epochs", "0"], "must be a finite number above zero"),
+    (["train", "s.jpg", "--photos", "p", "--name", "x", "--epochs", "0"], "must be above 0 and at most 1,000,000"),
+    (["prime", "p", "--epochs", "1e308"], "must be above 0 and at most 1,000,000"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--seed", "99999999999999999999"], "must be between 0"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--style-size", "1"], "must be at least 32 pixels"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--style-weight", "inf"], "must be a finite number"),

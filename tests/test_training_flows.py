@@ -18,7 +18,7 @@ from flows.style_pipeline import style_pipeline
 from flows.train_style import train_style
 from stylecore.model import UNet, UNetConfig
 from tasks.models import read_model_metadata, save_model_to
-from tasks.storage import Location
+from tasks.storage import Location, write_bytes
 from tasks.training_tasks import primed_checkpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -97,6 +97,16 @@ def test_loss_weights_that_are_not_finite_and_positive_are_refused_before_any_pr
     with pytest.raises(ParameterTypeError, match=next(iter(bad))):
         train_style([bucket.child("styles/swirls.jpg").url], bucket.child("train").url, str(tmp_path / "store"),
                     storage_options=gcs_emulator, **TINY, **bad)
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_style_image_vgg_would_shrink_to_nothing_is_refused_before_any_priming(bucket, gcs_emulator, tmp_path):
+    buffer = io.BytesIO()
+    Image.new("RGB", (600, 8), "orange").save(buffer, "PNG")
+    write_bytes(bucket.child("styles/thin.png"), buffer.getvalue())
+    with pytest.raises(ValueError, match="short side is 3 px"):
+        train_style([bucket.child("styles/thin.png").url], bucket.child("train").url, str(tmp_path / "store"),
+                    storage_options=gcs_emulator, **TINY)
     assert not (tmp_path / "store").exists()
 
 

@@ -70,3 +70,13 @@ def test_unusable_weight_files_are_refused_clearly(tmp_path):
     save_file({"encoder.weight": torch.zeros(2)}, str(wrong))
     with pytest.raises(VGGWeightsError, match="not a VGG features state dict"):
         load_vgg(wrong)
+
+
+def test_a_style_image_needs_a_pixel_left_at_its_deepest_style_layer():
+    from stylecore.vgg import style_image_problem
+
+    # three poolings before relu4_x: 8 px is the least; relu3_1 needs 4; the image is shrunk to the style size first
+    assert style_image_problem(256, 8, 256, ["relu1_2", "relu4_3"]) is None
+    assert "short side is 7 px" in style_image_problem(256, 7, 256, ["relu1_2", "relu4_3"])
+    assert style_image_problem(256, 4, 256, ["relu1_1", "relu3_1"]) is None
+    assert "short side is 4 px" in style_image_problem(512, 8, 256, None)
