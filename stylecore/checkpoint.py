@@ -60,6 +60,8 @@ def read_metadata(path: str | Path) -> dict:
         text = metadata_path.read_bytes()
     except FileNotFoundError:
         raise CheckpointError(f"no checkpoint metadata at {metadata_path}") from None
+    except (IsADirectoryError, NotADirectoryError):
+        raise CheckpointError(f"{metadata_path} is not a file") from None
     return parse_metadata(text, f"checkpoint metadata {metadata_path}")
 
 
@@ -71,6 +73,8 @@ def parse_metadata(text: bytes | str, where: str) -> dict:
         raise CheckpointError(f"{where} is not valid JSON: {error}") from None
     if not isinstance(metadata, dict):
         raise CheckpointError(f"{where} is not a JSON object")
+    if not isinstance(metadata.get("name", ""), str):  # it names the model's outputs and manifest rows
+        raise CheckpointError(f"{where}: its \"name\" is not text")
     return metadata
 
 

@@ -28,6 +28,8 @@ def check_model_name(name: str) -> str:
         raise ValueError(
             f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)"
         )
+    if name.lower().endswith(".safetensors"):  # it would be taken for a weights file, never for the model's folder
+        raise ValueError(f"invalid model name {name!r}: it must not end in .safetensors")
     return name
 
 
@@ -55,7 +57,8 @@ class ModelStore:
         in_store = self.models / name_or_path
         stored = _NAME.match(name_or_path) is not None and name_or_path not in (".", "..") \
             and (in_store / METADATA_FILE).is_file()
-        if path.exists() and not (stored and path.is_dir() and not (path / METADATA_FILE).is_file()):
+        a_model = (path.is_dir() and (path / METADATA_FILE).is_file()) or (path.is_file() and path.suffix == ".safetensors")
+        if path.exists() and (a_model or not stored):
             return path
         if stored:
             return in_store

@@ -606,11 +606,13 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
 def check_writable_home(home: Path) -> None:
     """Refuse, before any training, a model store that cannot be written: its checkpoints are written after it."""
     try:
-        Path(home).mkdir(parents=True, exist_ok=True)
+        for folder in ("models", "primed", "runs/prime", "runs/train"):  # a file where one goes fails after training
+            (Path(home) / folder).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=home):
             pass
     except OSError as error:
-        raise UserError(f"the model store {home} cannot be written ({error.strerror or error}); "
+        where = f": {error.filename}" if error.filename else ""
+        raise UserError(f"the model store {home} cannot be written ({error.strerror or error}{where}); "
                         "choose another with --home or $STYLIZE_HOME") from None
 
 

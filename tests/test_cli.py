@@ -231,7 +231,7 @@ def test_a_style_image_too_thin_for_vgg_is_refused_before_any_training(home, pho
     Image.new("RGB", (500, 2), "orange").save(tmp_path / "thin.png")
     assert main(["train", str(tmp_path / "thin.png"), "--photos", str(photo_dir), "--name", "thin", *TINY]) == 2
     assert "at most 8 times longer than wide" in one_error_line(capsys)
-    assert not (home / "primed").exists()
+    assert not list((home / "primed").glob("*"))  # nothing primed
 
 
 def test_a_style_image_too_small_for_vgg_at_its_style_size_is_refused_before_any_training(home, photo_dir, tmp_path,
@@ -239,7 +239,7 @@ def test_a_style_image_too_small_for_vgg_at_its_style_size_is_refused_before_any
     Image.new("RGB", (3, 3), "orange").save(tmp_path / "tiny.png")
     assert main(["train", str(tmp_path / "tiny.png"), "--photos", str(photo_dir), "--name", "tiny", *TINY]) == 2
     assert "short side is 3 px" in one_error_line(capsys)
-    assert not (home / "primed").exists()
+    assert not list((home / "primed").glob("*"))  # nothing primed
 
 
 def test_models_lists_trained_models(trained, capsys):
@@ -375,6 +375,36 @@ def test_files_where_folders_belong_and_broken_model_files_are_one_line_errors(t
     (odd / "model.json").write_text("[1]")
     assert main(["models"]) == 0
     assert "odd" in capsys.readouterr().out
+    (tmp_path / "no-file" / "model.json").mkdir(parents=True)
+    assert main(["run", str(photo_dir), str(tmp_path / "o2"), "--model", str(tmp_path / "no-file")]) == 2
+    assert "model.json is not a file" in one_error_line(capsys)
+    unnamed = trained.parent / "unnamed"
+    shutil.copytree(trained, unnamed)
+    (unnamed / "model.json").write_text(json.dumps({**json.loads((trained / "model.json").read_text()), "name": 7}))
+    assert main(["run", str(photo_dir), str(tmp_path / "o3"), "--model", "unnamed"]) == 2
+    assert '"name" is not text' in one_error_line(capsys)
+
+
+def test_a_stored_model_is_found_by_name_whatever_the_current_folder_holds(trained, photo_dir, tmp_path, monkeypatch,
+                                                                         capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "swirls").write_text("notes that happen to share the model's name")
+    assert main(["run", str(photo_dir), str(tmp_path / "out"), "--model", "swirls", "--quiet"]) == 0
+    assert "written" in capsys.readouterr().out
+
+
+def test_a_model_store_with_a_file_where_its_folders_go_is_refused_before_any_training(photo_dir, style_image,
+                                                                                      tmp_path, capsys):
+    for folder in ("models", "primed", "runs"):
+        home = tmp_path / folder
+        home.mkdir()
+        (home / folder).write_text("in the way")
+        assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "x", "--home", str(home),
+                     *TINY]) == 2
+        line = one_error_line(capsys)
+        assert "cannot be written" in line and str(home / folder) in line
+    assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "x.safetensors", *TINY]) == 2
+    assert "must not end in .safetensors" in one_error_line(capsys)
 
 
 def run_console_script(*args, env_extra=None, tmp_path):
