@@ -38,7 +38,7 @@ from stylecore.model import UNet
 from . import manifest
 from .lease import DestinationLease
 from .storage import (
-    IMAGE_EXTENSIONS, InputError, InsideCheck, Listed, Location, StorageError, is_file, list_files, read_input, remove,
+    IMAGE_EXTENSIONS, InputError, InsideCheck, Listed, Location, StorageError, file_size, list_files, read_input, remove,
     remove_partial_files, write_bytes,
 )
 
@@ -325,6 +325,13 @@ def stylize_shard(
             return (earlier is not None and earlier["output_uri"] == output_location(key, model).display
                     and earlier.get("model_weights") not in (None, weights[model]))
 
+        def still_there(key: str, model: str) -> bool:
+            """Whether the output is a file of the size its row recorded: one written over since (by a run from
+            another source with a photo of the same name, say) is done again."""
+            size = file_size(output_location(key, model))
+            earlier = recorded(key, model)
+            return size is not None and (earlier is None or earlier.get("output_bytes") in (None, size))
+
         # What is already done (an earlier ok/skipped row and its output still there) is skipped.
         def done_models(index: int) -> tuple[list[str], str | None]:
             key = shard.keys[index]
@@ -335,7 +342,7 @@ def stylize_shard(
             return [name for name in models
                     if (recorded(key, name) is not None
                         or options.skip_existing and not made_by_other_weights(key, name))
-                    and is_file(output_location(key, name))], shard.problem(index)
+                    and still_there(key, name)], shard.problem(index)
 
         todo: list[_Input] = []
         # Only an earlier run's rows (or skip_existing) send the check to storage; otherwise a thread per image
@@ -530,7 +537,6 @@ def carry_over_rows(source: Location, destination: Location, shards: list[Shard]
     recorded = _recorded_shard_ids(destination)
     if recorded is None:
         return 0  # a destination never written to
-    _check_one_source(source, destination, recorded)
     current = {shard.shard_id for shard in shards}
     lacking = [shard for shard in shards if shard.shard_id not in recorded]
     if not lacking:
@@ -562,22 +568,6 @@ def carry_over_rows(source: Location, destination: Location, shards: list[Shard]
 _SHARD_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
-def _check_one_source(source: Location, destination: Location, recorded: set[str]) -> None:
-    """Refuse a destination that holds the records of another source's runs (a few shards' records are read).
-    Outputs are named by their path under the source: a second source's photos would overwrite the first's of the
-    same names, whose rows would then call those outputs done."""
-    prefix = source.display.rstrip("/") + "/"
-    for shard_id in sorted(recorded)[:3]:
-        for table in _shard_record(destination, shard_id):
-            first = table.column("input_uri").to_pylist()[:1]
-            if first and not first[0].startswith(prefix):
-                raise StorageError(
-                    f"{destination.display} holds the outputs of another source's run (its records name {first[0]}): "
-                    "outputs are named by their path under the source, so this run's could overwrite those and be "
-                    "taken for them; choose another destination (or remove its "
-                    f"{PARTS_FOLDER} folder to let this run replace what is there)")
-
-
 def _recorded_shard_ids(destination: Location) -> set[str] | None:
     """Ids of the shards with a part or a journal in the destination; None when it has no parts folder."""
     fs, parts = destination.child(PARTS_FOLDER).filesystem()
@@ -599,8 +589,7 @@ def _shard_record(destination: Location, shard_id: str) -> list:
 def _prune_records(source: Location, destination: Location, shard_ids: set[str]) -> int:
     """Remove the records of this source's shards that are no longer in its listing, once every current shard has
     its part: the rows of their unchanged inputs were carried into the current shards, so keeping them would only
-    make every later carry-over read more. Records of another source's runs (destinations written before runs
-    from a second source were refused) stay.
+    make every later carry-over read more. Records of another source's runs into the same destination stay.
     Returns how many shards' records were removed."""
     prefix = source.display.rstrip("/") + "/"
     removed = 0

@@ -223,10 +223,14 @@ def exists(location: Location) -> bool:
     return fs.exists(path)
 
 
-def is_file(location: Location) -> bool:
-    """Whether a file (an object) is there: not a folder, not a prefix."""
+def file_size(location: Location) -> int | None:
+    """The size of the file (the object) there, or None where there is none: nothing, a folder or a prefix."""
     fs, path = location.filesystem()
-    return fs.isfile(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    return int(info.get("size") or 0) if info.get("type") == "file" else None
 
 
 def list_files(location: Location, extensions: tuple[str, ...] = IMAGE_EXTENSIONS,

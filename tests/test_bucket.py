@@ -352,16 +352,21 @@ def test_after_an_interrupted_run_new_inputs_early_in_the_listing_do_not_cost_it
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
     fill(source, {f"img{index:02}.jpg": jpeg((index * 20, 90, 200)) for index in range(12)})
     models, options = {"m": tiny_model()}, ShardOptions(batch_size=4)
+    other = Location(str(tmp_path / "other"))  # another source's run into the same destination: its records stay
+    fill(other, {"zzz.jpg": jpeg("white")})
+    [other_shard] = list_shards(other, 4)
+    run_shards(other, destination, models, options, 4)
     # An interrupted run: two of its three shards finished, and it never wrote a manifest.
     for shard in list_shards(source, 4)[:2]:
         stylize_shard(shard, source, destination, models, options)
 
+    (tmp_path / "out" / "manifest.parquet").unlink()  # the other source's: this source's run never wrote one
     fill(source, {"aaa.jpg": jpeg("red")})  # every shard gets a new id
     again = run_shards(source, destination, models, options, 4)
     assert again["counts"] == {"ok": 5, "skipped": 8, "error": 0}  # the new image and the unfinished shard's four
     assert again["pruned_shard_records"] == 2  # the interrupted run's records, now carried into the new shards
     parts = sorted(path.name for path in (tmp_path / "out" / PARTS_FOLDER).glob("*.parquet"))
-    assert parts == sorted(f"{shard.shard_id}.parquet" for shard in list_shards(source, 4))
+    assert parts == sorted(f"{shard.shard_id}.parquet" for shard in [*list_shards(source, 4), other_shard])
     assert run_shards(source, destination, models, options, 4)["counts"] == {"ok": 0, "skipped": 13, "error": 0}
 
 
@@ -458,20 +463,22 @@ def test_names_that_look_like_query_parameters_stay_distinct_in_the_manifest(tmp
     assert sorted(row["output_uri"].rsplit("/", 1)[1] for row in rows) == sorted(names)
 
 
-def test_a_destination_holding_another_sources_outputs_is_refused(tmp_path):
-    # both sources hold img0.jpg: the second run would overwrite the first's output, whose row would call it done
+def test_an_output_written_over_by_a_run_from_another_source_is_done_again(tmp_path):
+    # both sources hold img0.jpg: the second run writes over the first's output, whose row then no longer holds
     from tasks.bucket import run_shards
 
     first, second = Location(str(tmp_path / "a")), Location(str(tmp_path / "b"))
     destination = Location(str(tmp_path / "out"))
-    fill(first, {"img0.jpg": jpeg("red")})
-    fill(second, {"img0.jpg": jpeg("green"), "img1.jpg": jpeg("blue")})
-    run_shards(first, destination, {"m": tiny_model()}, ShardOptions(batch_size=2), 10)
-    before = (tmp_path / "out" / "img0.jpg").read_bytes()
-    with pytest.raises(StorageError, match="holds the outputs of another source's run"):
-        run_shards(second, destination, {"m": tiny_model()}, ShardOptions(batch_size=2), 10)
-    assert (tmp_path / "out" / "img0.jpg").read_bytes() == before
-    assert run_shards(first, destination, {"m": tiny_model()}, ShardOptions(batch_size=2), 10)["counts"]["skipped"] == 1
+    fill(first, {"img0.jpg": jpeg("red", (20, 14))})
+    fill(second, {"img0.jpg": jpeg("green", (40, 30)), "img1.jpg": jpeg("blue")})
+    options = ShardOptions(batch_size=2)
+    run_shards(first, destination, {"m": tiny_model()}, options, 10)
+    run_shards(second, destination, {"m": tiny_model()}, options, 10)
+    again = run_shards(first, destination, {"m": tiny_model()}, options, 10)
+    assert again["counts"] == {"ok": 1, "skipped": 0, "error": 0}
+    with Image.open(tmp_path / "out" / "img0.jpg") as output:
+        assert output.size == (20, 14)
+    assert run_shards(first, destination, {"m": tiny_model()}, options, 10)["counts"]["skipped"] == 1
 
 
 def test_a_shard_larger_than_the_read_ahead_window_loses_no_image(tmp_path):
