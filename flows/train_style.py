@@ -14,7 +14,7 @@ from pydantic import Field
 
 from stylecore.losses import LossConfig
 from stylecore.model import UNetConfig
-from stylecore.store import check_model_name
+from stylecore.store import check_new_model_name
 from stylecore.train import PRESETS, with_overrides
 from tasks.training_tasks import (
     check_style_images, ensure_gpu_limit, model_exists, primed_checkpoint, train_style_task,
@@ -66,7 +66,7 @@ def train_style(
     if len(names) != len(styles):
         raise ValueError(f"{len(names)} names given for {len(styles)} styles")
     for name in names:
-        check_model_name(name)
+        check_new_model_name(name)
     if len(set(names)) != len(names):
         raise ValueError(f"two styles would be saved under one name: {names}")
     if not replace:

@@ -28,7 +28,14 @@ def check_model_name(name: str) -> str:
         raise ValueError(
             f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)"
         )
-    if name.lower().endswith(".safetensors"):  # it would be taken for a weights file, never for the model's folder
+    return name
+
+
+def check_new_model_name(name: str) -> str:
+    """A name for a model about to be trained: a valid name that a path could not take for a weights file (a
+    model named "x.safetensors" trained, then could never be loaded from its folder)."""
+    check_model_name(name)
+    if name.lower().endswith(".safetensors"):
         raise ValueError(f"invalid model name {name!r}: it must not end in .safetensors")
     return name
 
@@ -42,7 +49,8 @@ class ModelStore:
         return self.root / "models"
 
     def model_dir(self, name: str) -> Path:
-        return self.models / check_model_name(name)
+        """The folder a model of this new name is trained into."""
+        return self.models / check_new_model_name(name)
 
     def primed_dir(self, key: str) -> Path:
         return self.root / "primed" / key

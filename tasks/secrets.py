@@ -18,7 +18,7 @@ MASK = "***"
 # Option and query-parameter names whose values are credentials (matched as substrings, case-insensitive).
 SENSITIVE_NAMES = ("token", "secret", "password", "passwd", "credential", "signature", "key", "auth", "sig",
                    "sas", "session")
-_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]*://)(?P<userinfo>[^/@\s?#]+)@")
+_USERINFO = re.compile(r"(?<![a-zA-Z0-9+.\-])(?P<scheme>[a-zA-Z][a-zA-Z0-9+.\-]{0,31}://)(?P<userinfo>[^/@\s?#]+)@")
 _QUERY_PARAMETER = re.compile(r"(?P<name>[?&;](?P<key>[^=&#\s]+)=)(?P<value>[^&#\s]*)")
 
 
@@ -64,11 +64,17 @@ def redact(text: Any, options: Any = None) -> str:
 
 
 def _in_query(match: re.Match) -> bool:
-    """Whether a ``[?&;]name=value`` match is in a URL's query: it opens it, or a "?" comes before it in the same
-    URL. Without one, "&" and ";" are parts of a name ("cam;key=front.jpg"), which must stay as it is."""
-    if match.string[match.start()] == "?":
+    """Whether a ``[?&;]name=value`` match is a URL's parameter: it opens a query, or comes after the "?" of the
+    URL (or word) it is in, or is in a web URL at all (``;jsessionid=`` in its path). Elsewhere "&" and ";" are
+    parts of a name ("cam;key=front.jpg" in a folder or a bucket), which must stay as it is."""
+    text, at = match.string, match.start()
+    if text[at] == "?":
         return True
-    return "?" in re.search(r"\S*$", match.string[:match.start()]).group()
+    scheme = text.rfind("://", 0, at)
+    word = max(text.rfind(space, 0, at) for space in " \t\n") + 1
+    if scheme >= word and text[max(word, scheme - 5):scheme].lower().endswith(("http", "https")):
+        return True
+    return "?" in text[scheme if scheme >= 0 else word:at]
 
 
 def hide_options(options: dict | StorageSecrets | None) -> StorageSecrets | None:

@@ -12,6 +12,7 @@ import functools
 import inspect
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, NamedTuple
@@ -95,12 +96,21 @@ def join(url: str, relative: str) -> str:
     return url.rstrip("/") + "/" + relative if relative else url
 
 
+_CHAIN_LINK = re.compile(r"::([A-Za-z][A-Za-z0-9+.-]*)(://|::|$)")
+
+
+def _is_chained(url: str) -> bool:
+    """Whether a link after a "::" names a file system: "::file://…", or a bare known protocol ("::zip")."""
+    return any(match.group(2) == "://" or match.group(1) in fsspec.available_protocols()
+               for match in _CHAIN_LINK.finditer(url))
+
+
 def _url_filesystem(url: str, options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
     """``url_to_fs``, but where the URL is not a chain of file systems, "::" in it is part of a name: fsspec reads
-    every "::" as a link of a chain, so an object named "10::30 sunrise.jpg" led to "…/10". (A chained URL, such as
-    "simplecache::gs://…", is fsspec's to parse, names and all.)"""
+    every "::" as a link of a chain, so an object named "10::30 sunrise.jpg" led to "…/10". A chained URL
+    ("simplecache::gs://…", "zip://member::file://…": a link that names a protocol) is fsspec's to parse."""
     protocol, separator, _ = url.partition("://")
-    if not separator or "::" in protocol:
+    if not separator or "::" in protocol or _is_chained(url):
         return url_to_fs(url, **options)
     cls = fsspec.get_filesystem_class(protocol)
     return fsspec.filesystem(protocol, **{**cls._get_kwargs_from_urls(url), **options}), cls._strip_protocol(url)

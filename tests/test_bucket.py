@@ -197,6 +197,16 @@ def test_object_names_with_url_like_characters_are_stylised_like_any_other(gcs_e
     assert set(read_outputs(destination)) == set(names)
 
 
+def test_chained_urls_still_reach_into_archives(tmp_path):
+    import zipfile
+
+    from tasks.storage import read_bytes
+
+    with zipfile.ZipFile(tmp_path / "styles.zip", "w") as archive:
+        archive.writestr("starry.jpg", jpeg("navy"))
+    assert read_bytes(Location(f"zip://starry.jpg::file://{tmp_path}/styles.zip")) == jpeg("navy")
+
+
 def test_listing_a_bucket_leaves_no_copy_of_its_objects_metadata_in_memory(gcs_emulator):
     # gcsfs caches every object a find returns, for as long as the process lives: about 1.7 GB for a million images
     source = Location(f"gs://photos/{uuid.uuid4().hex[:8]}/in", gcs_emulator)

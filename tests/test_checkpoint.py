@@ -97,3 +97,16 @@ def test_missing_or_broken_metadata_is_a_checkpoint_error_naming_the_file(saved,
     with pytest.raises(CheckpointError, match=message) as raised:
         load_model(folder)
     assert "model.json" in str(raised.value)
+
+
+def test_a_model_stored_under_a_name_like_a_weights_file_is_still_found_but_no_new_one_is_named_so(tmp_path):
+    from stylecore.store import check_new_model_name
+    from tasks.models import load_model_from, model_location, save_model_to
+    from tasks.storage import Location
+
+    store = Location(str(tmp_path / "store"))
+    save_model_to(store.child("models/old.safetensors"), UNet(UNetConfig(base_channels=4, depth=2)).eval(), {})
+    model, _ = load_model_from(model_location("old.safetensors", store.url))
+    assert model.config.base_channels == 4
+    with pytest.raises(ValueError, match="must not end in .safetensors"):
+        check_new_model_name("new.safetensors")

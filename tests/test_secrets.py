@@ -27,6 +27,11 @@ def test_redact_masks_url_credentials_sensitive_query_parameters_and_option_valu
     assert "r-123456" not in redact(text, options) and "pw-98765" not in redact(text, options)
     assert "public-id" not in redact("client public-id", options)  # anything under a credential key counts
     assert redact("gs://plain/key.jpg", options) == "gs://plain/key.jpg"
+    # a web URL's parameters wherever they are; elsewhere "&" and ";" without a "?" are parts of names
+    assert redact("https://cdn.example.com/p;jsessionid=0AB12CD/a.jpg") == "https://cdn.example.com/p;jsessionid=***"
+    assert redact("https://host/list?prefix=my photos&sig=SECRET") == "https://host/list?prefix=my photos&sig=***"
+    assert redact("gs://b/in/cam;key=front.jpg") == "gs://b/in/cam;key=front.jpg"
+    assert redact("/data/shot&session=1.jpg") == "/data/shot&session=1.jpg"
 
 
 def test_hidden_options_serialise_as_stars_and_still_reach_the_storage():
