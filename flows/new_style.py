@@ -9,11 +9,11 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow, get_run_logger
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.train_style import train_style
 from stylecore.images import ImageDecodeError, decode_image
-from stylecore.store import MODEL_NAME_PATTERN, default_home
+from stylecore.store import MODEL_NAME_PATTERN, check_new_model_name, default_home
 from tasks.storage import IMAGE_EXTENSIONS, Location, StorageError, list_files, read_bytes
 from tasks.secrets import StorageSecrets, redact, reveal_options, with_secret_block
 
@@ -42,13 +42,18 @@ class TrainStyleRequest(BaseModel):
                               description="Override the preset's number of style-training steps.")
     prime_steps: int | None = Field(None, ge=1, le=10_000_000, title="Priming steps",
                                     description="Override the preset's number of priming steps.")
-    image_size: int | None = Field(None, ge=16, le=2048, title="Crop size",
+    image_size: int | None = Field(None, ge=32, le=2048, title="Crop size",
                                    description="Override the preset's training crop size in pixels.")
     model_store: str | None = Field(None, title="Model store URL",
                                     description="Where models are kept; default: the worker's $STYLIZE_HOME.")
     replace: bool = Field(False, title="Replace an existing model",
                           description="Retrain a name that already has a model (its weights are replaced; runs "
                                       "still using the old ones fail rather than mix the two).")
+
+    @field_validator("model_name")
+    @classmethod
+    def _a_name_a_new_model_can_have(cls, name: str) -> str:
+        return check_new_model_name(name)  # what the form's pattern cannot say (".safetensors" at the end)
 
 
 @flow(name="train-new-style")

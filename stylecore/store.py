@@ -24,7 +24,7 @@ def default_home() -> Path:
 
 
 def check_model_name(name: str) -> str:
-    if not _NAME.match(name) or name in (".", ".."):
+    if not _NAME.fullmatch(name) or name in (".", ".."):  # fullmatch: '$' would let a final newline in
         raise ValueError(
             f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100, starting with a letter or digit)"
         )
@@ -63,7 +63,7 @@ class ModelStore:
         even where the current folder holds something of that name that is no model (say, a run's outputs)."""
         path = Path(name_or_path).expanduser()
         in_store = self.models / name_or_path
-        stored = _NAME.match(name_or_path) is not None and name_or_path not in (".", "..") \
+        stored = _NAME.fullmatch(name_or_path) is not None and name_or_path not in (".", "..") \
             and (in_store / METADATA_FILE).is_file()
         a_model = (path.is_dir() and (path / METADATA_FILE).is_file()) or (path.is_file() and path.suffix == ".safetensors")
         if path.exists() and (a_model or not stored):

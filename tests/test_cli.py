@@ -405,6 +405,8 @@ def test_a_model_store_with_a_file_where_its_folders_go_is_refused_before_any_tr
         assert "cannot be written" in line and str(home / folder) in line
     assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "x.safetensors", *TINY]) == 2
     assert "must not end in .safetensors" in one_error_line(capsys)
+    assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "line\n", *TINY]) == 2
+    assert "invalid model name" in capsys.readouterr().err
 
 
 def run_console_script(*args, env_extra=None, tmp_path):

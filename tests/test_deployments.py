@@ -33,6 +33,10 @@ def test_the_training_form_has_titles_descriptions_and_defaults():
     ({"style_weight": -1}, "style_weight"),
     ({"content_weight": -0.5}, "content_weight"),
     ({"unknown_field": 1}, "unknown_field"),
+    # what the command line refuses too: a name taken for a weights file, or ending in a newline; crops under 32 px
+    ({"model_name": "starry.safetensors"}, "must not end in .safetensors"),
+    ({"model_name": "starry\n"}, "model_name"),
+    ({"image_size": 16}, "image_size"),
 ])
 def test_bad_form_values_are_refused(bad, message):
     values = {"style_image_url": "s.jpg", "model_name": "ok", "photos_url": "photos", **bad}
