@@ -9,12 +9,14 @@ same key, so even without Prefect's cache an existing priming is reused.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Iterator
 
 from fsspec.implementations.local import LocalFileSystem
 from PIL import Image
@@ -25,6 +27,7 @@ from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
 from prefect.concurrency.sync import concurrency
 from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectNotFound
+from prefect.settings import PREFECT_API_URL
 
 from stylecore.images import ImageDecodeError, decode_image
 from stylecore.losses import LossConfig, layers_needed
@@ -112,7 +115,7 @@ def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, tr
     config = TrainConfig(**train_config)
     logger.info("priming on %d photos (%d steps at %d px)", len(images), config.total_steps(len(images)),
                 config.image_size)
-    with concurrency(GPU_LIMIT, occupy=1):
+    with gpu_slot():
         model, metadata = run_priming(images, listing_fingerprint(Location(photos, options)),
                                       UNetConfig(**model_config), config, default_device())
     save_model_to(target, model, metadata)
@@ -160,7 +163,7 @@ def train_style_task(style: str, name: str, photos: str, primed: str, model_stor
     config = TrainConfig(**train_config)
     logger.info("training %r on %d photos (%d steps at %d px)", name, len(images), config.total_steps(len(images)),
                 config.image_size)
-    with concurrency(GPU_LIMIT, occupy=1):
+    with gpu_slot():
         model, metadata, used_style = run_style_training(
             name, images, listing_fingerprint(Location(photos, options)), style_image, style_location.display,
             hashlib.sha256(style_bytes).hexdigest(), style_size, primed_model,
@@ -196,6 +199,29 @@ def _load_vgg(weights: str | None, losses: LossConfig, options: dict) -> VGGFeat
                 pass
     features, source = load_vgg(path)
     return VGGFeatures(features, source, layers_needed(source, losses))
+
+
+@contextlib.contextmanager
+def gpu_slot(wait_report_seconds: float = 60) -> Iterator[None]:
+    """A slot of the stylize-gpu limit while a training runs, so the trainings of a served deployment take the GPU
+    in turn; a wait is reported every ``wait_report_seconds``. Not on the temporary server a run without
+    PREFECT_API_URL starts: it reclaims no slot of a run killed outright (its leases die with it, their count stays
+    in PREFECT_HOME's database), and one `kill -9` would leave every later training waiting for good."""
+    if PREFECT_API_URL.value() is None:
+        yield
+        return
+    waited = 0.0
+    with contextlib.ExitStack() as held:
+        while True:
+            try:
+                held.enter_context(concurrency(GPU_LIMIT, occupy=1, timeout_seconds=wait_report_seconds))
+                break
+            except TimeoutError:
+                waited += wait_report_seconds
+                get_run_logger().warning(
+                    "waiting %.0f s for the GPU: another training holds the %s slot (if none is running, a killed "
+                    "one may: `prefect gcl update %s --active-slots 0` frees it)", waited, GPU_LIMIT, GPU_LIMIT)
+        yield
 
 
 def ensure_gpu_limit(limit: int = 1) -> None:

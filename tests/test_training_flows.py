@@ -159,3 +159,31 @@ def test_the_whole_pipeline_runs_in_one_flow(bucket, gcs_emulator, vgg_weights):
     assert summary["shards"] == 3
     fs, path = bucket.child("out").filesystem()
     assert fs.exists(f"{path}/manifest.parquet")
+
+
+def test_a_gpu_slot_left_taken_by_a_killed_run_does_not_stop_training_on_the_temporary_server(photo_dir, style_image,
+                                                                                            tmp_path):
+    # kill -9 leaves the slot counted in PREFECT_HOME's database, and the temporary server (no PREFECT_API_URL)
+    # never reclaims it: the next training must not wait for it
+    script = f"""
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+from flows.train_style import train_style
+from tasks.training_tasks import GPU_LIMIT, ensure_gpu_limit
+
+@flow
+def leak():
+    ensure_gpu_limit()
+    with get_client(sync_client=True) as client:
+        client.update_global_concurrency_limit(GPU_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=1))
+
+leak()
+print(train_style([{str(style_image)!r}], {str(photo_dir)!r}, {str(tmp_path / "store")!r}, names=["after"],
+                  steps=1, prime_steps=1, image_size=32))
+"""
+    env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(Path(__file__).parent.parent))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "store" / "models" / "after" / "model.json").is_file()
