@@ -282,10 +282,17 @@ def obtain_primed(
     """The primed UNet for these photos and configs: from the cache if it is there, trained otherwise."""
     key = priming_key(fingerprint, model_config, prime_config, content_term(content_vgg, content_weight))
     cached = store.primed_dir(key)
+    model = None
     if (cached / "model.json").is_file():
-        model, metadata = load_model(cached, expected=model_config)
-        print(f"priming: reusing cached autoencoder {cached}", file=sys.stderr)
-    else:
+        try:
+            model, metadata = load_model(cached, expected=model_config)
+            print(f"priming: reusing cached autoencoder {cached}", file=sys.stderr)
+        except CheckpointError as error:  # a cache can always be made again: set the damaged one aside
+            aside = cached.with_name(f".{cached.name}.damaged-{os.getpid()}")
+            cached.rename(aside)
+            print(f"stylize: warning: the cached autoencoder is damaged ({error}); moved to {aside}, priming again",
+                  file=sys.stderr)
+    if model is None:
         print(f"priming: training the autoencoder on {len(photos)} photos "
               f"({prime_config.total_steps(len(photos))} steps at {prime_config.image_size}px)", file=sys.stderr)
         model, metadata = run_priming(

@@ -46,6 +46,14 @@ def test_prime_writes_a_checkpoint_and_reuses_the_cache_on_a_second_run(home, ph
     assert "reusing cached autoencoder" in capsys.readouterr().err
     assert main([*args, "--checkpoint-every", "7"]) == 0  # how often it saves its state changes nothing it learns
     assert "reusing cached autoencoder" in capsys.readouterr().err
+    # A damaged cache entry is set aside and the priming done again, not an error on every later run.
+    [cached] = (home / "primed").glob("*/model.safetensors")
+    cached.write_bytes(cached.read_bytes()[:-8] + b"damaged!")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "the cached autoencoder is damaged" in err and "training the autoencoder" in err
+    assert main(args) == 0
+    assert "reusing cached autoencoder" in capsys.readouterr().err
     # Any change to the photos invalidates the cache.
     Image.new("RGB", (40, 30), "green").save(photo_dir / "new.png")
     assert main(args) == 0
