@@ -660,10 +660,13 @@ def evaluate_model(args, model, metadata, path: Path, photos_dir: Path, device):
     loss_config.style_layers = metadata.get("style_layers", loss_config.style_layers)
     loss_config.content_layer = metadata.get("content_layer", loss_config.content_layer)
     vgg = load_vgg_for(args, loss_config)
-    trained_with = metadata.get("vgg", {}).get("sha256")
-    if trained_with and vgg.source.sha256 and trained_with != vgg.source.sha256:
-        print("stylize: warning: this model was trained with other VGG weights; distances are not comparable",
-              file=sys.stderr)
+    trained = metadata.get("vgg") if isinstance(metadata.get("vgg"), dict) else {}
+    now = vgg.source.describe()
+    if trained and (trained.get("arch") != now["arch"] or trained.get("sha256") != now["sha256"]):
+        # torchvision's weights have no checksum here: a file's and torchvision's differ by that too
+        print(f"stylize: warning: this model was trained with other VGG weights ({trained.get('origin') or '?'}, "
+              f"{trained.get('arch') or '?'}) than these ({now['origin']}, {now['arch']}); its distances are "
+              "comparable only with the same weights (--vgg-weights, --vgg-arch)", file=sys.stderr)
     style_file = path / "style.jpg" if path.is_dir() else path.with_name("style.jpg")
     if not style_file.is_file():
         raise UserError(f"the model at {path} has no style.jpg, so its style distance cannot be measured")

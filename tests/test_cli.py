@@ -225,6 +225,19 @@ def test_eval_reports_model_and_identity_distances_and_writes_a_contact_sheet(tr
     assert [path.name for path in tmp_path.iterdir() if "partial" in path.name] == []
 
 
+def test_eval_with_other_vgg_weights_than_the_model_was_trained_with_warns(trained, photo_dir, capsys):
+    assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--limit", "2", "--quiet"]) == 0
+    assert "other VGG weights" not in capsys.readouterr().err
+    # a model trained with torchvision's weights (which have no checksum here), evaluated with a weights file
+    copy = trained.parent / "with-torchvision"
+    shutil.copytree(trained, copy)
+    metadata = json.loads((copy / "model.json").read_text())
+    metadata["vgg"] = {**metadata["vgg"], "arch": "vgg16", "origin": "torchvision:vgg16", "sha256": None}
+    (copy / "model.json").write_text(json.dumps(metadata))
+    assert main(["eval", "--model", "with-torchvision", "--photos", str(photo_dir), "--limit", "2", "--quiet"]) == 0
+    assert "this model was trained with other VGG weights (torchvision:vgg16, vgg16)" in capsys.readouterr().err
+
+
 def test_a_model_store_that_cannot_be_written_is_refused_before_any_training(photo_dir, style_image, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     home = tmp_path / "a_file" / "home"
