@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -374,8 +375,29 @@ def train_one_style(args: argparse.Namespace, style_path: Path, name: str, photo
         destination = store.model_dir(name)
     except ValueError as error:
         raise UserError(str(error)) from None
-    if destination.exists() and not args.force:
-        raise UserError(f"model {name!r} already exists at {destination}; use --force to replace it")
+    with training_lock(store, name):
+        if destination.exists() and not args.force:
+            raise UserError(f"model {name!r} already exists at {destination}; use --force to replace it")
+        return train_into(args, store, destination, style_path, name, photos_dir)
+
+
+@contextlib.contextmanager
+def training_lock(store: ModelStore, name: str) -> Iterator[None]:
+    """This machine's one training of ``name`` at a time: two would share its resumable state, and the one that
+    finished last would replace the other's model without --force."""
+    path = store.run_dir("train", name).with_name(f".{name}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another training of {name!r} is running on this machine (it holds {path}); wait for "
+                            "it to finish, or choose another name") from None
+        yield
+
+
+def train_into(args: argparse.Namespace, store: ModelStore, destination: Path, style_path: Path, name: str,
+               photos_dir: Path) -> Path:
     device = pick_device(args.device)
     preset_name, preset = pick_preset(args, device)
     style_size = args.style_size or preset.style_size

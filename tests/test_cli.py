@@ -238,6 +238,19 @@ def test_eval_with_other_vgg_weights_than_the_model_was_trained_with_warns(train
     assert "this model was trained with other VGG weights (torchvision:vgg16, vgg16)" in capsys.readouterr().err
 
 
+def test_a_second_training_of_the_same_name_on_this_machine_is_refused_while_the_first_runs(home, photo_dir,
+                                                                                             style_image, capsys):
+    import fcntl
+
+    lock = home / "runs" / "train" / ".busy.lock"  # what a running `stylize train --name busy` holds
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "busy", *TINY]) == 2
+        assert "another training of 'busy' is running on this machine" in one_error_line(capsys)
+    assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "busy", *TINY]) == 0
+
+
 def test_a_model_store_that_cannot_be_written_is_refused_before_any_training(photo_dir, style_image, tmp_path, capsys):
     (tmp_path / "a_file").write_text("not a folder")
     home = tmp_path / "a_file" / "home"
