@@ -162,7 +162,7 @@ def test_the_whole_pipeline_runs_in_one_flow(bucket, gcs_emulator, vgg_weights):
 
 
 def test_a_gpu_slot_left_taken_by_a_killed_run_does_not_stop_training_on_the_temporary_server(photo_dir, style_image,
-                                                                                            tmp_path):
+                                                                                            vgg_weights, tmp_path):
     # kill -9 leaves the slot counted in PREFECT_HOME's database, and the temporary server (no PREFECT_API_URL)
     # never reclaims it: the next training must not wait for it
     script = f"""
@@ -183,7 +183,8 @@ print(train_style([{str(style_image)!r}], {str(photo_dir)!r}, {str(tmp_path / "s
                   steps=1, prime_steps=1, image_size=32))
 """
     env = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(Path(__file__).parent.parent))
+    env.update(PREFECT_HOME=str(tmp_path / "prefect-home"), PYTHONPATH=str(Path(__file__).parent.parent),
+               STYLIZE_VGG_WEIGHTS=str(vgg_weights))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "store" / "models" / "after" / "model.json").is_file()
