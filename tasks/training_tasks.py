@@ -29,6 +29,7 @@ from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
+from stylecore.checkpoint import WEIGHTS_FILE, CheckpointError, model_from_bytes
 from stylecore.images import ImageDecodeError, decode_image
 from stylecore.losses import LossConfig, layers_needed
 from stylecore.model import UNetConfig
@@ -36,7 +37,7 @@ from stylecore.recipes import photos_fingerprint, priming_key, run_priming, run_
 from stylecore.train import TrainConfig
 from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, load_vgg, style_image_problem
 
-from .models import default_device, is_complete, load_model_from, save_model_to
+from .models import default_device, is_complete, load_model_from, read_model_metadata, save_model_to
 from .secrets import StorageSecrets, reveal_options
 from .storage import IMAGE_EXTENSIONS, Location, list_files, masking_errors, read_bytes, write_bytes
 
@@ -93,9 +94,21 @@ def primed_checkpoint(photos: str, model_store: str, model_config: dict, train_c
 
 
 def priming_is_missing(parameters: dict) -> bool:
-    """Whether the primed checkpoint for these priming-task parameters is absent from the model store."""
+    """Whether the primed checkpoint for these priming-task parameters is absent from the model store, or
+    damaged (a cache can always be made again)."""
     store = Location(parameters["model_store"], reveal_options(parameters.get("storage_options")))
-    return not is_complete(store.child(f"primed/{_priming_key(parameters)}"))
+    return not is_usable(store.child(f"primed/{_priming_key(parameters)}"))
+
+
+def is_usable(target: Location) -> bool:
+    """Whether a complete checkpoint is at ``target`` and its weights match their checksum."""
+    if not is_complete(target):
+        return False
+    try:  # read afresh, not through load_model_from's cache of this process
+        model_from_bytes(read_bytes(target.child(WEIGHTS_FILE)), read_model_metadata(target), where=target.display)
+    except CheckpointError:
+        return False
+    return True
 
 
 @task(name="prime-autoencoder", cache_key_fn=priming_cache_key, persist_result=True, result_serializer="json")
@@ -108,9 +121,11 @@ def prime_autoencoder_task(photos: str, model_store: str, model_config: dict, tr
     key = _priming_key({"photos": photos, "model_config": model_config, "train_config": train_config,
                         "storage_options": options})
     target = Location(model_store, options).child(f"primed/{key}")
-    if is_complete(target):
+    if is_usable(target):
         logger.info("reusing primed checkpoint %s", target.display)
         return target.url
+    if is_complete(target):
+        logger.warning("the primed checkpoint %s is damaged; priming again", target.display)
     images = read_photo_set(Location(photos, options))
     config = TrainConfig(**train_config)
     logger.info("priming on %d photos (%d steps at %d px)", len(images), config.total_steps(len(images)),

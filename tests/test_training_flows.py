@@ -68,6 +68,11 @@ def test_priming_is_cached_across_processes_and_invalidated_by_any_input_change(
     fs.rm(primed, recursive=True)
     assert prime_state(arguments) == "Completed"
     assert prime_state(arguments) == "Cached"
+    # Nor one whose weights were damaged: priming runs again, and its checkpoint is whole once more.
+    [weights] = fs.glob(f"{primed}/*/model.safetensors")
+    fs.pipe_file(weights, fs.cat_file(weights)[:-8] + b"damaged!")
+    assert prime_state(arguments) == "Completed"
+    assert prime_state(arguments) == "Cached"
 
     changed_config = json.loads(json.dumps(arguments))
     changed_config["train_config"]["learning_rate"] = 2e-3
