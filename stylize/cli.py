@@ -411,6 +411,8 @@ def train_into(args: argparse.Namespace, store: ModelStore, destination: Path, s
         raise UserError(f"style image {style_path} {problem}")
 
     if args.primed:
+        if args.prime_steps is not None:
+            print("stylize: warning: --prime-steps is not used: the primed model is given (--primed)", file=sys.stderr)
         primed_path = store.resolve(str(args.primed))
         primed, primed_metadata = load_model(primed_path)
         if any(getattr(args, f, None) is not None for f in ("base_channels", "depth", "norm")):
