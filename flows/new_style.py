@@ -12,9 +12,8 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from flows.train_style import train_style
-from stylecore.images import ImageDecodeError, decode_image
 from stylecore.store import MODEL_NAME_PATTERN, check_new_model_name, default_home
-from tasks.storage import IMAGE_EXTENSIONS, Location, StorageError, list_files, read_bytes
+from tasks.storage import IMAGE_EXTENSIONS, Location, StorageError, list_files
 from tasks.secrets import StorageSecrets, redact, reveal_options, with_secret_block
 
 
@@ -75,16 +74,8 @@ def train_new_style(request: TrainStyleRequest, storage_options: StorageSecrets 
 
 
 def check_inputs(request: TrainStyleRequest, storage_options: dict) -> None:
-    """Refuse unreadable inputs with one clear sentence, before any priming or training."""
-    style = Location(request.style_image_url, storage_options)
-    try:
-        decode_image(read_bytes(style))
-    except FileNotFoundError:
-        raise ValueError(f"style image not found: {style.display}") from None
-    except (IsADirectoryError, NotADirectoryError):
-        raise ValueError(f"style image {style.display} is a folder, not an image file") from None
-    except ImageDecodeError as error:
-        raise ValueError(f"style image {style.display} is not a readable image: {error}") from None
+    """Refuse an unusable photo set with one clear sentence, before any priming or training (the style image is
+    checked by train-style's check-style-images, also before any priming)."""
     photos_location = Location(request.photos_url, storage_options)
     try:
         photos = list_files(photos_location, IMAGE_EXTENSIONS)
