@@ -714,9 +714,6 @@ def print_evaluation(evaluation) -> None:
     print(f"{'identity':10}{evaluation.identity.style:>16.4f}{evaluation.identity.content:>18.4f}")
 
 
-SHEET_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
-
-
 def write_contact_sheet(model: UNet, photos: list[Image.Image], out: Path) -> None:
     """The photos beside their stylised versions, written beside ``out`` and then renamed onto it: a sheet that
     fails (too large for its format, an interrupt) leaves an earlier one as it was."""
@@ -726,9 +723,8 @@ def write_contact_sheet(model: UNet, photos: list[Image.Image], out: Path) -> No
         output = stylize_batch(model, image_io.image_to_tensor(small).unsqueeze(0))[0].cpu()
         rows.append([small, image_io.tensor_to_image(output)])
     sheet = contact_sheet(rows)
-    fmt = SHEET_FORMATS[out.suffix.lower()]
-    longest = max(sheet.size)
-    if longest > MAX_OUTPUT_SIDE[fmt]:
+    fmt = image_io.output_format(out.suffix)  # the suffix was checked to be .png, .jpg, .jpeg or .webp
+    if max(sheet.size) > MAX_OUTPUT_SIDE[fmt]:
         raise UserError(f"the contact sheet would be {sheet.width}x{sheet.height} px, more than {fmt} holds "
                         f"({MAX_OUTPUT_SIDE[fmt]:,} a side): choose fewer --sheet-rows or a .png sheet")
     temporary = out.with_name(f".{out.name}.partial-{os.getpid()}")
