@@ -13,6 +13,7 @@ from stylecore.vgg import WEIGHTS_VARIABLE, VGGWeightsError, load_vgg
 from stylize.cli import checked, positive_int  # the CLI's own argparse types: one rule for "a count"
 
 non_negative_int = checked("non_negative_int", int, lambda value: value >= 0, "zero or more")  # 0: automatic
+fraction = checked("fraction", float, lambda value: 0 <= value <= 1, "between 0 and 1")
 
 
 def positive_ints(text: str) -> list[int]:

@@ -7,8 +7,9 @@ Stages: read (16 threads, storage layer), header (PIL header probe, one thread),
 per core: libjpeg-turbo through torchvision as the engine does, and PIL's path for comparison; on a GPU batched
 nvjpeg too, warmed up), model (the engine's forward), encode on the GPU (nvjpeg, warmed up) and on the CPU
 (torchvision, and PIL for comparison), write (16 threads, storage layer's atomic write), and the engine alone on
-bytes held in memory (decode, model and encode overlapped, no storage); with --compile also the compiled model
-and the engine with it, for each choice of GPU decode and GPU encode.
+bytes held in memory (decode, model and encode overlapped, no storage), JPEG outputs encoded by nvjpeg, by the CPU
+threads, or split between them (the default; the share it ended at is reported); with --compile also the compiled
+model and the engine with it, each encoding, and the split with decoding on the CPU.
 """
 
 from __future__ import annotations
@@ -124,13 +125,18 @@ def main() -> None:
         rates["write_16_threads"] = timed(
             lambda: list(io_pool.map(lambda i: write_bytes(Location(str(target / f"d{i // 1000}" / f"{i}.jpg")),
                                                            datas[i]), range(n))), n, device)
-        # The whole engine (decode, model, encode, overlapped) on bytes already in memory: one process's ceiling.
+        # The whole engine (decode, model, encode, overlapped) on bytes already in memory: one process's ceiling. JPEG
+        # outputs encoded by nvjpeg alone, by the CPU threads alone, or split between them as the engine finds.
         cuda = device.type == "cuda"
-        variants = [("", {"gpu_codec": codec}) for codec in ((True, False) if cuda else (False,))]
+        encodes = {"nvjpeg": {"gpu_encode_share": 1.0}, "split": {}, "cpu": {"gpu_codec": False}} if cuda \
+            else {"cpu": {"gpu_codec": False}}
+        variants = [("", encode, settings) for encode, settings in encodes.items()]
         if args.compile:
-            variants += [("compiled_", {"compile": True, "gpu_codec": codec, "gpu_decode": decode})
-                         for codec in ((True, False) if cuda else (False,)) for decode in ((True, False) if cuda else (False,))]
-        for prefix, settings in variants:
+            variants += [("compiled_", encode, {"compile": True, **settings}) for encode, settings in encodes.items()]
+            if cuda:
+                variants.append(("compiled_", "split", {"compile": True, "gpu_decode": False}))
+        shares: dict[str, float] = {}
+        for prefix, encode, settings in variants:
             with StylizeEngine({"m": model}, device, EngineConfig(batch_size=b, **settings)) as run_engine:
                 if prefix and "model_compiled" not in rates:
                     run_engine.forward(run_engine.models["m"], batch)  # compiles
@@ -138,13 +144,15 @@ def main() -> None:
                         lambda: [run_engine.forward(run_engine.models["m"], batch) for _ in range(repeats)],
                         repeats * b, device)
                 list(run_engine.run(Job(i, datas[i], ("m",)) for i in range(min(n, 2 * b))))  # warm-up
-                name = f"engine_in_memory_{prefix}gpu_codec_{settings['gpu_codec']}"
-                name += f"_gpu_decode_{settings['gpu_decode']}" if "gpu_decode" in settings else ""
+                name = f"engine_in_memory_{prefix}encode_{encode}" + ("_cpu_decode" if "gpu_decode" in settings else "")
                 rates[name] = timed(
                     lambda: list(run_engine.run(Job(i, d, ("m",)) for i, d in enumerate(datas))), n, device)
+                if encode == "split":
+                    shares[name] = round(run_engine.encode_split.share, 2)
         engine.close()
     row = {"bench": "engine_stages", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "images": n, "size": args.size, "batch": b, "img_per_s": rates}
+           "images": n, "size": args.size, "batch": b, "img_per_s": rates,
+           "gpu_encode_share_at_end": shares}
     print(json.dumps(row), flush=True)
     print(f"\n{n} images at {args.size}px, batch {b}, on {row['device']}")
     width = max(map(len, rates)) + 2

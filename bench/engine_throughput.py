@@ -1,7 +1,8 @@
 """End to end against model only, in one process, on whatever device is there (the GPU benchmark; the CPU one
 with Prefect is bucket_throughput.py).
 
-    python bench/engine_throughput.py --images 10000 --size 512 [--compile] [--no-gpu-codec] [--no-gpu-decode] [--workers N] [--photos DIR]
+    python bench/engine_throughput.py --images 10000 --size 512 [--compile] [--no-gpu-codec | --gpu-encode-share S]
+        [--no-gpu-decode] [--workers N] [--photos DIR]
 
 Writes N JPEGs of SIZE x SIZE (crops of the photos, re-encoded) to a temporary folder, builds the shard
 engine once, then times (1) model only: the engine's forward on a decoded uint8 batch already on the device
@@ -30,7 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from arguments import existing_folder, non_negative_int, positive_int  # noqa: E402
+from arguments import existing_folder, fraction, non_negative_int, positive_int  # noqa: E402
 from stylecore.model import UNet, UNetConfig  # noqa: E402
 from tasks.bucket import ShardOptions, engine_for, run_shards  # noqa: E402
 from tasks.storage import Location  # noqa: E402
@@ -72,6 +73,8 @@ def main() -> None:
     parser.add_argument("--depth", type=positive_int, default=UNetConfig.depth)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-gpu-codec", action="store_true")
+    parser.add_argument("--gpu-encode-share", type=fraction, default=None,
+                        help="fixed share of JPEG outputs encoded by nvjpeg (0 to 1); default: the engine's split")
     parser.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=True,
                         help="decode JPEG inputs by nvjpeg on a GPU (the default; --no-gpu-decode: in CPU threads)")
     parser.add_argument("--workers", type=positive_int, default=1, help="shard worker processes (default 1)")
@@ -96,7 +99,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = UNet(UNetConfig(base_channels=args.base, depth=args.depth)).eval().to(device)
     options = ShardOptions(batch_size=args.batch, compile=args.compile, gpu_codec=not args.no_gpu_codec,
-                           gpu_decode=args.gpu_decode)
+                           gpu_encode_share=args.gpu_encode_share, gpu_decode=args.gpu_decode)
     engine = engine_for({"bench": model}, options)
     batch = engine.batch_size
 
@@ -138,7 +141,11 @@ def main() -> None:
         "bench": "engine_throughput", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "images": args.images, "size": args.size, "batch": batch,
         "batch_pixels": engine.max_batch_pixels, "unet": f"{args.base}x{args.depth}", "compile": args.compile,
-        "gpu_codec": engine.gpu_jpeg, "gpu_decode": engine.gpu_decode, "shard_size": args.shard_size,
+        "gpu_codec": engine.gpu_jpeg, "gpu_encode_share": args.gpu_encode_share, "gpu_decode": engine.gpu_decode,
+        "shard_size": args.shard_size,
+        # the share the split reached (one process: this engine ran the shards; workers have their own)
+        "gpu_encode_share_at_end": round(engine.encode_split.share, 2) if engine.gpu_jpeg and summary["workers"] == 1
+        else None,
         "warmup_s": round(warmup_s, 1),
         "model_img_per_s": round(model_rate, 1), "e2e_img_per_s": round(e2e_rate, 1),
         "e2e_over_model": round(e2e_rate / model_rate, 3), "e2e_seconds": round(seconds, 2),

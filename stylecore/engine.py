@@ -7,11 +7,11 @@ encodes while the models run on this one:
 
 On CUDA each stage has its own stream. Decoding and encoding run in a thread pool on the CPU: plain RGB JPEGs
 through libjpeg-turbo without the GIL (torchvision), everything else (PNG, WebP, CMYK or EXIF-rotated JPEGs, ...)
-and every error through PIL, which gives the same pictures and the same error messages. On CUDA, JPEG outputs
-are encoded on the GPU (nvjpeg) unless ``gpu_codec`` is off, and unless ``gpu_decode`` is off plain JPEG inputs are
-decoded there too. A batch is cut by a
-pixel budget as well as by a count, so memory stays bounded whatever the image sizes: at most
-``queue_batches`` batches wait between two stages.
+and every error through PIL, which gives the same pictures and the same error messages. On CUDA, unless
+``gpu_decode`` is off, plain JPEG inputs are decoded on the GPU (nvjpeg); unless ``gpu_codec`` is off, nvjpeg
+encodes a share of each batch's JPEG outputs while the CPU threads encode the rest (``EncodeSplit`` picks the
+share). A batch is cut by a pixel budget as well as by a count, so memory stays bounded whatever the image sizes:
+at most ``queue_batches`` batches wait between two stages.
 
 Knows nothing of storage: callers pass (tag, bytes, model names) and get an ``Outcome`` per input, in order.
 """
@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from PIL import Image
@@ -64,7 +64,8 @@ class EngineConfig:
     output_format: str = "jpeg"
     quality: int = 90
     max_pixels: int = DEFAULT_MAX_PIXELS  # per image; larger ones become errors before they are decoded
-    gpu_codec: bool = True  # JPEG outputs encoded by nvjpeg on CUDA
+    gpu_codec: bool = True  # JPEG outputs encoded by nvjpeg on CUDA, a share of each batch (EncodeSplit)
+    gpu_encode_share: float | None = None  # that share fixed (0 to 1; for benchmarks); None: as EncodeSplit finds
     # Plain RGB JPEG inputs decoded by nvjpeg on CUDA, a batch at a time, instead of in the CPU threads: on an H100
     # (512 px, 16 cores) 15,190 img/s warmed up against 7,700 in CPU threads, and end to end (10,000 images, four
     # workers) 845 img/s once started against 651, with the CPU's cores left to the rest of the pipeline.
@@ -87,6 +88,63 @@ class EngineConfig:
             raise ValueError("max_pixels and queue_batches must be at least 1")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError("memory_fraction must be above 0 and at most 1")
+        if self.gpu_encode_share is not None and not 0 <= self.gpu_encode_share <= 1:
+            raise ValueError("gpu_encode_share must be between 0 and 1")
+
+
+class EncodeSplit:
+    """The share of a batch's JPEG outputs that nvjpeg encodes while the CPU threads encode the rest.
+
+    Either side costs the run something: nvjpeg takes GPU time from the models (on an H100 at 512 px, 0.16 ms an
+    image against the compiled UNet's 0.38), the threads take the host's cores. So after each batch the share
+    moves a step by what the encoding waited for: for the models to finish the batch (the GPU is the slower: the
+    share moves to the CPU, handing GPU time back to the models), for the batch to come at all (reading or
+    decoding is the slower: to the GPU, freeing the cores), or for nothing (the encoding itself, or the caller
+    after it, is the slower: towards the split at which both sides finish together, the fastest a batch can be
+    encoded, from the rates each side reached on the batches before). Each side keeps a few images a batch, so
+    its rate stays known. ``fixed``: always that share."""
+
+    STEP = 0.05
+    MIN_SHARE = 0.05
+    SMOOTHING = 0.3  # the newest batch's weight in each side's rate
+
+    def __init__(self, fixed: float | None = None):
+        self.fixed = fixed
+        self.share = 0.5 if fixed is None else fixed
+        self.gpu_rate: float | None = None  # images a second, each side, while the other side ran too
+        self.cpu_rate: float | None = None
+        self._batches = 0
+
+    def on_gpu(self, count: int) -> int:
+        """How many of ``count`` JPEG outputs nvjpeg encodes."""
+        return min(count, round(count * self.share))
+
+    def update(self, gpu: tuple[int, float], cpu: tuple[int, float], waited_for: str) -> None:
+        """After a batch: (images, seconds) each side took from the batch's start, and what the encoding waited for
+        before it: "models", "input" or "nothing"."""
+        self._batches += 1
+        if self._batches > 1:  # the first batch's times are mostly nvjpeg's and the pool's start
+            self.gpu_rate = _moving_rate(self.gpu_rate, *gpu, self.SMOOTHING)
+            self.cpu_rate = _moving_rate(self.cpu_rate, *cpu, self.SMOOTHING)
+        if self.fixed is not None:
+            return
+        if waited_for == "models":
+            target = 0.0
+        elif waited_for == "input":
+            target = 1.0
+        elif self.gpu_rate and self.cpu_rate:
+            target = self.gpu_rate / (self.gpu_rate + self.cpu_rate)
+        else:
+            target = self.share
+        self.share += max(-self.STEP, min(self.STEP, target - self.share))
+        self.share = min(max(self.share, self.MIN_SHARE), 1 - self.MIN_SHARE)
+
+
+def _moving_rate(rate: float | None, images: int, seconds: float, smoothing: float) -> float | None:
+    if images == 0 or seconds <= 0:
+        return rate  # this side had nothing to do: what it did before still says how fast it is
+    latest = images / seconds
+    return latest if rate is None else (1 - smoothing) * rate + smoothing * latest
 
 
 @dataclass
@@ -135,6 +193,7 @@ class StylizeEngine:
         if config.compile:
             self.models = {name: torch.compile(model) for name, model in self.models.items()}
         self.gpu_jpeg = self.cuda and config.gpu_codec
+        self.encode_split = EncodeSplit(config.gpu_encode_share)
         self.gpu_decode = self.cuda and config.gpu_decode
         self._threads = config.cpu_threads or os.cpu_count() or 2
         self._pool = ThreadPoolExecutor(self._threads, thread_name_prefix="codec")
@@ -143,15 +202,27 @@ class StylizeEngine:
         self._pool.shutdown(wait=True)
 
     def _map(self, function, items) -> list:
-        """``function`` over ``items`` in the pool, a few items per task: a task per image wakes a thread per
-        image (at 32 px on 2 cores the engine ran 3,600-4,000 img/s so, 4,100-5,400 in tasks of a few)."""
+        return self._map_started(function, items)()[0]
+
+    def _map_started(self, function, items) -> Callable[[], tuple[list, float]]:
+        """``function`` over ``items`` started in the pool, a few items per task (a task per image wakes a thread
+        per image: at 32 px on 2 cores the engine ran 3,600-4,000 img/s so, 4,100-5,400 in tasks of a few). The
+        returned call waits for the results, in order, and says when the last task finished (perf_counter)."""
         items = list(items)
+
+        def run_chunk(chunk: list) -> tuple[list, float]:
+            return [function(item) for item in chunk], time.perf_counter()
+
         if len(items) <= 1:
-            return [function(item) for item in items]
+            done = run_chunk(items)
+            return lambda: done
         per_task = -(-len(items) // (2 * self._threads))  # two tasks per thread: slow images even out
-        chunks = [items[i:i + per_task] for i in range(0, len(items), per_task)]
-        return [result for chunk in self._pool.map(lambda chunk: [function(item) for item in chunk], chunks)
-                for result in chunk]
+        futures = [self._pool.submit(run_chunk, items[i:i + per_task]) for i in range(0, len(items), per_task)]
+
+        def results() -> tuple[list, float]:
+            chunks = [future.result() for future in futures]
+            return [result for chunk, _ in chunks for result in chunk], max(finished for _, finished in chunks)
+        return results
 
     def __enter__(self) -> "StylizeEngine":
         return self
@@ -173,16 +244,25 @@ class StylizeEngine:
         for thread in stages:
             thread.start()
         stream = torch.cuda.Stream(self.device) if self.cuda else None
+        free_since = None  # when this stage last asked for a batch
         try:
             for batch in _drain(stylized, stop):
+                # What this stage waited for (EncodeSplit): a batch to come, or the models to finish it on the GPU.
+                came = time.perf_counter()
+                waited_for = "input" if free_since is not None and came - free_since > _WAITED else "nothing"
                 with torch.cuda.stream(stream) if stream is not None else nullcontext():
                     if batch.ready is not None:
                         stream.wait_event(batch.ready)
                         for output in batch.results.values():
                             output.record_stream(stream)  # made on the stylise stream, last used here
-                    outcomes = list(self._encode(batch))
+                        if self.gpu_jpeg:
+                            batch.ready.synchronize()  # the encoding waits for it anyway; here it is timed
+                            if time.perf_counter() - came > _WAITED:
+                                waited_for = "models"
+                    outcomes = list(self._encode(batch, waited_for))
                 # outside the stream's context: the caller's own CUDA work, between outcomes, stays on its stream
                 yield from outcomes
+                free_since = time.perf_counter()
         finally:
             stop.set()
             for thread in stages:
@@ -342,18 +422,16 @@ class StylizeEngine:
                 max_pixels = max(max_pixels // 2, MIN_TILE_PIXELS)
                 self.max_batch_pixels = min(self.max_batch_pixels, max_pixels)
 
-    def _encode(self, batch: _Batch) -> Iterator[Outcome]:
+    def _encode(self, batch: _Batch, waited_for: str = "nothing") -> Iterator[Outcome]:
         def format_of(key: tuple[int, str]) -> str:
             return output_format(batch.jobs[key[0]].output_format or self.config.output_format)
 
         keys = list(batch.results)
-        on_gpu = [key for key in keys if self.gpu_jpeg and format_of(key) == "JPEG"]
-        on_cpu = [key for key in keys if not (self.gpu_jpeg and format_of(key) == "JPEG")]
-        try:
-            encoded: dict = dict(zip(on_gpu, _nvjpeg_encode([batch.results[k] for k in on_gpu], self.config.quality)))
-        except RuntimeError:  # nvjpeg refuses the batch: PIL encodes each, and says which one cannot be encoded
-            encoded, on_cpu = {}, on_gpu + on_cpu
-
+        jpegs = [key for key in keys if self.gpu_jpeg and format_of(key) == "JPEG"]
+        on_gpu = jpegs[:self.encode_split.on_gpu(len(jpegs))]
+        gpu_keys = set(on_gpu)
+        on_cpu = [key for key in keys if key not in gpu_keys]
+        began = time.perf_counter()
         # The pool's threads copy on their own CUDA stream, which does not wait for the model's: the outputs they
         # encode come to the host here, on the stream that waited for this batch.
         images = _to_host({key: batch.results[key] for key in on_cpu}) if self.cuda else batch.results
@@ -367,7 +445,21 @@ class StylizeEngine:
             except (OSError, ValueError, RuntimeError) as error:  # the encoder refuses it: its error, not the run's
                 return f"cannot encode as {format_of(key)}: {error}"
 
-        encoded.update(zip(on_cpu, self._map(cpu_encode, on_cpu)))
+        cpu_results = self._map_started(cpu_encode, on_cpu)  # the CPU threads encode while nvjpeg does the rest
+        try:
+            encoded: dict = dict(zip(on_gpu, _nvjpeg_encode([batch.results[k] for k in on_gpu], self.config.quality)))
+            refused = []
+        except RuntimeError:  # nvjpeg refuses the batch: PIL encodes each, and says which one cannot be encoded
+            encoded, refused = {}, on_gpu
+        gpu_finished = time.perf_counter()
+        cpu_encoded, cpu_finished = cpu_results()
+        encoded.update(zip(on_cpu, cpu_encoded))
+        if jpegs and not refused:
+            self.encode_split.update((len(on_gpu), gpu_finished - began), (len(on_cpu), cpu_finished - began),
+                                     waited_for)
+        if refused:
+            images = _to_host({key: batch.results[key] for key in refused})
+            encoded.update(zip(refused, self._map(cpu_encode, refused)))
         share = (time.perf_counter() - batch.began) / max(len(batch.jobs), 1)
         for index, (job, outcome) in enumerate(zip(batch.jobs, batch.outcomes)):
             outcome.seconds = share
@@ -386,6 +478,7 @@ class StylizeEngine:
         return min(batch_pixels_for_memory(model, self.device, 0.4 * fraction) for model in self.models.values())
 
 
+_WAITED = 0.001  # seconds: a stage that waited longer than this for its input waited for it
 MIN_TILE_PIXELS = 256 * 256  # tiles smaller than this spend most of their work on their margins
 
 # The longest side each output format can hold.

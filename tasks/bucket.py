@@ -180,6 +180,7 @@ class ShardOptions:
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES  # per input file, checked before and while reading
     max_batch_pixels: int = 0  # 0: automatic (from free GPU memory)
     gpu_codec: bool = True
+    gpu_encode_share: float | None = None  # fixed share of JPEG outputs nvjpeg encodes (benchmarks); None: automatic
     gpu_decode: bool = True
     compile: bool = False
     io_threads: int = 16  # reads and writes each: 8 wrote 1,869 files/s on an H200 box, 16 wrote 2,886
@@ -201,7 +202,8 @@ class ShardOptions:
         fmt = "jpeg" if self.output_format == SAME_FORMAT else self.output_format
         return EngineConfig(batch_size=self.batch_size, max_batch_pixels=self.max_batch_pixels,
                             output_format=fmt, quality=self.quality, max_pixels=self.max_pixels,
-                            gpu_codec=self.gpu_codec, gpu_decode=self.gpu_decode, compile=self.compile,
+                            gpu_codec=self.gpu_codec, gpu_encode_share=self.gpu_encode_share,
+                            gpu_decode=self.gpu_decode, compile=self.compile,
                             cpu_threads=cores_per_worker(self.workers) if self.workers > 1 else 0,
                             memory_fraction=1 / max(self.workers, 1))
 

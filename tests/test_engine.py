@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from stylecore import engine as engine_module
-from stylecore.engine import EngineConfig, Job, StylizeEngine
+from stylecore.engine import EncodeSplit, EngineConfig, Job, StylizeEngine
 from stylecore.images import (
     ImageDecodeError, decode_image, decode_plain_jpeg, encode_image, image_to_tensor, jpeg_ends_complete,
     tensor_to_image,
@@ -257,6 +257,89 @@ def test_outputs_encoded_on_the_cpu_from_a_gpu_are_the_finished_pictures():
     for outcome, want in zip(outcomes, expected):
         got = image_to_tensor(decode_image(outcome.outputs["m"]))
         assert (got.int() - want.int()).abs().float().mean() < 1.0  # bf16 in other batch shapes: a level or so
+
+
+def test_jpeg_encoding_moves_to_the_cpu_while_the_models_keep_the_gpu_busy():
+    split = EncodeSplit()
+    for _ in range(40):
+        split.update((32, 0.010), (32, 0.020), waited_for="models")
+    assert split.on_gpu(64) == round(64 * EncodeSplit.MIN_SHARE)  # a few stay on nvjpeg: its rate stays known
+    assert split.on_gpu(1) == 0
+
+
+def test_jpeg_encoding_moves_to_the_gpu_while_reading_or_decoding_is_the_slower():
+    split = EncodeSplit()
+    for _ in range(40):
+        split.update((32, 0.010), (32, 0.020), waited_for="input")
+    assert split.on_gpu(100) == round(100 * (1 - EncodeSplit.MIN_SHARE))
+
+
+def test_when_the_encoding_is_the_slower_the_split_finishes_both_sides_together():
+    # nvjpeg encodes 3,000 img/s, the CPU threads 1,000 whatever the split: both finish together at a 3:1 split
+    split = EncodeSplit()
+    for _ in range(60):
+        on_gpu = split.on_gpu(64)
+        split.update((on_gpu, on_gpu / 3000), (64 - on_gpu, (64 - on_gpu) / 1000), waited_for="nothing")
+    assert split.on_gpu(64) == 48
+    assert split.gpu_rate == pytest.approx(3000) and split.cpu_rate == pytest.approx(1000)
+
+
+def test_a_side_with_nothing_to_do_keeps_its_rate_and_the_first_batch_sets_none():
+    split = EncodeSplit()
+    split.update((32, 1.0), (32, 2.0), waited_for="nothing")  # the first batch: nvjpeg's and the pool's start
+    assert split.gpu_rate is None and split.cpu_rate is None
+    split.update((32, 0.01), (32, 0.02), waited_for="nothing")
+    split.update((0, 0.0), (64, 0.04), waited_for="nothing")
+    assert split.gpu_rate == pytest.approx(3200) and split.cpu_rate == pytest.approx(1600)
+
+
+def test_a_fixed_share_stays_fixed():
+    for share in (0.0, 0.25, 1.0):
+        split = EncodeSplit(fixed=share)
+        for waited_for in ("models", "input", "nothing") * 5:
+            split.update((10, 0.01), (10, 0.01), waited_for)
+        assert split.on_gpu(8) == round(8 * share)
+    with pytest.raises(ValueError, match="gpu_encode_share"):
+        EngineConfig(gpu_encode_share=1.5)
+
+
+def test_each_output_gets_its_own_bytes_whichever_side_of_the_split_encoded_it():
+    # On a CPU, the engine's batched encode call (nvjpeg's on a GPU) runs torchvision's CPU encoder: the same
+    # bytes as the threads' one-by-one encodes, so any mix-up between the two sides' outputs shows.
+    model = tiny_model()
+    photos = [encoded((48 + 8 * (index % 3), 40), seed=index) for index in range(11)]
+    with StylizeEngine({"m": model, "n": tiny_model(1)}, "cpu", EngineConfig(batch_size=4)) as engine:
+        expected = run(engine, photos, models=("m", "n"))
+    for share in (0.3, 0.5, 1.0):
+        with StylizeEngine({"m": model, "n": tiny_model(1)}, "cpu", EngineConfig(batch_size=4)) as engine:
+            engine.gpu_jpeg, engine.encode_split = True, EncodeSplit(fixed=share)
+            outcomes = run(engine, photos, models=("m", "n"))
+        assert [outcome.tag for outcome in outcomes] == list(range(11))
+        assert [outcome.outputs for outcome in outcomes] == [outcome.outputs for outcome in expected]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_jpeg_outputs_split_between_nvjpeg_and_the_cpu_are_the_same_pictures_in_input_order():
+    model = tiny_model()
+    photos = []
+    for index in range(10):
+        buffer = io.BytesIO()
+        Image.effect_mandelbrot((96, 64), (-2, -1, 1, 1 + index / 10), 60).convert("RGB").save(buffer, "JPEG",
+                                                                                              quality=95)
+        photos.append(buffer.getvalue())
+    results = {}
+    for share in (0.0, 0.5, 1.0, None):
+        config = EngineConfig(gpu_encode_share=share, batch_size=4, output_format="jpeg")
+        with StylizeEngine({"m": model}, "cuda", config) as engine:
+            results[share] = run(engine, photos)
+            if share is None:  # three batches: the split measured both sides
+                assert engine.encode_split.gpu_rate and engine.encode_split.cpu_rate
+    for outcomes in results.values():
+        assert [outcome.tag for outcome in outcomes] == list(range(10))
+        assert all(outcome.error is None for outcome in outcomes)
+    for index in range(10):  # nvjpeg keeps full chroma (4:4:4), libjpeg halves it (4:2:0): compare brightness
+        pictures = [luma(image_to_tensor(decode_image(outcomes[index].outputs["m"]))) for outcomes in results.values()]
+        assert all((picture - pictures[0]).abs().mean() < 2.0 for picture in pictures)
 
 
 class IndexLimitedUNet(UNet):
