@@ -313,19 +313,27 @@ def stylize_shard(
             ThreadPoolExecutor(options.io_threads) as readers, ThreadPoolExecutor(options.io_threads) as writers:
         def recorded(key: str, model: str) -> dict | None:
             """The earlier row of this input's output, if it was written where this run would write it (not
-            before the destination moved, in another format, or under another name since a clash came or went)
-            and by these very weights (not by the model before it was retrained under the same name)."""
+            before the destination moved, in another format, or under another name since a clash came or went),
+            by these very weights (not by the model before it was retrained under the same name) and at this
+            run's quality."""
             earlier = previous.get((source.child(key).display, model))
             if earlier is None or earlier["output_uri"] != output_location(key, model).display:
                 return None
-            return earlier if earlier.get("model_weights") in (None, weights[model]) else None  # None: older rows
+            return None if made_otherwise(earlier) else earlier
 
-        def made_by_other_weights(key: str, model: str) -> bool:
-            """Whether an earlier row says this very output was made by other weights: skip_existing, which
-            counts outputs without a row as done, does not count those."""
+        def made_otherwise(earlier: dict) -> bool:
+            """Whether a row says its output was made by other weights or at another quality (older rows say
+            neither)."""
+            quality = output_quality(earlier["output_uri"], options.quality)
+            return (earlier.get("model_weights") not in (None, weights[earlier["model"]])
+                    or earlier.get("output_quality") not in (None, quality))
+
+        def recorded_as_made_otherwise(key: str, model: str) -> bool:
+            """Whether an earlier row says this very output was made otherwise (other weights, another quality):
+            skip_existing, which counts outputs without a row as done, does not count those."""
             earlier = previous.get((source.child(key).display, model))
             return (earlier is not None and earlier["output_uri"] == output_location(key, model).display
-                    and earlier.get("model_weights") not in (None, weights[model]))
+                    and made_otherwise(earlier))
 
         def still_there(key: str, model: str) -> bool:
             """Whether the output is a file of the size its row recorded: one written over since (by a run from
@@ -343,7 +351,7 @@ def stylize_shard(
                 return [], str(error)
             return [name for name in models
                     if (recorded(key, name) is not None
-                        or options.skip_existing and not made_by_other_weights(key, name))
+                        or options.skip_existing and not recorded_as_made_otherwise(key, name))
                     and still_there(key, name)], shard.problem(index)
 
         todo: list[_Input] = []
@@ -358,9 +366,10 @@ def stylize_shard(
                     rows.append({**earlier, "shard_id": shard.shard_id})  # an earlier attempt of this run made it
                     continue
                 # counted done by skip_existing: from now on, done by these weights (a retrained model redoes it)
-                earlier = earlier or {"input_uri": source.child(key).display,
-                                      "output_uri": output_location(key, name).display, "model": name,
-                                      "input_version": shard.tag(index), "model_weights": weights[name]}
+                target = output_location(key, name).display
+                earlier = earlier or {"input_uri": source.child(key).display, "output_uri": target, "model": name,
+                                      "input_version": shard.tag(index), "model_weights": weights[name],
+                                      "output_quality": output_quality(target, options.quality)}
                 rows.append({**earlier, "status": "skipped", "error": None, "shard_id": shard.shard_id,
                              "duration_ms": 0.0, "flow_run_id": options.flow_run_id, "finished_at": manifest.now()})
             remaining = tuple(name for name in models if name not in done)
@@ -510,7 +519,13 @@ def _row(source: Location, item: _Input, outcome: Outcome, model: str, shard: Sh
         "flow_run_id": options.flow_run_id,
         "finished_at": manifest.now(),
         "model_weights": options.model_weights.get(model) if options.model_weights else None,
+        "output_quality": output_quality(output_uri, options.quality) if output_uri else None,
     }
+
+
+def output_quality(output_uri: str, quality: int) -> int | None:
+    """The quality an output at ``output_uri`` is encoded at: ``quality`` for JPEG and WebP, None for PNG."""
+    return quality if posixpath.splitext(output_uri)[1].lower() in (".jpg", ".jpeg", ".webp") else None
 
 
 _fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()

@@ -25,6 +25,7 @@ SCHEMA = pa.schema([
     pa.field("flow_run_id", pa.string()),
     pa.field("finished_at", pa.timestamp("us", tz="UTC"), nullable=False),
     pa.field("model_weights", pa.string()),  # a hash of the weights that made the output (older manifests: null)
+    pa.field("output_quality", pa.int32()),  # JPEG/WebP quality it was encoded at (PNG and older manifests: null)
 ])
 STATUSES = ("ok", "skipped", "error")
 

@@ -4,6 +4,7 @@ bad images as error rows, storage failures as exceptions, on local disk, memory:
 import io
 import threading
 import uuid
+from dataclasses import replace
 
 import fsspec
 import pyarrow.parquet as pq
@@ -410,6 +411,27 @@ def test_a_model_retrained_under_the_same_name_restyles_everything_and_the_same_
     assert same_weights["counts"] == {"ok": 0, "skipped": 5, "error": 0}
     rows = manifest.read_table(destination.child("manifest.parquet")).to_pylist()
     assert len({row["model_weights"] for row in rows}) == 1 and rows[0]["model_weights"]
+
+
+def test_a_rerun_at_another_quality_encodes_the_lossy_outputs_again_but_not_the_png_ones(tmp_path):
+    from tasks.bucket import SAME_FORMAT, run_shards
+
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {"a.jpg": jpeg("red"), "b.jpg": jpeg("green"), "c.png": jpeg("blue")})
+    model = tiny_model()
+    same_format = ShardOptions(batch_size=4, output_format=SAME_FORMAT)
+    assert run_shards(source, destination, {"m": model}, same_format, 10)["counts"]["ok"] == 3
+    before = (tmp_path / "out" / "a.jpg").read_bytes()
+    again = run_shards(source, destination, {"m": model}, replace(same_format, quality=40), 10)
+    assert again["counts"] == {"ok": 2, "skipped": 1, "error": 0}  # the PNG has no quality to change
+    assert len((tmp_path / "out" / "a.jpg").read_bytes()) < len(before)
+    rows = {row["output_uri"].rsplit("/", 1)[1]: row for row in
+            manifest.read_table(destination.child("manifest.parquet")).to_pylist()}
+    assert {name: row["output_quality"] for name, row in rows.items()} == {"a.jpg": 40, "b.jpg": 40, "c.png": None}
+    # with skip_existing too: its rows say another quality made them
+    assert run_shards(source, destination, {"m": model}, replace(same_format, skip_existing=True), 10)["counts"] == \
+        {"ok": 2, "skipped": 1, "error": 0}
+    assert run_shards(source, destination, {"m": model}, same_format, 10)["counts"]["skipped"] == 3
 
 
 def test_a_rerun_stopped_part_way_through_a_finished_shard_keeps_what_it_did(tmp_path):
