@@ -101,7 +101,7 @@ def stylize_bucket(
     by default the worker's $STYLIZE_HOME as for train-new-style, or model URLs), writing
     ``destination/manifest.parquet``. ``batch_size`` 0 picks it (64 on a GPU within its free memory, 8 on a CPU).
     ``max_batch_pixels`` bounds one forward pass (0: from the free memory, a quarter of it on a CPU); a larger image
-    is stylised in tiles. ``gpu_codec`` encodes JPEG outputs on the GPU, ``gpu_decode`` decodes
+    is stylised in tiles. ``gpu_codec`` encodes a share of each batch's JPEG outputs on the GPU, ``gpu_decode`` decodes
     plain JPEG inputs there (off: in CPU threads); ``compile`` runs the model through torch.compile.
     ``skip_existing`` also counts an output that exists without a manifest row as done. Images over
     ``max_pixels`` pixels or ``max_image_bytes`` bytes get error rows. A running shard journals its finished rows

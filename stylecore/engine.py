@@ -97,12 +97,13 @@ class EncodeSplit:
 
     Either side costs the run something: nvjpeg takes GPU time from the models (on an H100 at 512 px, 0.16 ms an
     image against the compiled UNet's 0.38), the threads take the host's cores. So after each batch the share
-    moves a step by what the encoding waited for: for the models to finish the batch (the GPU is the slower: the
-    share moves to the CPU, handing GPU time back to the models), for the batch to come at all (reading or
-    decoding is the slower: to the GPU, freeing the cores), or for nothing (the encoding itself, or the caller
-    after it, is the slower: towards the split at which both sides finish together, the fastest a batch can be
-    encoded, from the rates each side reached on the batches before). Each side keeps a few images a batch, so
-    its rate stays known. ``fixed``: always that share."""
+    moves a step by what held the encoding up (``StylizeEngine._held_up_by``): the models (the GPU is the
+    slower: the share moves to the CPU, handing GPU time back to the models), the input (reading or decoding is
+    the slower: to the GPU, freeing the cores), or nothing (the encoding itself, or the caller after it, is the
+    slower: towards the split at which both sides finish together, the fastest a batch can be encoded, from the
+    rates each side reached on the batches before). Each side keeps at least a twentieth of a batch (an image a
+    batch from twenty images on), so its rate stays known. ``fixed``: always that share.
+    """
 
     STEP = 0.05
     MIN_SHARE = 0.05
@@ -116,8 +117,8 @@ class EncodeSplit:
         self._batches = 0
 
     def on_gpu(self, count: int) -> int:
-        """How many of ``count`` JPEG outputs nvjpeg encodes."""
-        return min(count, round(count * self.share))
+        """How many of ``count`` JPEG outputs nvjpeg encodes (a half rounded up: a lone image at 0.5 goes to it)."""
+        return min(count, int(count * self.share + 0.5))
 
     def update(self, gpu: tuple[int, float], cpu: tuple[int, float], waited_for: str) -> None:
         """After a batch: (images, seconds) each side took from the batch's start, and what the encoding waited for
@@ -172,6 +173,7 @@ class _Batch:
     images: list[torch.Tensor | None]  # decoded (3, H, W) uint8 on the device, None for errors
     results: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
     ready: object = None  # CUDA event recorded when the stage that made this batch is done with it
+    started: object = None  # CUDA event (timed) recorded on the models' stream as they start on this batch
     began: float = 0.0
 
 
@@ -202,6 +204,9 @@ class StylizeEngine:
         self._pool.shutdown(wait=True)
 
     def _map(self, function, items) -> list:
+        items = list(items)
+        if len(items) <= 1:
+            return [function(item) for item in items]
         return self._map_started(function, items)()[0]
 
     def _map_started(self, function, items) -> Callable[[], tuple[list, float]]:
@@ -213,9 +218,8 @@ class StylizeEngine:
         def run_chunk(chunk: list) -> tuple[list, float]:
             return [function(item) for item in chunk], time.perf_counter()
 
-        if len(items) <= 1:
-            done = run_chunk(items)
-            return lambda: done
+        if not items:
+            return lambda: ([], time.perf_counter())
         per_task = -(-len(items) // (2 * self._threads))  # two tasks per thread: slow images even out
         futures = [self._pool.submit(run_chunk, items[i:i + per_task]) for i in range(0, len(items), per_task)]
 
@@ -245,20 +249,17 @@ class StylizeEngine:
             thread.start()
         stream = torch.cuda.Stream(self.device) if self.cuda else None
         free_since = None  # when this stage last asked for a batch
+        previous_ready = None  # the batch before's event: when the models finished it
         try:
             for batch in _drain(stylized, stop):
-                # What this stage waited for (EncodeSplit): a batch to come, or the models to finish it on the GPU.
-                came = time.perf_counter()
-                waited_for = "input" if free_since is not None and came - free_since > _WAITED else "nothing"
+                waited_for_input = free_since is not None and time.perf_counter() - free_since > _WAITED
                 with torch.cuda.stream(stream) if stream is not None else nullcontext():
                     if batch.ready is not None:
                         stream.wait_event(batch.ready)
                         for output in batch.results.values():
                             output.record_stream(stream)  # made on the stylise stream, last used here
-                        if self.gpu_jpeg:
-                            batch.ready.synchronize()  # the encoding waits for it anyway; here it is timed
-                            if time.perf_counter() - came > _WAITED:
-                                waited_for = "models"
+                    waited_for = self._held_up_by(batch, previous_ready, waited_for_input)
+                    previous_ready = batch.ready
                     outcomes = list(self._encode(batch, waited_for))
                 # outside the stream's context: the caller's own CUDA work, between outcomes, stays on its stream
                 yield from outcomes
@@ -267,6 +268,19 @@ class StylizeEngine:
             stop.set()
             for thread in stages:
                 thread.join()
+
+    def _held_up_by(self, batch: _Batch, previous_ready, waited_for_input: bool) -> str:
+        """What the encoding waited for (EncodeSplit): "models" where, on the GPU, the models started this batch
+        the moment they finished the one before (work queues up for them: they, and whatever else runs on the GPU,
+        are the slower); else "input" where this stage waited for the batch to come (reading or decoding is the
+        slower: the models' stream stood idle too), else "nothing" (this stage, or its caller, is the slower).
+        The batch comes to this stage once the models are launched on it, not done, so the wait for the batch
+        alone cannot tell the models from the input apart."""
+        if self.gpu_jpeg and batch.started is not None and previous_ready is not None:
+            batch.ready.synchronize()  # the encoding waits for it anyway
+            if previous_ready.elapsed_time(batch.started) < _WAITED * 1000:  # milliseconds
+                return "models"
+        return "input" if waited_for_input else "nothing"
 
     # --- stages -------------------------------------------------------------------------------------------
 
@@ -353,9 +367,11 @@ class StylizeEngine:
             with torch.cuda.stream(stream) if stream is not None else nullcontext():
                 if batch.ready is not None:
                     stream.wait_event(batch.ready)
+                if stream is not None:
+                    batch.started = stream.record_event(torch.cuda.Event(enable_timing=True))
                 self._stylize(batch)
                 if stream is not None:
-                    batch.ready = stream.record_event()
+                    batch.ready = stream.record_event(torch.cuda.Event(enable_timing=True))
                     for image in batch.images:
                         if image is not None:
                             image.record_stream(stream)  # made on the decode stream, last used here

@@ -941,7 +941,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--compile", action="store_true",
                      help="torch.compile the model: slower start, faster on long runs of few image sizes")
     run.add_argument("--no-gpu-codec", action="store_true",
-                     help="encode JPEG outputs on the CPU even on a GPU (default: nvjpeg, full chroma)")
+                     help="encode every JPEG output on the CPU even on a GPU (default: nvjpeg, full chroma, encodes a "
+                          "share of each batch, the CPU threads the rest)")
     run.add_argument("--gpu-decode", action=argparse.BooleanOptionalAction, default=True,
                      help="on a GPU, decode plain JPEG inputs there (nvjpeg, a batch at a time; the default); "
                           "--no-gpu-decode decodes them in CPU threads")

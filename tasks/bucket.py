@@ -319,21 +319,20 @@ def stylize_shard(
             earlier = previous.get((source.child(key).display, model))
             if earlier is None or earlier["output_uri"] != output_location(key, model).display:
                 return None
-            return None if made_otherwise(earlier) else earlier
+            return None if made_otherwise(earlier, key) else earlier
 
-        def made_otherwise(earlier: dict) -> bool:
+        def made_otherwise(earlier: dict, key: str) -> bool:
             """Whether a row says its output was made by other weights or at another quality (older rows say
             neither)."""
-            quality = output_quality(earlier["output_uri"], options.quality)
             return (earlier.get("model_weights") not in (None, weights[earlier["model"]])
-                    or earlier.get("output_quality") not in (None, quality))
+                    or earlier.get("output_quality") not in (None, output_quality(key, options)))
 
         def recorded_as_made_otherwise(key: str, model: str) -> bool:
             """Whether an earlier row says this very output was made otherwise (other weights, another quality):
             skip_existing, which counts outputs without a row as done, does not count those."""
             earlier = previous.get((source.child(key).display, model))
             return (earlier is not None and earlier["output_uri"] == output_location(key, model).display
-                    and made_otherwise(earlier))
+                    and made_otherwise(earlier, key))
 
         def still_there(key: str, model: str) -> bool:
             """Whether the output is a file of the size its row recorded: one written over since (by a run from
@@ -369,7 +368,7 @@ def stylize_shard(
                 target = output_location(key, name).display
                 earlier = earlier or {"input_uri": source.child(key).display, "output_uri": target, "model": name,
                                       "input_version": shard.tag(index), "model_weights": weights[name],
-                                      "output_quality": output_quality(target, options.quality)}
+                                      "output_quality": output_quality(key, options)}
                 rows.append({**earlier, "status": "skipped", "error": None, "shard_id": shard.shard_id,
                              "duration_ms": 0.0, "flow_run_id": options.flow_run_id, "finished_at": manifest.now()})
             remaining = tuple(name for name in models if name not in done)
@@ -519,13 +518,15 @@ def _row(source: Location, item: _Input, outcome: Outcome, model: str, shard: Sh
         "flow_run_id": options.flow_run_id,
         "finished_at": manifest.now(),
         "model_weights": options.model_weights.get(model) if options.model_weights else None,
-        "output_quality": output_quality(output_uri, options.quality) if output_uri else None,
+        "output_quality": output_quality(item.key, options) if output_uri else None,
     }
 
 
-def output_quality(output_uri: str, quality: int) -> int | None:
-    """The quality an output at ``output_uri`` is encoded at: ``quality`` for JPEG and WebP, None for PNG."""
-    return quality if posixpath.splitext(output_uri)[1].lower() in (".jpg", ".jpeg", ".webp") else None
+def output_quality(key: str, options: ShardOptions) -> int | None:
+    """The quality the output of input ``key`` is encoded at: ``options.quality`` for JPEG and WebP, None for PNG
+    (from the output's format, not from its URL, which may be masked where it looks like a credential)."""
+    extension = output_extension(posixpath.splitext(key)[1], options.output_format)
+    return options.quality if extension in (".jpg", ".webp") else None
 
 
 _fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()

@@ -417,7 +417,8 @@ def test_a_rerun_at_another_quality_encodes_the_lossy_outputs_again_but_not_the_
     from tasks.bucket import SAME_FORMAT, run_shards
 
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
-    fill(source, {"a.jpg": jpeg("red"), "b.jpg": jpeg("green"), "c.png": jpeg("blue")})
+    # "x?sig=1.jpg": a name its manifest URI masks (it looks like a signed URL's parameter)
+    fill(source, {"a.jpg": jpeg("red"), "x?sig=1.jpg": jpeg("green"), "c.png": jpeg("blue")})
     model = tiny_model()
     same_format = ShardOptions(batch_size=4, output_format=SAME_FORMAT)
     assert run_shards(source, destination, {"m": model}, same_format, 10)["counts"]["ok"] == 3
@@ -425,9 +426,9 @@ def test_a_rerun_at_another_quality_encodes_the_lossy_outputs_again_but_not_the_
     again = run_shards(source, destination, {"m": model}, replace(same_format, quality=40), 10)
     assert again["counts"] == {"ok": 2, "skipped": 1, "error": 0}  # the PNG has no quality to change
     assert len((tmp_path / "out" / "a.jpg").read_bytes()) < len(before)
-    rows = {row["output_uri"].rsplit("/", 1)[1]: row for row in
-            manifest.read_table(destination.child("manifest.parquet")).to_pylist()}
-    assert {name: row["output_quality"] for name, row in rows.items()} == {"a.jpg": 40, "b.jpg": 40, "c.png": None}
+    rows = manifest.read_table(destination.child("manifest.parquet")).to_pylist()
+    assert sorted((row["output_uri"].endswith(".png"), row["output_quality"]) for row in rows) == \
+        [(False, 40), (False, 40), (True, None)]
     # with skip_existing too: its rows say another quality made them
     assert run_shards(source, destination, {"m": model}, replace(same_format, skip_existing=True), 10)["counts"] == \
         {"ok": 2, "skipped": 1, "error": 0}

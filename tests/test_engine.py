@@ -342,6 +342,44 @@ def test_jpeg_outputs_split_between_nvjpeg_and_the_cpu_are_the_same_pictures_in_
         assert all((picture - pictures[0]).abs().mean() < 2.0 for picture in pictures)
 
 
+class RecordingSplit(EncodeSplit):
+    """The engine's own split, keeping what held each batch's encoding up."""
+
+    def __init__(self):
+        super().__init__()
+        self.held_up_by: list[str] = []
+
+    def update(self, gpu, cpu, waited_for):
+        self.held_up_by.append(waited_for)
+        super().update(gpu, cpu, waited_for)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_split_tells_a_gpu_busy_with_the_models_from_input_that_comes_slowly():
+    import time
+
+    buffer = io.BytesIO()
+    Image.effect_mandelbrot((1024, 1024), (-2, -1.5, 1, 1.5), 60).convert("RGB").save(buffer, "JPEG", quality=90)
+    photo = buffer.getvalue()
+    torch.manual_seed(0)
+    heavy = UNet(UNetConfig(base_channels=32)).cuda().eval()  # at 1024 px, batches of 8: far slower than launching
+
+    def slowly(count: int):
+        for index in range(count):
+            if index % 4 == 0:
+                time.sleep(0.1)  # a slow store: the models wait for every batch
+            yield Job(index, photo, ("m",))
+
+    cases = {"input": (tiny_model().cuda(), slowly(40), 4),
+             "models": (heavy, (Job(index, photo, ("m",)) for index in range(96)), 8)}
+    for expected, (model, jobs, batch_size) in cases.items():
+        with StylizeEngine({"m": model}, "cuda", EngineConfig(batch_size=batch_size)) as engine:
+            engine.encode_split = split = RecordingSplit()
+            assert all(outcome.error is None for outcome in engine.run(jobs))
+        later = split.held_up_by[3:]  # after the first batches (CUDA's and nvjpeg's start)
+        assert later.count(expected) > len(later) / 2, (expected, split.held_up_by)
+
+
 class IndexLimitedUNet(UNet):
     """A real UNet that, like some CUDA kernels, refuses a batch past a size (torch's own message)."""
 
