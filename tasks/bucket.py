@@ -364,13 +364,14 @@ def stylize_shard(
                 if earlier is not None and options.flow_run_id and earlier["flow_run_id"] == options.flow_run_id:
                     rows.append({**earlier, "shard_id": shard.shard_id})  # an earlier attempt of this run made it
                     continue
-                # counted done by skip_existing: from now on, done by these weights (a retrained model redoes it)
-                target = output_location(key, name).display
-                earlier = earlier or {"input_uri": source.child(key).display, "output_uri": target, "model": name,
-                                      "input_version": shard.tag(index), "model_weights": weights[name],
-                                      "output_quality": output_quality(key, options)}
+                # Counted done by skip_existing, or by a row from before weights or quality were recorded: from now
+                # on, done by these weights at this quality (a retrained model, another quality, redoes it).
+                earlier = earlier or {"input_uri": source.child(key).display,
+                                      "output_uri": output_location(key, name).display, "model": name,
+                                      "input_version": shard.tag(index)}
                 rows.append({**earlier, "status": "skipped", "error": None, "shard_id": shard.shard_id,
-                             "duration_ms": 0.0, "flow_run_id": options.flow_run_id, "finished_at": manifest.now()})
+                             "duration_ms": 0.0, "flow_run_id": options.flow_run_id, "finished_at": manifest.now(),
+                             "model_weights": weights[name], "output_quality": output_quality(key, options)})
             remaining = tuple(name for name in models if name not in done)
             if remaining:
                 todo.append(_Input(key, remaining, shard.sizes[index], problem=problem, tag=shard.tag(index)))

@@ -435,6 +435,22 @@ def test_a_rerun_at_another_quality_encodes_the_lossy_outputs_again_but_not_the_
     assert run_shards(source, destination, {"m": model}, same_format, 10)["counts"]["skipped"] == 3
 
 
+def test_rows_from_before_quality_was_recorded_count_as_done_once_then_as_made_at_that_quality(tmp_path):
+    from tasks.bucket import run_shards
+
+    source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
+    fill(source, {"a.jpg": jpeg("red"), "b.jpg": jpeg("green")})
+    model, options = tiny_model(), ShardOptions(batch_size=4)
+    run_shards(source, destination, {"m": model}, options, 10)
+    [part] = (tmp_path / "out" / "_manifest_parts").glob("*.parquet")
+    older = pq.read_table(part).drop_columns(["output_quality", "model_weights"])  # as an earlier version wrote it
+    pq.write_table(older, part)
+    assert run_shards(source, destination, {"m": model}, options, 10)["counts"]["skipped"] == 2
+    rows = manifest.read_table(destination.child("manifest.parquet")).to_pylist()
+    assert {(row["output_quality"], row["model_weights"] is not None) for row in rows} == {(90, True)}
+    assert run_shards(source, destination, {"m": model}, replace(options, quality=50), 10)["counts"]["ok"] == 2
+
+
 def test_a_rerun_stopped_part_way_through_a_finished_shard_keeps_what_it_did(tmp_path):
     # the shard has its part from the first run; the second (a retrained model) is stopped after a few images:
     # those outputs now hold the new model's pictures, and its journal says so
