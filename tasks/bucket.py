@@ -288,6 +288,7 @@ def stylize_shard(
     started = time.perf_counter()
     several = len(models) > 1
     previous = _previous_rows(destination, shard.shard_id)
+    previous_by_output = {row["output_uri"]: row for row in previous.values()}
     weights = {name: weights_fingerprint(model) for name, model in models.items()}
     options = replace(options, model_weights=weights)  # each row records the weights that made it
     rows: list[dict] = []
@@ -328,11 +329,10 @@ def stylize_shard(
                     or earlier.get("output_quality") not in (None, output_quality(key, options)))
 
         def recorded_as_made_otherwise(key: str, model: str) -> bool:
-            """Whether an earlier row says this very output was made otherwise (other weights, another quality):
-            skip_existing, which counts outputs without a row as done, does not count those."""
-            earlier = previous.get((source.child(key).display, model))
-            return (earlier is not None and earlier["output_uri"] == output_location(key, model).display
-                    and made_otherwise(earlier, key))
+            """Whether an earlier row says this very output was made otherwise (by another model, other weights,
+            at another quality): skip_existing, which counts outputs without a row as done, does not count those."""
+            earlier = previous_by_output.get(output_location(key, model).display)
+            return earlier is not None and (earlier["model"] != model or made_otherwise(earlier, key))
 
         def still_there(key: str, model: str) -> bool:
             """Whether the output is a file of the size its row recorded: one written over since (by a run from
@@ -527,7 +527,7 @@ def output_quality(key: str, options: ShardOptions) -> int | None:
     """The quality the output of input ``key`` is encoded at: ``options.quality`` for JPEG and WebP, None for PNG
     (from the output's format, not from its URL, which may be masked where it looks like a credential)."""
     extension = output_extension(posixpath.splitext(key)[1], options.output_format)
-    return options.quality if extension in (".jpg", ".webp") else None
+    return options.quality if extension in (".jpg", ".jpeg", ".webp") else None
 
 
 _fingerprints: "weakref.WeakKeyDictionary[torch.nn.Module, str]" = weakref.WeakKeyDictionary()

@@ -51,12 +51,15 @@ def secret_values(options: Any, _inside_sensitive: bool = False) -> list[str]:
     return found
 
 
-def redact(text: Any, options: Any = None) -> str:
-    """``text`` with URL credentials, sensitive query parameters and the secret values of ``options`` masked."""
+def redact(text: Any, options: Any = None, queries: bool = True) -> str:
+    """``text`` with URL credentials, sensitive query parameters (unless ``queries`` is off: a file path has
+    none, and ``x?sig=1.jpg`` is a file's name) and the secret values of ``options`` masked."""
     text = str(text)
     for value in sorted(set(secret_values(options)), key=len, reverse=True):
         text = text.replace(value, MASK)
     text = _USERINFO.sub(lambda m: f"{m.group('scheme')}{MASK}@", text)
+    if not queries:
+        return text
     return _QUERY_PARAMETER.sub(
         lambda m: m.group("name") + (MASK if is_sensitive(m.group("key")) and _in_query(m) else m.group("value")),
         text,

@@ -56,8 +56,10 @@ class Location:
 
     @property
     def display(self) -> str:
-        """The URL with any credentials masked: the only form that goes into logs, manifests and artifacts."""
-        return printable(redact(self.url, self.options))
+        """The URL with any credentials masked: the only form that goes into logs, manifests and artifacts. A local
+        path's "?name=value" is part of a file's name, not a query, and stays as it is."""
+        local = "::" not in self.url and ("://" not in self.url or self.url.lower().startswith("file://"))
+        return printable(redact(self.url, self.options, queries=not local))
 
     def __str__(self) -> str:
         return self.display

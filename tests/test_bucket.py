@@ -417,22 +417,22 @@ def test_a_rerun_at_another_quality_encodes_the_lossy_outputs_again_but_not_the_
     from tasks.bucket import SAME_FORMAT, run_shards
 
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
-    # "x?sig=1.jpg": a name its manifest URI masks (it looks like a signed URL's parameter)
-    fill(source, {"a.jpg": jpeg("red"), "x?sig=1.jpg": jpeg("green"), "c.png": jpeg("blue")})
+    # "x?sig=1.jpg": a name that looks like a signed URL's parameter; "d.JPEG" keeps its own extension
+    fill(source, {"a.jpg": jpeg("red"), "x?sig=1.jpg": jpeg("green"), "c.png": jpeg("blue"), "d.JPEG": jpeg("gray")})
     model = tiny_model()
     same_format = ShardOptions(batch_size=4, output_format=SAME_FORMAT)
-    assert run_shards(source, destination, {"m": model}, same_format, 10)["counts"]["ok"] == 3
+    assert run_shards(source, destination, {"m": model}, same_format, 10)["counts"]["ok"] == 4
     before = (tmp_path / "out" / "a.jpg").read_bytes()
     again = run_shards(source, destination, {"m": model}, replace(same_format, quality=40), 10)
-    assert again["counts"] == {"ok": 2, "skipped": 1, "error": 0}  # the PNG has no quality to change
+    assert again["counts"] == {"ok": 3, "skipped": 1, "error": 0}  # the PNG has no quality to change
     assert len((tmp_path / "out" / "a.jpg").read_bytes()) < len(before)
     rows = manifest.read_table(destination.child("manifest.parquet")).to_pylist()
-    assert sorted((row["output_uri"].endswith(".png"), row["output_quality"]) for row in rows) == \
-        [(False, 40), (False, 40), (True, None)]
+    assert {row["output_uri"].rsplit("/", 1)[1]: row["output_quality"] for row in rows} == \
+        {"a.jpg": 40, "x?sig=1.jpg": 40, "c.png": None, "d.jpeg": 40}
     # with skip_existing too: its rows say another quality made them
     assert run_shards(source, destination, {"m": model}, replace(same_format, skip_existing=True), 10)["counts"] == \
-        {"ok": 2, "skipped": 1, "error": 0}
-    assert run_shards(source, destination, {"m": model}, same_format, 10)["counts"]["skipped"] == 3
+        {"ok": 3, "skipped": 1, "error": 0}
+    assert run_shards(source, destination, {"m": model}, same_format, 10)["counts"]["skipped"] == 4
 
 
 def test_rows_from_before_quality_was_recorded_count_as_done_once_then_as_made_at_that_quality(tmp_path):
@@ -498,6 +498,9 @@ def test_skip_existing_counts_outputs_without_rows_as_done_but_not_another_model
     retrained = run_shards(source, destination, {"m": new}, skipping, 10)
     assert retrained["counts"] == {"ok": 4, "skipped": 0, "error": 0}
     assert run_shards(source, destination, {"m": new}, ShardOptions(batch_size=4), 10)["counts"]["skipped"] == 4
+    # another model's outputs in the same places (one model a run, so no per-model folders): its rows say so
+    other = run_shards(source, destination, {"other": old}, skipping, 10)
+    assert other["counts"] == {"ok": 4, "skipped": 0, "error": 0}
 
 
 def test_names_that_look_like_query_parameters_stay_distinct_in_the_manifest(tmp_path):

@@ -32,6 +32,11 @@ def test_redact_masks_url_credentials_sensitive_query_parameters_and_option_valu
     assert redact("https://host/list?prefix=my photos&sig=SECRET") == "https://host/list?prefix=my photos&sig=***"
     assert redact("gs://b/in/cam;key=front.jpg") == "gs://b/in/cam;key=front.jpg"
     assert redact("/data/shot&session=1.jpg") == "/data/shot&session=1.jpg"
+    # a local file's name is not a URL: "?sig=" in it is part of the name, which the manifest must keep
+    assert Location("/data/x?sig=1.jpg").display == "/data/x?sig=1.jpg"
+    assert Location("file:///data/x?token=2.jpg").display == "file:///data/x?token=2.jpg"
+    assert Location("https://host/x.jpg?sig=1").display == "https://host/x.jpg?sig=***"
+    assert Location("gs://b/x.jpg?X-Goog-Signature=abc").display == "gs://b/x.jpg?X-Goog-Signature=***"
 
 
 def test_hidden_options_serialise_as_stars_and_still_reach_the_storage():
