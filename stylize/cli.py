@@ -46,7 +46,7 @@ from tasks.bucket import (
     AUTO_WORKERS_MIN_IMAGES, DEFAULT_MAX_IMAGE_BYTES, MANIFEST_NAME, SAME_FORMAT, ShardOptions, check_apart,
     run_shards,
 )
-from tasks.lease import DestinationBusy
+from tasks.lease import DestinationBusy, DestinationLease
 from tasks.models import DEVICE_VARIABLE, model_location, read_model_metadata
 from tasks.secrets import hide_options, redact
 from tasks.storage import Location, StorageError
@@ -606,6 +606,11 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     try:
         check_apart(source, destination)
         read_model_metadata(model_location(model, model_store_for(args), options))
+        # here, not only in the flow: there a busy destination is a failed flow run, logged with its traceback
+        DestinationLease(destination).check_free()
+    except DestinationBusy as error:
+        print(f"stylize: error: {error}", file=sys.stderr)
+        return EXIT_BUSY
     except (StorageError, CheckpointError) as error:
         raise UserError(str(error)) from None
     with flow_device(args):

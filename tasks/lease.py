@@ -115,6 +115,13 @@ class DestinationLease:
             return False
         return time.time() - renewed < self.stale_after_s
 
+    def check_free(self) -> None:
+        """Raise DestinationBusy where another run holds a live claim now; claims nothing (a quick look before
+        starting work that would only stop at its claim)."""
+        current = self.read()
+        if current is not None and current.get("holder") != self.holder and self.live(current):
+            raise self._busy(current)
+
     def claim(self) -> None:
         """Take the lease and keep it renewed, or raise DestinationBusy."""
         with _held_lock:  # from before its first write: a claim being made is not one this process left behind
