@@ -128,9 +128,7 @@ class DestinationLease:
             _held_here.add(self.holder)
         try:
             with self._claiming_alone():
-                current = self.read()
-                if current is not None and current.get("holder") != self.holder and self.live(current):
-                    raise self._busy(current)
+                self.check_free()
                 self._write()
             time.sleep(self.settle_s)
             current = self.read()
