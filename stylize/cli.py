@@ -148,10 +148,46 @@ def checked_location(url: str, options: dict, what: str, must_exist: bool = True
     return location
 
 
+def start_temporary_server() -> None:
+    """Start Prefect's temporary server for this process's flows, where PREFECT_API_URL names no server, deaf to
+    Ctrl-C. A terminal's Ctrl-C reaches every process of the command, the server Prefect starts too: with the server
+    gone, the interrupted flow run could not record its end, and the command printed connection errors for a minute
+    or more before it exited. This process stops the server when it exits, as Prefect's own start does."""
+    from prefect.server.api.server import SubprocessASGIServer
+    from prefect.settings import get_current_settings
+
+    if get_current_settings().api.url:
+        return
+    server, failures = SubprocessASGIServer(), []  # the one Prefect's clients use when no API URL is set
+
+    def start() -> None:
+        # a thread's blocked signals are its children's: the server never sees SIGINT, this process still does
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            server.start()
+        except BaseException as error:
+            failures.append(error)
+
+    starter = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    starter.start()
+    try:
+        while starter.is_alive():
+            starter.join(0.1)
+    except KeyboardInterrupt:  # while it starts: stop it here, since it would not stop with the others
+        while starter.is_alive() and server.server_process is None:
+            time.sleep(0.01)
+        server.stop()
+        raise
+    if failures:
+        raise failures[0]
+
+
 @contextlib.contextmanager
 def flow_device(args: argparse.Namespace) -> Iterator[None]:
-    """``--device`` for the flows run in this process: their tasks read it from $STYLIZE_DEVICE."""
+    """``--device`` for the flows run in this process (their tasks read it from $STYLIZE_DEVICE), and the Prefect
+    server they report to."""
     pick_device(args.device)  # refuses cuda without a GPU
+    start_temporary_server()
     if args.device == "auto":
         yield
         return

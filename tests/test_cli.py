@@ -510,6 +510,44 @@ def test_prefect_s_temporary_server_gets_two_minutes_to_start_unless_the_environ
     assert os.environ[EPHEMERAL_STARTUP_VARIABLE] == "45"
 
 
+def test_ctrl_c_stops_a_run_on_urls_at_once_with_the_interruption_recorded_and_the_rerun_resumes(tmp_path,
+                                                                                                  monkeypatch):
+    from stylecore.checkpoint import save_model
+    from stylecore.model import UNet, UNetConfig
+
+    store, source, destination = tmp_path / "store", tmp_path / "in", tmp_path / "out"
+    save_model(store / "models" / "m", UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "m"})
+    source.mkdir()
+    for index in range(400):
+        Image.new("RGB", (32, 32), (index % 256, 80, 160)).save(source / f"{index:04}.jpg")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no server running: the run starts a temporary one
+    env = {**os.environ, "STYLIZE_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect")}
+    command = [str(STYLIZE), "run", source.as_uri(), destination.as_uri(), "--model", "m", "--model-store",
+               store.as_uri(), "--shard-size", "10", "--batch-size", "1", "--workers", "1"]
+    # Ctrl-C in a terminal: SIGINT to every process of the command's group (the test's own may ignore it)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 240
+    parts = destination / "_manifest_parts"
+    while not any(parts.glob("*.parquet")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert process.poll() is None, process.communicate()
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)  # it used to wait minutes for the server Ctrl-C had also stopped
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-2:][0].startswith("stylize: interrupted; run the same command again")
+    assert "Traceback" not in stderr and "Unable to connect" not in stderr
+    assert "Finished in state Crashed('Execution was aborted by an interrupt signal.')" in stderr  # recorded
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):  # nothing of it left running, the temporary server included
+        os.killpg(process.pid, 0)
+
+    result = subprocess.run([*command, "--quiet"], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    written, done = (int(result.stdout.split(word)[0].split()[-1]) for word in (" written", " already done"))
+    assert done > 0 and written + done == 400, result.stdout
+
+
 def test_a_temporary_server_that_does_not_start_in_time_is_one_line_naming_the_fixes(photo_dir, tmp_path,
                                                                                      monkeypatch):
     from stylecore.checkpoint import save_model
