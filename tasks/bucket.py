@@ -336,10 +336,10 @@ def stylize_shard(
 
         def still_there(key: str, model: str) -> bool:
             """Whether the output is a file of the size its row recorded: one written over since (by a run from
-            another source with a photo of the same name, say) is done again."""
+            another source with a photo of the same name, say) is done again, as is an empty one (no image is)."""
             size = file_size(output_location(key, model))
             earlier = recorded(key, model)
-            return size is not None and (earlier is None or earlier.get("output_bytes") in (None, size))
+            return bool(size) and (earlier is None or earlier.get("output_bytes") in (None, size))
 
         # What is already done (an earlier ok/skipped row and its output still there) is skipped.
         def done_models(index: int) -> tuple[list[str], str | None]:

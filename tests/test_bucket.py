@@ -480,18 +480,19 @@ def test_a_rerun_stopped_part_way_through_a_finished_shard_keeps_what_it_did(tmp
     assert back["counts"] == {"ok": 6, "skipped": 0, "error": 0}
 
 
-def test_skip_existing_counts_outputs_without_rows_as_done_but_not_another_models_or_folders(tmp_path):
+def test_skip_existing_counts_outputs_without_rows_as_done_but_not_empty_files_another_models_or_folders(tmp_path):
     from tasks.bucket import run_shards
 
     source, destination = Location(str(tmp_path / "in")), Location(str(tmp_path / "out"))
     fill(source, {f"img{index}.jpg": jpeg((index * 40, 90, 200)) for index in range(4)})
     old, new = tiny_model(seed=0), tiny_model(seed=1)
     skipping = ShardOptions(batch_size=4, skip_existing=True)
-    fill(destination, {"img0.jpg": b"made elsewhere"})
+    fill(destination, {"img0.jpg": b"made elsewhere", "img2.jpg": b""})  # an empty file: a writer that failed
     (tmp_path / "out" / "img1.jpg").mkdir()  # a folder where an output goes is not an output
     first = run_shards(source, destination, {"m": old}, skipping, 10)
     assert first["counts"] == {"ok": 2, "skipped": 1, "error": 1}
     assert (tmp_path / "out" / "img0.jpg").read_bytes() == b"made elsewhere"
+    assert (tmp_path / "out" / "img2.jpg").read_bytes()[:2] == b"\xff\xd8"  # a JPEG now
     (tmp_path / "out" / "img1.jpg").rmdir()
     # a retrained model: the rows say the old weights made these outputs, so even with the flag they are redone,
     # and the one counted done before now counts as the old model's too
