@@ -1061,6 +1061,7 @@ def _interrupted(signum, frame) -> None:
 # by default; its first start in a new PREFECT_HOME builds its database and took longer than that on 2 CPU cores.
 EPHEMERAL_STARTUP_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 EPHEMERAL_STARTUP_SECONDS = "120"
+ANALYTICS_VARIABLE = "PREFECT_SERVER_ANALYTICS_ENABLED"
 
 
 def prefect_defaults(quiet: bool) -> None:
@@ -1069,6 +1070,8 @@ def prefect_defaults(quiet: bool) -> None:
     if "prefect" in sys.modules:
         return
     os.environ.setdefault(EPHEMERAL_STARTUP_VARIABLE, EPHEMERAL_STARTUP_SECONDS)
+    # The temporary server lives for one command; offline its telemetry logged an error line on every run.
+    os.environ.setdefault(ANALYTICS_VARIABLE, "false")
     if quiet:  # URL runs: Prefect's own log lines too
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 

@@ -498,16 +498,19 @@ def test_an_interrupted_training_resumes_when_the_same_command_is_run_again(phot
     assert not (home / "runs" / "train" / "long").exists()
 
 
-def test_prefect_s_temporary_server_gets_two_minutes_to_start_unless_the_environment_says_otherwise(monkeypatch):
-    from stylize.cli import EPHEMERAL_STARTUP_VARIABLE, prefect_defaults
+def test_prefect_s_temporary_server_gets_two_minutes_to_start_and_no_telemetry_unless_the_environment_says_otherwise(
+        monkeypatch):
+    from stylize.cli import ANALYTICS_VARIABLE, EPHEMERAL_STARTUP_VARIABLE, prefect_defaults
 
     monkeypatch.delitem(sys.modules, "prefect", raising=False)  # as in a fresh `stylize` process
     monkeypatch.delenv(EPHEMERAL_STARTUP_VARIABLE, raising=False)
+    monkeypatch.delenv(ANALYTICS_VARIABLE, raising=False)
     prefect_defaults(quiet=False)
-    assert os.environ[EPHEMERAL_STARTUP_VARIABLE] == "120"
+    assert os.environ[EPHEMERAL_STARTUP_VARIABLE] == "120" and os.environ[ANALYTICS_VARIABLE] == "false"
     monkeypatch.setenv(EPHEMERAL_STARTUP_VARIABLE, "45")
+    monkeypatch.setenv(ANALYTICS_VARIABLE, "true")
     prefect_defaults(quiet=False)
-    assert os.environ[EPHEMERAL_STARTUP_VARIABLE] == "45"
+    assert os.environ[EPHEMERAL_STARTUP_VARIABLE] == "45" and os.environ[ANALYTICS_VARIABLE] == "true"
 
 
 def test_ctrl_c_stops_a_run_on_urls_at_once_with_the_interruption_recorded_and_the_rerun_resumes(tmp_path,
