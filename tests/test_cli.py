@@ -527,9 +527,12 @@ def test_ctrl_c_stops_a_run_on_urls_at_once_with_the_interruption_recorded_and_t
     env = {**os.environ, "STYLIZE_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect")}
     command = [str(STYLIZE), "run", source.as_uri(), destination.as_uri(), "--model", "m", "--model-store",
                store.as_uri(), "--shard-size", "10", "--batch-size", "1", "--workers", "1"]
-    # Ctrl-C in a terminal: SIGINT to every process of the command's group (the test's own may ignore it)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # Ctrl-C in a terminal: SIGINT to every process of the command's group. A test run in the background ignores
+    # SIGINT, and its children would too: the command starts with it restored (exec, not preexec_fn: threads).
+    restored = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                                      "os.execv(sys.argv[1], sys.argv[1:])"]
+    process = subprocess.Popen([*restored, *command], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
     deadline = time.monotonic() + 240
     parts = destination / "_manifest_parts"
     while not any(parts.glob("*.parquet")) and process.poll() is None and time.monotonic() < deadline:
