@@ -84,12 +84,15 @@ def train_style(
     check_style_images(styles, style_size or default_style_size, loss.style_layers, storage_options)
     ensure_gpu_limit()
     primed = primed_checkpoint(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)
-    futures = [
-        train_style_task.submit(style, name, photos, primed, model_store, style_config, asdict(loss),
-                                style_size or default_style_size, vgg_weights, storage_options, preset)
+    # One after another, in this thread: they would take turns on the device anyway, and Ctrl-C (or SIGTERM) reaches
+    # this thread only, so a training in a task runner's thread would run to its end and save its model after it.
+    states = [
+        train_style_task(style, name, photos, primed, model_store, style_config, asdict(loss),
+                         style_size or default_style_size, vgg_weights, storage_options, preset, replace,
+                         return_state=True)
         for style, name in zip(styles, names)
     ]
-    models = [future.result() for future in futures]
+    models = [state.result() for state in states]  # every style tried; the first failure raised
     get_run_logger().info("trained %d style models: %s", len(models),
                           ", ".join(redact(model, reveal_options(storage_options)) for model in models))
     return models

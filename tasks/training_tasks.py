@@ -38,7 +38,7 @@ from stylecore.train import TrainConfig
 from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, load_vgg, style_image_problem
 
 from .models import default_device, is_complete, load_model_from, read_model_metadata, save_model_to
-from .secrets import StorageSecrets, reveal_options
+from .secrets import StorageSecrets, redact, reveal_options
 from .storage import IMAGE_EXTENSIONS, Location, list_files, masking_errors, read_bytes, write_bytes
 
 GPU_LIMIT = "stylize-gpu"
@@ -164,10 +164,18 @@ def check_style_images(styles: list[str], style_size: int, style_layers: list[st
 @masking_errors
 def train_style_task(style: str, name: str, photos: str, primed: str, model_store: str, train_config: dict,
                      loss_config: dict, style_size: int, vgg_weights: str | None = None,
-                     storage_options: StorageSecrets | dict | None = None, preset: str = "custom") -> str:
-    """Train one style from the primed checkpoint; writes ``<model_store>/models/<name>`` and returns its URL."""
+                     storage_options: StorageSecrets | dict | None = None, preset: str = "custom",
+                     replace: bool = True) -> str:
+    """Train one style from the primed checkpoint; writes ``<model_store>/models/<name>`` and returns its URL. Unless
+    ``replace``, a model another training saved under that name meanwhile is left alone (this one fails)."""
     logger = get_run_logger()
     options = reveal_options(storage_options)
+
+    def check_still_free() -> None:  # the flow checked at its start; two trainings of one new name both pass that
+        if not replace and model_exists(name, model_store, storage_options):
+            raise ValueError(f"model {name!r} was saved in {redact(model_store, options)} by another training while "
+                             "this one ran; this one was not saved: choose another name, or replace it")
+
     style_location = Location(style, options)
     style_bytes = read_bytes(style_location)
     style_image = decode_image(style_bytes)
@@ -179,12 +187,14 @@ def train_style_task(style: str, name: str, photos: str, primed: str, model_stor
     logger.info("training %r on %d photos (%d steps at %d px)", name, len(images), config.total_steps(len(images)),
                 config.image_size)
     with gpu_slot():
+        check_still_free()  # a training of the same name may have held the slot
         model, metadata, used_style = run_style_training(
             name, images, listing_fingerprint(Location(photos, options)), style_image, style_location.display,
             hashlib.sha256(style_bytes).hexdigest(), style_size, primed_model,
             {"uri": Location(primed, options).display, "weights_sha256": primed_metadata.get("weights_sha256")},
             vgg, losses, config, default_device(), preset,
         )
+    check_still_free()
     target = Location(model_store, options).child(f"models/{name}")
     buffer = io.BytesIO()
     used_style.save(buffer, "JPEG", quality=95)

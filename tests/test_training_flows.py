@@ -94,6 +94,33 @@ def test_train_style_refuses_a_name_that_has_a_model_unless_asked_to_replace_it(
                     names=["../escape"], storage_options=gcs_emulator, **TINY)
 
 
+def test_of_two_trainings_of_one_new_name_at_once_one_saves_and_the_other_fails_saying_why(bucket, gcs_emulator,
+                                                                                            vgg_weights, monkeypatch):
+    # Both pass the flow's check at their start (two users, or a double-clicked Submit): the second to finish used
+    # to replace the first's model without a word.
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tasks.models import load_model_from
+
+    monkeypatch.setenv("STYLIZE_VGG_WEIGHTS", str(vgg_weights))
+    store = bucket.child("store")
+
+    def train() -> str | Exception:
+        try:
+            return train_style([bucket.child("styles/swirls.jpg").url], bucket.child("train").url, store.url,
+                               names=["twice"], storage_options=gcs_emulator, **{**TINY, "steps": 30})[0]
+        except ValueError as error:
+            return error
+
+    with ThreadPoolExecutor(2) as pool:
+        outcomes = list(pool.map(lambda _: train(), range(2)))
+    saved = [outcome for outcome in outcomes if isinstance(outcome, str)]
+    [refused] = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+    assert saved == [store.child("models/twice").url]
+    assert "model 'twice'" in str(refused) and "choose another name" in str(refused)
+    load_model_from(Location(saved[0], gcs_emulator))  # whole: its weights match its metadata
+
+
 @pytest.mark.parametrize("bad", [{"style_weight": float("nan")}, {"content_weight": -1.0}, {"tv_weight": float("inf")}])
 def test_loss_weights_that_are_not_finite_and_positive_are_refused_before_any_priming(bucket, gcs_emulator, tmp_path,
                                                                                        bad):
