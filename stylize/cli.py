@@ -37,7 +37,7 @@ from stylecore.evaluate import contact_sheet, evaluate
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
 from stylecore.model import NORMS, UNet, UNetConfig
 from stylecore.recipes import content_term, photos_fingerprint, priming_key, run_priming, run_style_training
-from stylecore.store import HOME_VARIABLE, ModelStore, default_home
+from stylecore.store import HOME_VARIABLE, ModelStore, check_new_model_name, default_home
 from stylecore.stylize import stylize_batch
 from stylecore.train import PRESETS, Preset, TrainConfig, TrainingDiverged, with_overrides
 from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, VGGWeightsError, load_vgg, style_image_problem
@@ -47,9 +47,9 @@ from tasks.bucket import (
     run_shards,
 )
 from tasks.lease import DestinationBusy, DestinationLease
-from tasks.models import DEVICE_VARIABLE, model_location, read_model_metadata
+from tasks.models import DEVICE_VARIABLE, is_complete, model_location, read_model_metadata
 from tasks.secrets import hide_options, redact
-from tasks.storage import Location, StorageError
+from tasks.storage import Location, StorageError, list_files
 from tasks.workers import WorkerDied
 
 EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL: another run holds the destination; try again later
@@ -368,19 +368,50 @@ def refuse_flow_less_options(args: argparse.Namespace, *extra: str) -> None:
                         f"{'it' if len(given) == 1 else 'them'} out, or use local copies of the images")
 
 
+# Training through the flows keeps no resumable state (the local route checkpoints its runs); a finished priming is
+# kept, in the model store's cache.
+FLOW_TRAINING_INTERRUPTED = "training on URLs keeps no state: the same command starts it again (a finished priming is reused)"
+
+
+def checked_photos_and_store(args: argparse.Namespace, options: dict) -> Location:
+    """The photo folder (holding at least one image file) and the model store of a training through the flows,
+    checked before Prefect starts: found out in the flow, a mistake was a failed flow run, logged with its traceback
+    (after a priming, for a store that cannot be one). Returns the model store."""
+    photos = checked_location(args.photos, options, "photo folder", folder=True)
+    try:
+        if not any(entry.problem is None for entry in list_files(photos)):
+            raise UserError(f"no images under {photos.display} (looked for {', '.join(image_io.INPUT_EXTENSIONS)})")
+    except StorageError as error:
+        raise UserError(str(error)) from None
+    return checked_location(model_store_for(args), options, "model store", must_exist=False, folder=True)
+
+
+def flow_training_failed(error: StorageError) -> int:
+    print(f"stylize: error: {error}; run the same command again to retry (a finished priming is reused)",
+          file=sys.stderr)
+    return 1
+
+
 def cmd_prime(args: argparse.Namespace) -> int:
     if is_url(args.photos) or args.model_store:
         from flows.train_style import prime_photos
 
         refuse_flow_less_options(args, "content_weight", "content_layer")
-        checked_location(args.photos, storage_options_from(args), "photo folder", folder=True)
-
+        options = storage_options_from(args)
+        checked_photos_and_store(args, options)
         device = pick_device(args.device)
         preset_name, _ = pick_preset(args, device)
-        with flow_device(args):
-            url = prime_photos(args.photos, model_store_for(args), preset_name, steps=args.steps,
-                               image_size=args.image_size, batch_size=args.batch_size,
-                               storage_options=hide_options(storage_options_from(args)))
+        try:
+            with flow_device(args):
+                url = prime_photos(args.photos, model_store_for(args), preset_name, steps=args.steps,
+                                   image_size=args.image_size, batch_size=args.batch_size,
+                                   storage_options=hide_options(options))
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(FLOW_TRAINING_INTERRUPTED) from None
+        except ValueError as error:  # the flow refused its inputs (no readable photo, ...)
+            raise UserError(str(error)) from None
+        except StorageError as error:  # a task failed on storage; its message has credentials masked
+            return flow_training_failed(error)
         print(f"primed checkpoint: {url}")
         return 0
     args.photos = Path(args.photos)
@@ -496,7 +527,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         refuse_flow_less_options(args)
         options = storage_options_from(args)
-        checked_location(args.photos, options, "photo folder", folder=True)
+        try:
+            check_new_model_name(args.name)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        store = checked_photos_and_store(args, options)
+        if not args.force and is_complete(store.child(f"models/{args.name}")):
+            raise UserError(f"model {args.name!r} already exists in {store.display}; use --force to replace it")
         style = checked_location(args.style_image, options, "style image")
         style_fs, style_path = style.filesystem()
         try:
@@ -526,12 +563,12 @@ def cmd_train(args: argparse.Namespace) -> int:
                     content_layer=args.content_layer, vgg_weights=weights,
                     storage_options=hide_options(options), replace=args.force,
                 )
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(FLOW_TRAINING_INTERRUPTED) from None
         except ValueError as error:  # the flow refused its inputs (a name taken, an unknown layer, ...)
             raise UserError(str(error)) from None
-        except StorageError as error:  # a task failed on storage (or its VGG); its message has credentials masked
-            print(f"stylize: error: {error}; run the same command again to retry (a finished priming is reused)",
-                  file=sys.stderr)
-            return 1
+        except StorageError as error:  # a task failed on storage; its message has credentials masked
+            return flow_training_failed(error)
         print(f"model: {url}")
         return 0
     check_writable_home(args.home)
@@ -1096,8 +1133,8 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, CheckpointError, VGGWeightsError) as error:
         print(f"stylize: error: {error}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("stylize: interrupted; run the same command again to resume", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:  # its text, where there is one, is what to do instead of resuming
+        print(f"stylize: interrupted; {interrupt or 'run the same command again to resume'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`stylize models | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor fail flushing stdout at exit

@@ -397,10 +397,14 @@ def _link_problem(fs: fsspec.AbstractFileSystem, root: str, path: str) -> str | 
 def masked_errors(what: str, storage: dict) -> Iterator[None]:
     """Whatever fails in here reaches Prefect (its state message, its logs of each retry) with credentials masked:
     a store's own errors quote the request's URL, user and password included. Errors that are this project's own
-    words (a bad checkpoint, a bad value) pass unchanged."""
+    words (a bad checkpoint, a bad value, unusable VGG weights, a training that diverged) pass unchanged: they are
+    not storage failures that a retry could mend."""
+    from stylecore.train import TrainingDiverged
+    from stylecore.vgg import VGGWeightsError
+
     try:
         yield
-    except (CheckpointError, StorageError, ValueError):
+    except (CheckpointError, StorageError, ValueError, VGGWeightsError, TrainingDiverged):
         raise
     except Exception as error:
         raise StorageError(f"{what}: {type(error).__name__}: {redact(error, storage)}") from None

@@ -69,6 +69,31 @@ def test_train_and_run_on_a_gcs_bucket(home, gcs_bucket, capsys):
     assert fs.cat_file(path) == b"made elsewhere"
 
 
+def test_training_on_urls_names_a_mistake_in_one_line_before_prefect_starts(home, gcs_bucket, tmp_path, capsys):
+    root, options = gcs_bucket
+    style, photos = root.child("style.jpg").url, root.child("in").url
+    (tmp_path / "a-file.jpg").write_bytes(b"not a folder")
+    save_model(tmp_path / "store" / "models" / "taken", UNet(UNetConfig(base_channels=4, depth=2)).eval(),
+               {"name": "taken"})
+    empty = root.child("empty")
+    write_bytes(empty.child("notes.txt"), b"no images here")
+    store = ["--model-store", str(tmp_path / "store")]
+    for command, expected in [
+        (["train", style, "--photos", photos, "--name", "a b/c", *store], "invalid model name 'a b/c'"),
+        (["train", style, "--photos", photos, "--name", "taken", *store], "model 'taken' already exists in"),
+        (["train", style, "--photos", photos, "--name", "new", "--model-store", str(tmp_path / "a-file.jpg")],
+         "the model store"),  # found out after a priming, it was a storage failure to "retry"
+        (["train", style, "--photos", empty.url, "--name", "new", *store], f"no images under {empty.url}"),
+        (["prime", empty.url, *store], f"no images under {empty.url}"),  # it was a 137-line traceback, exit 1
+    ]:
+        tiny = TINY if command[0] == "train" else ["--steps", "3", "--image-size", "32", "--quiet"]
+        assert main([*command, *options, *tiny]) == 2, command
+        captured = capsys.readouterr()
+        [line] = captured.err.strip().splitlines()
+        assert line.startswith("stylize: error: ") and expected in line, line
+    assert not (tmp_path / "store" / "models" / "new").exists()
+
+
 def test_a_bucket_another_run_is_writing_to_is_left_alone_with_exit_75(home, gcs_bucket, photo_dir, style_image,
                                                                         capfd):
     assert main(["train", str(style_image), "--photos", str(photo_dir), "--name", "m", *TINY]) == 0

@@ -135,10 +135,17 @@ def test_a_missing_model_named_by_a_signed_url_is_reported_without_the_signature
 def test_task_errors_reach_prefect_with_the_credentials_masked_and_our_own_errors_unchanged():
     from tasks.storage import StorageError, masking_errors
 
+    from stylecore.train import TrainingDiverged
+    from stylecore.vgg import VGGWeightsError
+
     @masking_errors
     def write_task(url: str, storage_options=None):
         if url.startswith("bad"):
             raise ValueError("a value of ours")
+        if url.startswith("vgg"):  # not storage failures: no retry mends them, the CLI says so with its own words
+            raise VGGWeightsError("VGG weights file not found: x.pth")
+        if url.startswith("nan"):
+            raise TrainingDiverged("training diverged")
         raise OSError(f"upload to http://reader:pw-4711xyz@storage.local/{url} failed")
 
     options = hide_options({"endpoint_url": "http://reader:pw-4711xyz@storage.local"})
@@ -147,3 +154,7 @@ def test_task_errors_reach_prefect_with_the_credentials_masked_and_our_own_error
     assert "pw-4711xyz" not in str(raised.value) and "write failed: OSError: upload to" in str(raised.value)
     with pytest.raises(ValueError, match="a value of ours"):
         write_task("bad", options)
+    with pytest.raises(VGGWeightsError, match="not found"):
+        write_task("vgg", options)
+    with pytest.raises(TrainingDiverged):
+        write_task("nan", options)
