@@ -10,11 +10,13 @@ the Prefect Secret block that holds them (a run given a block name records that 
 
 from __future__ import annotations
 
+from typing import Annotated
 from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.exceptions import ObjectNotFound
+from pydantic import Field
 
 from flows.stylize_bucket import stylize_bucket
 from tasks.secrets import StorageSecrets, with_secret_block
@@ -24,7 +26,7 @@ from tasks.stylize_tasks import recorded_run
 @flow(name="retry-failed")
 def retry_failed(destination: str | None = None, flow_run_id: str | None = None,
                  storage_options: StorageSecrets | dict | None = None, storage_secret_block: str | None = None,
-                 retries: int = 3) -> dict:
+                 retries: Annotated[int, Field(ge=0, le=100)] = 3) -> dict:
     """Re-run the stylize-bucket run that wrote ``destination`` (or the flow run ``flow_run_id``) for what is missing."""
     storage_options = with_secret_block(storage_options, storage_secret_block)
     if flow_run_id:

@@ -73,3 +73,14 @@ def test_a_new_style_is_trained_from_the_form(tmp_path, photo_dir, style_image, 
     url = train_new_style(request)
     assert url == str(tmp_path / "store" / "models" / "from-form")
     assert (tmp_path / "store" / "models" / "from-form" / "model.safetensors").is_file()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_retry_failed_refuses_a_negative_retry_count_before_it_starts(tmp_path):
+    from flows.retry_failed import retry_failed
+
+    # the form accepted -1, and the run failed later, inside the stylize-bucket run it started
+    with pytest.raises(ParameterTypeError, match="retries"):
+        retry_failed(destination=str(tmp_path / "out"), retries=-1)
+    fields = parameter_schema(retry_failed).model_dump()["properties"]
+    assert fields["retries"]["minimum"] == 0 and fields["retries"]["maximum"] == 100
