@@ -757,10 +757,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def trained_loss_and_size(metadata: dict, path: Path) -> tuple[LossConfig, int]:
+    """The loss a model was trained with and its crop size, from its model.json: one edited by hand, or written by
+    a version with other fields, is one line rather than a traceback."""
+    try:
+        loss_config = LossConfig.from_dict(metadata["loss"]) if "loss" in metadata else LossConfig()
+        loss_config.style_layers = metadata.get("style_layers", loss_config.style_layers)
+        loss_config.content_layer = metadata.get("content_layer", loss_config.content_layer)
+        size = (metadata.get("train_config") or {}).get("image_size", 256)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ValueError(f"train_config's image_size is {size!r}")
+    except (TypeError, AttributeError, ValueError) as error:
+        raise UserError(f"the model at {path} has a model.json this version cannot read ({error}); train it again, "
+                        "or give --image-size and mend its \"loss\" and \"train_config\"") from None
+    return loss_config, size
+
+
 def evaluate_model(args, model, metadata, path: Path, photos_dir: Path, device):
-    loss_config = LossConfig.from_dict(metadata["loss"]) if "loss" in metadata else LossConfig()
-    loss_config.style_layers = metadata.get("style_layers", loss_config.style_layers)
-    loss_config.content_layer = metadata.get("content_layer", loss_config.content_layer)
+    loss_config, trained_size = trained_loss_and_size(metadata, path)
     vgg = load_vgg_for(args, loss_config)
     trained = metadata.get("vgg") if isinstance(metadata.get("vgg"), dict) else {}
     now = vgg.source.describe()
@@ -781,7 +795,7 @@ def evaluate_model(args, model, metadata, path: Path, photos_dir: Path, device):
     target = StyleTarget.from_image(vgg, image_io.image_to_tensor(style_image).float().div(255), style_layers)
     loss = PerceptualLoss(vgg, loss_config, target)
     photos, _ = read_photos(photos_dir, args.limit, args.quiet)
-    size = args.image_size or metadata.get("train_config", {}).get("image_size", 256)
+    size = args.image_size or trained_size
     return evaluate(model, loss, photos, image_size=size, batch_size=args.batch_size or 8), photos, loss
 
 

@@ -239,6 +239,15 @@ def test_eval_with_other_vgg_weights_than_the_model_was_trained_with_warns(train
     assert "this model was trained with other VGG weights (torchvision:vgg16, vgg16)" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("edit", [{"loss": "x"}, {"loss": {"bogus": 1}}, {"train_config": [1]},
+                                  {"train_config": {"image_size": "big"}}])
+def test_eval_of_a_model_whose_model_json_cannot_be_read_is_one_line(trained, photo_dir, capsys, edit):
+    metadata = json.loads((trained / "model.json").read_text())
+    (trained / "model.json").write_text(json.dumps({**metadata, **edit}))  # by hand, or by another version
+    assert main(["eval", "--model", "swirls", "--photos", str(photo_dir), "--limit", "2", "--quiet"]) == 2
+    assert "has a model.json this version cannot read" in one_error_line(capsys)
+
+
 def test_a_second_training_of_the_same_name_on_this_machine_is_refused_while_the_first_runs(home, photo_dir,
                                                                                              style_image, capsys):
     import fcntl
