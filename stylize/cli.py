@@ -737,6 +737,11 @@ def check_output_folder(folder: Path | None, option: str) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    for what, value in (("--model", args.model), ("--photos", args.photos)):
+        if is_url(value):  # a Path would have read gs://b/x as gs:/b/x, "not found"
+            raise UserError(f"{what} {value}: eval works on local folders; copy the model's folder or the photos here "
+                            "first (e.g. `gcloud storage cp -r URL .`)")
+    args.photos = Path(args.photos)
     if args.sheet is not None:
         if args.sheet.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
             raise UserError(f"--sheet {args.sheet}: name a .png, .jpg or .webp file")
@@ -1064,7 +1069,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                       "the style image) and content distance (VGG feature MSE to "
                                                       "each photo), for the model and for the identity.")
     evaluate_parser.add_argument("--model", required=True, help="model name or path")
-    evaluate_parser.add_argument("--photos", type=Path, required=True, help="folder of photos to evaluate on")
+    evaluate_parser.add_argument("--photos", required=True, help="folder of photos to evaluate on (local)")
     evaluate_parser.add_argument("--sheet", type=Path, help="write a contact sheet PNG (input | output rows)")
     evaluate_parser.add_argument("--sheet-rows", type=positive_int, default=8, help="rows in the sheet (default 8)")
     evaluate_parser.add_argument("--limit", type=positive_int, help="use only the first N photos")

@@ -248,6 +248,13 @@ def test_eval_of_a_model_whose_model_json_cannot_be_read_is_one_line(trained, ph
     assert "has a model.json this version cannot read" in one_error_line(capsys)
 
 
+def test_eval_given_urls_says_it_works_on_local_folders(home, photo_dir, capsys):
+    assert main(["eval", "--model", "gs://bucket/store/models/m", "--photos", str(photo_dir), "--quiet"]) == 2
+    assert "--model gs://bucket/store/models/m: eval works on local folders" in one_error_line(capsys)
+    assert main(["eval", "--model", "m", "--photos", "gs://bucket/photos", "--quiet"]) == 2
+    assert "--photos gs://bucket/photos: eval works on local folders" in one_error_line(capsys)
+
+
 def test_a_second_training_of_the_same_name_on_this_machine_is_refused_while_the_first_runs(home, photo_dir,
                                                                                              style_image, capsys):
     import fcntl
