@@ -370,7 +370,8 @@ def refuse_flow_less_options(args: argparse.Namespace, *extra: str) -> None:
 
 # Training through the flows keeps no resumable state (the local route checkpoints its runs); a finished priming is
 # kept, in the model store's cache.
-FLOW_TRAINING_INTERRUPTED = "training on URLs keeps no state: the same command starts it again (a finished priming is reused)"
+FLOW_TRAINING_INTERRUPTED = ("training on URLs keeps no state: the same command starts it again (a finished priming "
+                             "is reused)")
 
 
 def checked_photos_and_store(args: argparse.Namespace, options: dict) -> Location:
