@@ -1154,7 +1154,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stylize: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as interrupt:  # its text, where there is one, is what to do instead of resuming
-        print(f"stylize: interrupted; {interrupt or 'run the same command again to resume'}", file=sys.stderr)
+        print(f"stylize: interrupted; {str(interrupt) or 'run the same command again to resume'}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # the reader went away (`stylize models | head -1`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor fail flushing stdout at exit
