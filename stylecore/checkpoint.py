@@ -122,6 +122,8 @@ def read_weights(path: Path, expected_sha256: str | None = None) -> dict[str, to
 
 def weights_from_bytes(data: bytes, expected_sha256: str | None, where: str) -> dict[str, torch.Tensor]:
     if not is_safetensors_bytes(data):
+        if len(data) > 8 and data[8:9] == b"{":  # its header says more than the file holds
+            raise CheckpointError(f"{where} is truncated: {len(data):,} bytes, shorter than its own header says")
         raise CheckpointError(f"{where} is not a safetensors file; pickle checkpoints are never loaded")
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise CheckpointError(f"{where} is corrupt or was modified: its SHA-256 does not match the metadata")

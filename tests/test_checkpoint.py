@@ -70,6 +70,9 @@ def test_truncated_or_modified_weights_are_refused(saved):
     weights.write_bytes(bytes(data[: len(data) // 2]))
     with pytest.raises(CheckpointError):
         load_model(folder)
+    weights.write_bytes(bytes(data[:100]))  # cut inside its header: it said "not a safetensors file; pickle ..."
+    with pytest.raises(CheckpointError, match="is truncated: 100 bytes"):
+        load_model(folder)
 
 
 def test_metadata_without_a_checksum_is_refused(saved):

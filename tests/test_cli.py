@@ -304,6 +304,11 @@ def test_models_lists_trained_models(trained, capsys):
     assert main(["models", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [(m["name"], m["trained_as"]) for m in listed] == [("swirls", "swirls"), ("swirls-copy", "swirls")]
+    # a model whose weights went missing is listed as unusable, not like the others
+    (trained.parent / "swirls-copy" / "model.safetensors").unlink()
+    assert main(["models"]) == 0
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("swirls-copy")]
+    assert line.split(None, 1)[1] == "(unreadable: its weights (model.safetensors) are missing)"
 
 
 def test_output_cut_short_by_its_reader_ends_quietly(trained):
