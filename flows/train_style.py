@@ -16,9 +16,8 @@ from stylecore.losses import LossConfig
 from stylecore.model import UNetConfig
 from stylecore.store import check_new_model_name
 from stylecore.train import PRESETS, with_overrides
-from tasks.training_tasks import (
-    check_style_images, ensure_gpu_limit, model_exists, primed_checkpoint, train_style_task,
-)
+from tasks.models import model_exists
+from tasks.training_tasks import check_style_images, ensure_gpu_limit, primed_checkpoint, train_style_task
 from tasks.secrets import StorageSecrets, hide_options, redact, reveal_options
 from tasks.storage import masked_errors
 

@@ -47,7 +47,7 @@ from tasks.bucket import (
     run_shards,
 )
 from tasks.lease import DestinationBusy, DestinationLease
-from tasks.models import DEVICE_VARIABLE, is_complete, model_location, read_model_metadata
+from tasks.models import DEVICE_VARIABLE, model_exists, model_location, read_model_metadata
 from tasks.secrets import hide_options, redact
 from tasks.storage import Location, StorageError, list_files
 from tasks.workers import WorkerDied
@@ -533,7 +533,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise UserError(str(error)) from None
         store = checked_photos_and_store(args, options)
-        if not args.force and is_complete(store.child(f"models/{args.name}")):
+        if not args.force and model_exists(args.name, store.url, options):
             raise UserError(f"model {args.name!r} already exists in {store.display}; use --force to replace it")
         style = checked_location(args.style_image, options, "style image")
         style_fs, style_path = style.filesystem()

@@ -19,6 +19,7 @@ from stylecore.checkpoint import (
 from stylecore.model import UNet
 from stylecore.store import check_model_name, default_home
 
+from .secrets import StorageSecrets, reveal_options
 from .storage import Location, exists, read_bytes, write_bytes
 
 DEVICE_VARIABLE = "STYLIZE_DEVICE"  # cpu or cuda: where this process's tasks compute (default: the GPU if any)
@@ -89,3 +90,8 @@ def save_model_to(location: Location, model: UNet, metadata: dict) -> dict:
 
 def is_complete(location: Location) -> bool:
     return exists(location.child(METADATA_FILE)) and exists(location.child(WEIGHTS_FILE))
+
+
+def model_exists(name: str, model_store: str, storage_options: StorageSecrets | dict | None = None) -> bool:
+    """Whether the store holds a whole model of that name."""
+    return is_complete(Location(model_store, reveal_options(storage_options)).child(f"models/{name}"))

@@ -37,15 +37,11 @@ from stylecore.recipes import photos_fingerprint, priming_key, run_priming, run_
 from stylecore.train import TrainConfig
 from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, load_vgg, style_image_problem
 
-from .models import default_device, is_complete, load_model_from, read_model_metadata, save_model_to
+from .models import default_device, is_complete, load_model_from, model_exists, read_model_metadata, save_model_to
 from .secrets import StorageSecrets, redact, reveal_options
 from .storage import IMAGE_EXTENSIONS, Location, list_files, masking_errors, read_bytes, write_bytes
 
 GPU_LIMIT = "stylize-gpu"
-
-
-def model_exists(name: str, model_store: str, storage_options: StorageSecrets | dict | None = None) -> bool:
-    return is_complete(Location(model_store, reveal_options(storage_options)).child(f"models/{name}"))
 
 
 def listing_fingerprint(photos: Location) -> str:
