@@ -24,6 +24,8 @@ from fsspec.implementations.local import LocalFileSystem
 
 from stylecore.checkpoint import CheckpointError
 from stylecore.images import INPUT_EXTENSIONS as IMAGE_EXTENSIONS
+from stylecore.train import TrainingDiverged
+from stylecore.vgg import VGGWeightsError
 
 from .secrets import redact, reveal_options
 
@@ -399,9 +401,6 @@ def masked_errors(what: str, storage: dict) -> Iterator[None]:
     a store's own errors quote the request's URL, user and password included. Errors that are this project's own
     words (a bad checkpoint, a bad value, unusable VGG weights, a training that diverged) pass unchanged: they are
     not storage failures that a retry could mend."""
-    from stylecore.train import TrainingDiverged
-    from stylecore.vgg import VGGWeightsError
-
     try:
         yield
     except (CheckpointError, StorageError, ValueError, VGGWeightsError, TrainingDiverged):
