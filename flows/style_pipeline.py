@@ -12,7 +12,8 @@ from pydantic import Field
 
 from flows.stylize_bucket import OutputFormat, stylize_bucket
 from flows.train_style import train_style
-from tasks.secrets import StorageSecrets, hide_options
+from tasks.secrets import StorageSecrets, hide_options, reveal_options
+from tasks.storage import Location, check_bucket_exists
 
 
 @flow(name="style-pipeline")
@@ -37,6 +38,7 @@ def style_pipeline(
     that already has a model in the store is refused unless ``replace`` (so a run that failed after training some
     styles is run again with ``replace=True``)."""
     storage_options = hide_options(storage_options)
+    check_bucket_exists(Location(destination, reveal_options(storage_options)), "destination")  # before any training
     models = train_style(styles, photos, model_store, names=names, preset=preset, steps=steps,
                          prime_steps=prime_steps, image_size=image_size, vgg_weights=vgg_weights,
                          storage_options=storage_options, replace=replace)

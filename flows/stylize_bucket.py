@@ -21,7 +21,8 @@ from pydantic import Field
 
 from stylecore.images import DEFAULT_MAX_PIXELS
 from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, workers_for
-from tasks.secrets import StorageSecrets, redact, with_secret_block
+from tasks.secrets import StorageSecrets, redact, reveal_options, with_secret_block
+from tasks.storage import Location, check_bucket_exists
 from tasks.stylize_tasks import (
     carry_over, check_models, claimed_destination, clean_destination, combine_manifest, ingest, open_shard_workers,
     record_run, stylize_shard_task,
@@ -117,6 +118,7 @@ def stylize_bucket(
     logger = get_run_logger()
     started = time.perf_counter()
     storage_options = with_secret_block(storage_options, storage_secret_block)
+    check_bucket_exists(Location(destination, reveal_options(storage_options)), "destination")
     pinned = check_models(models, model_store, storage_options)  # every shard uses these very weights
     shards = ingest(source, shard_size, storage_options, exclude=destination)
     # One run at a time per destination: another's start would clear this one's temporary files.

@@ -19,7 +19,7 @@ from stylecore.train import PRESETS, with_overrides
 from tasks.models import model_exists
 from tasks.training_tasks import check_style_images, ensure_gpu_limit, primed_checkpoint, train_style_task
 from tasks.secrets import StorageSecrets, hide_options, redact, reveal_options
-from tasks.storage import masked_errors
+from tasks.storage import Location, check_bucket_exists, masked_errors
 
 
 # Checked before the run starts (and shown in a deployment's form): NaN or a negative weight trained a model of NaNs
@@ -68,6 +68,7 @@ def train_style(
         check_new_model_name(name)
     if len(set(names)) != len(names):
         raise ValueError(f"two styles would be saved under one name: {names}")
+    check_bucket_exists(Location(model_store, reveal_options(storage_options)), "model store")
     if not replace:
         with masked_errors("cannot read the model store", reveal_options(storage_options)):
             existing = [name for name in names if model_exists(name, model_store, storage_options)]
@@ -110,5 +111,6 @@ def prime_photos(
     """Prime the UNet as an autoencoder on ``photos`` (cached); returns the primed checkpoint's URL."""
     storage_options = hide_options(storage_options)
     prime_config, _, _ = training_plan(preset, None, steps, image_size, batch_size)
+    check_bucket_exists(Location(model_store, reveal_options(storage_options)), "model store")
     ensure_gpu_limit()
     return primed_checkpoint(photos, model_store, UNetConfig().to_dict(), prime_config, storage_options)

@@ -49,7 +49,7 @@ from tasks.bucket import (
 from tasks.lease import DestinationBusy, DestinationLease
 from tasks.models import DEVICE_VARIABLE, model_exists, model_location, read_model_metadata
 from tasks.secrets import hide_options, redact
-from tasks.storage import Location, StorageError, list_files
+from tasks.storage import Location, MissingBucket, StorageError, check_bucket_exists, list_files
 from tasks.workers import WorkerDied
 
 EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL: another run holds the destination; try again later
@@ -139,8 +139,12 @@ def checked_location(url: str, options: dict, what: str, must_exist: bool = True
         fs, path = location.filesystem()
         if must_exist and not fs.exists(path):
             raise UserError(f"{what} not found: {location.display}")
+        if not must_exist:
+            check_bucket_exists(location, what)
         if folder and fs.isfile(path):
             raise UserError(f"the {what} {location.display} is a file, not a folder")
+    except MissingBucket as error:
+        raise UserError(str(error)) from None
     except (ValueError, ImportError) as error:  # an unknown protocol, a malformed URL
         raise UserError(f"{what} {location.display}: {error}") from None
     except (OSError, StorageError) as error:

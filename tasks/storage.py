@@ -237,6 +237,35 @@ def exists(location: Location) -> bool:
     return fs.exists(path)
 
 
+def missing_bucket(location: Location) -> str | None:
+    """The bucket of an object-store URL (gs://, s3://, ...) where the store says it does not exist; None otherwise,
+    and where it cannot tell (a key that may write objects without reading the bucket). Writing into a missing bucket
+    fails only at the first write: after a whole priming, or as a failed run that "run again" never mends."""
+    fs, path = location.filesystem()
+    if getattr(fs, "root_marker", "/") != "" or not hasattr(fs, "split_path"):  # not a store of buckets
+        return None
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        return bucket
+    except Exception:  # noqa: BLE001 (no permission to look, a flaky call: the first write will tell)
+        return None
+    return None
+
+
+class MissingBucket(ValueError):
+    """A location to write into lies in a bucket that does not exist."""
+
+
+def check_bucket_exists(location: Location, what: str) -> None:
+    """Raise MissingBucket, naming ``what`` the location is (model store, destination), where its bucket is missing."""
+    bucket = missing_bucket(location)
+    if bucket:
+        raise MissingBucket(f"the {what} {location.display} lies in bucket {bucket!r}, which does not exist; "
+                            "create it first")
+
+
 def file_size(location: Location) -> int | None:
     """The size of the file (the object) there, or None where there is none: nothing, a folder or a prefix."""
     fs, path = location.filesystem()

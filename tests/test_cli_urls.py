@@ -69,7 +69,7 @@ def test_train_and_run_on_a_gcs_bucket(home, gcs_bucket, capsys):
     assert fs.cat_file(path) == b"made elsewhere"
 
 
-def test_training_on_urls_names_a_mistake_in_one_line_before_prefect_starts(home, gcs_bucket, tmp_path, capsys):
+def test_mistakes_in_trainings_and_runs_on_urls_are_one_line_before_prefect_starts(home, gcs_bucket, tmp_path, capsys):
     root, options = gcs_bucket
     style, photos = root.child("style.jpg").url, root.child("in").url
     (tmp_path / "a-file.jpg").write_bytes(b"not a folder")
@@ -78,6 +78,7 @@ def test_training_on_urls_names_a_mistake_in_one_line_before_prefect_starts(home
     empty = root.child("empty")
     write_bytes(empty.child("notes.txt"), b"no images here")
     store = ["--model-store", str(tmp_path / "store")]
+    missing = f"no-bucket-{uuid.uuid4().hex[:8]}"
     for command, expected in [
         (["train", style, "--photos", photos, "--name", "a b/c", *store], "invalid model name 'a b/c'"),
         (["train", style, "--photos", photos, "--name", "taken", *store], "model 'taken' already exists in"),
@@ -85,8 +86,14 @@ def test_training_on_urls_names_a_mistake_in_one_line_before_prefect_starts(home
          "the model store"),  # found out after a priming, it was a storage failure to "retry"
         (["train", style, "--photos", empty.url, "--name", "new", *store], f"no images under {empty.url}"),
         (["prime", empty.url, *store], f"no images under {empty.url}"),  # it was a 137-line traceback, exit 1
+        # found out only when the priming was written: a storage failure to "retry", which never mended it
+        (["prime", photos, "--model-store", f"gs://{missing}/store"], f"in bucket '{missing}', which does not exist"),
+        (["train", style, "--photos", photos, "--name", "new", "--model-store", f"gs://{missing}/store"],
+         f"in bucket '{missing}', which does not exist"),
+        (["run", photos, f"gs://{missing}/out", "--model", str(tmp_path / "store" / "models" / "taken")],
+         f"the destination gs://{missing}/out lies in bucket '{missing}', which does not exist"),
     ]:
-        tiny = TINY if command[0] == "train" else ["--steps", "3", "--image-size", "32", "--quiet"]
+        tiny = {"train": TINY, "prime": ["--steps", "3", "--image-size", "32", "--quiet"]}.get(command[0], ["--quiet"])
         assert main([*command, *options, *tiny]) == 2, command
         captured = capsys.readouterr()
         [line] = captured.err.strip().splitlines()

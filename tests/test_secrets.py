@@ -13,6 +13,7 @@ from prefect.logging.handlers import APILogWorker
 import hostile_corpus
 from stylecore.checkpoint import save_model
 from stylecore.model import UNet, UNetConfig
+from flows.stylize_bucket import stylize_bucket
 from stylize.cli import main
 from tasks.secrets import StorageSecrets, hide_options, redact, reveal_options
 from tasks.storage import Location
@@ -65,11 +66,16 @@ def test_credentials_stay_out_of_logs_manifests_artifacts_and_flow_run_records(g
 
     ok = main(["run", f"gs://{prefix}/in", f"gs://{prefix}/out", "--model", str(model), "--home", str(tmp_path),
                "--quiet", "--retries", "0", *options])
-    failed = main(["run", f"gs://{prefix}/in", f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/out2", "--model",
-                   str(model), "--home", str(tmp_path), "--quiet", "--retries", "0", *options])
-    refused = main(["run", f"gs://{prefix}/missing", f"gs://{prefix}/out3", "--model", str(model),
-                    "--home", str(tmp_path), "--quiet", *options])
-    assert (ok, failed, refused) == (0, 1, 2)
+    missing_bucket = f"gs://no-such-bucket-{uuid.uuid4().hex[:8]}/out2"
+    refused = [main(["run", f"gs://{prefix}/missing", f"gs://{prefix}/out3", "--model", str(model),
+                     "--home", str(tmp_path), "--quiet", *options]),
+               main(["run", f"gs://{prefix}/in", missing_bucket, "--model", str(model), "--home", str(tmp_path),
+                     "--quiet", *options])]
+    assert (ok, refused) == (0, [2, 2])
+    failed = stylize_bucket(f"gs://{prefix}/in", missing_bucket, [str(model)], return_state=True,
+                            storage_options=hide_options({**gcs_emulator, "endpoint_url": endpoint,
+                                                          "session_token": token}))
+    assert failed.is_failed() and "does not exist" in failed.message
 
     APILogWorker.drain_all(timeout=10)
     with get_client(sync_client=True) as client:

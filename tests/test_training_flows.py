@@ -15,10 +15,10 @@ from prefect import flow
 from prefect.settings import PREFECT_API_URL
 
 from flows.style_pipeline import style_pipeline
-from flows.train_style import train_style
+from flows.train_style import prime_photos, train_style
 from stylecore.model import UNet, UNetConfig
 from tasks.models import read_model_metadata, save_model_to
-from tasks.storage import Location, write_bytes
+from tasks.storage import Location, MissingBucket, write_bytes
 from tasks.training_tasks import primed_checkpoint
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -156,6 +156,16 @@ def test_the_pipeline_checks_its_bucket_parameters_before_training_and_keeps_exi
     with pytest.raises(ValueError, match="already exists"):
         style_pipeline(*arguments, source=bucket.child("train").url, destination=str(tmp_path / "out"),
                        storage_options=gcs_emulator, **TINY)
+    missing = f"gs://no-bucket-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(MissingBucket, match="the destination .* lies in bucket"):
+        style_pipeline(*arguments, source=bucket.child("train").url, destination=f"{missing}/out",
+                       storage_options=gcs_emulator, replace=True, **TINY)
+    with pytest.raises(MissingBucket, match="the model store .* lies in bucket"):
+        style_pipeline(*arguments[:2], f"{missing}/store", source=bucket.child("train").url,
+                       destination=str(tmp_path / "out"), storage_options=gcs_emulator, **TINY)
+    with pytest.raises(MissingBucket, match="the model store .* lies in bucket"):
+        prime_photos(arguments[1], f"{missing}/store", storage_options=gcs_emulator, steps=2, image_size=32)
+    assert not (tmp_path / "store" / "primed").exists()  # refused before any priming
 
 
 def test_the_priming_cache_key_holds_no_credentials_of_the_model_store(photo_dir):
@@ -201,7 +211,7 @@ def test_a_gpu_slot_left_taken_by_a_killed_run_does_not_stop_training_on_the_tem
 from prefect import flow
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
-from flows.train_style import train_style
+from flows.train_style import prime_photos, train_style
 from tasks.training_tasks import GPU_LIMIT, ensure_gpu_limit
 
 @flow
