@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -136,20 +137,58 @@ def checked_location(url: str, options: dict, what: str, must_exist: bool = True
     that fails after Prefect's start-up with a traceback. A ``folder`` must not be a file."""
     location = Location(url, options)
     try:
-        fs, path = location.filesystem()
-        if must_exist and not fs.exists(path):
-            raise UserError(f"{what} not found: {location.display}")
-        if not must_exist:
-            check_bucket_exists(location, what)
-        if folder and fs.isfile(path):
-            raise UserError(f"the {what} {location.display} is a file, not a folder")
+        with quiet_storage_logs():
+            fs, path = location.filesystem()
+            if must_exist and not fs.exists(path):
+                raise UserError(f"{what} not found: {location.display}")
+            if not must_exist:
+                check_bucket_exists(location, what)
+            if folder and kind_at(fs, path) == "file":  # not fs.isfile: that says False for a store refusing to tell
+                raise UserError(f"the {what} {location.display} is a file, not a folder")
+    except UserError:
+        raise
     except MissingBucket as error:
         raise UserError(str(error)) from None
     except (ValueError, ImportError) as error:  # an unknown protocol, a malformed URL
         raise UserError(f"{what} {location.display}: {error}") from None
-    except (OSError, StorageError) as error:
+    except Exception as error:  # OSError, or a store's own (gcsfs's HttpError for credentials it refuses)
         raise UserError(f"cannot reach the {what} {location.display}: {redact(error, options)}") from None
     return location
+
+
+def kind_at(fs: Any, path: str) -> str | None:
+    """"file", "directory" or None (nothing there); a store's failure to answer raises."""
+    try:
+        return fs.info(path).get("type")
+    except FileNotFoundError:
+        return None
+
+
+@contextlib.contextmanager
+def checking_storage(action: str, options: dict) -> Iterator[None]:
+    """The storage reads of the checks before a flow starts: one that fails (a store refusing the credentials, a
+    storage error) is one line, credentials masked; what the checks themselves raise passes unchanged."""
+    try:
+        with quiet_storage_logs():
+            yield
+    except (UserError, CheckpointError, DestinationBusy, image_io.ImageDecodeError, IsADirectoryError):
+        raise
+    except StorageError as error:
+        raise UserError(str(error)) from None
+    except Exception as error:  # OSError, or a store's own (gcsfs's HttpError for credentials it refuses)
+        raise UserError(f"cannot {action}: {type(error).__name__}: {redact(error, options)}") from None
+
+
+@contextlib.contextmanager
+def quiet_storage_logs() -> Iterator[None]:
+    """gcsfs logs a traceback at ERROR for a request it gives up on, before raising; here the error is one line."""
+    logger = logging.getLogger("gcsfs")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def start_temporary_server() -> None:
@@ -383,17 +422,14 @@ def checked_photos_and_store(args: argparse.Namespace, options: dict) -> Locatio
     checked before Prefect starts: found out in the flow, a mistake was a failed flow run, logged with its traceback
     (after a priming, for a store that cannot be one). Returns the model store."""
     photos = checked_location(args.photos, options, "photo folder", folder=True)
-    try:
+    with checking_storage(f"list the photo folder {photos.display}", options):
         if not any(entry.problem is None for entry in list_files(photos)):
             raise UserError(f"no images under {photos.display} (looked for {', '.join(image_io.INPUT_EXTENSIONS)})")
-    except StorageError as error:
-        raise UserError(str(error)) from None
     return checked_location(model_store_for(args), options, "model store", must_exist=False, folder=True)
 
 
 def flow_training_failed(error: StorageError) -> int:
-    print(f"stylize: error: {error}; run the same command again to retry (a finished priming is reused)",
-          file=sys.stderr)
+    print_error(f"{error}; run the same command again to retry (a finished priming is reused)")
     return 1
 
 
@@ -537,12 +573,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise UserError(str(error)) from None
         store = checked_photos_and_store(args, options)
-        if not args.force and model_exists(args.name, store.url, options):
-            raise UserError(f"model {args.name!r} already exists in {store.display}; use --force to replace it")
+        with checking_storage("read the model store", options):
+            if not args.force and model_exists(args.name, store.url, options):
+                raise UserError(f"model {args.name!r} already exists in {store.display}; use --force to replace it")
         style = checked_location(args.style_image, options, "style image")
         style_fs, style_path = style.filesystem()
         try:
-            style_image = image_io.decode_image(style_fs.cat_file(style_path))
+            with checking_storage(f"read the style image {style.display}", options):
+                style_image = image_io.decode_image(style_fs.cat_file(style_path))
         except image_io.ImageDecodeError as error:
             raise UserError(f"cannot read style image {style.display}: {error}") from None
         except IsADirectoryError:
@@ -623,17 +661,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                              shard_options_from(args), args.shard_size, on_progress=progress_bar.update,
                              on_total=lambda total: setattr(progress_bar, "total", total), device=device)
     except DestinationBusy as error:
-        print(f"stylize: error: {error}", file=sys.stderr)
+        print_error(str(error))
         return EXIT_BUSY
     except StorageError as error:
         raise UserError(str(error)) from None
     except WorkerDied as error:
-        print(f"stylize: error: {error}", file=sys.stderr)
+        print_error(str(error))
         return 1
     except OSError as error:  # storage failed: full disk, read-only destination, no permission, I/O error
         where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-        print(f"stylize: error: storage failed: {error.strerror or error}{where}; fix it and run the same "
-              "command again (finished images are kept and skipped)", file=sys.stderr)
+        print_error(f"storage failed: {error.strerror or error}{where}; fix it and run the same command again "
+                    "(finished images are kept and skipped)")
         return 1
     finally:
         progress_bar.close()
@@ -682,15 +720,14 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     source = checked_location(args.source, options, "source", folder=True)
     destination = checked_location(args.destination, options, "destination", must_exist=False, folder=True)
     try:
-        check_apart(source, destination)
-        read_model_metadata(model_location(model, model_store_for(args), options))
-        # here, not only in the flow: there a busy destination is a failed flow run, logged with its traceback
-        DestinationLease(destination).check_free()
+        with checking_storage("read the model or the destination", options):
+            check_apart(source, destination)
+            read_model_metadata(model_location(model, model_store_for(args), options))
+            # here, not only in the flow: there a busy destination is a failed flow run, logged with its traceback
+            DestinationLease(destination).check_free()
     except DestinationBusy as error:
-        print(f"stylize: error: {error}", file=sys.stderr)
+        print_error(str(error))
         return EXIT_BUSY
-    except (StorageError, CheckpointError) as error:
-        raise UserError(str(error)) from None
     with flow_device(args):
         state = stylize_bucket(
             args.source, args.destination, [model], model_store=model_store_for(args),
@@ -709,11 +746,11 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
         warn_of_errors(destination.child(MANIFEST_NAME))
         return 0
     if isinstance(failure := flow_error(state), DestinationBusy):
-        print(f"stylize: error: {failure}", file=sys.stderr)
+        print_error(str(failure))
         return EXIT_BUSY
     message = state.message or "the flow run failed"
-    print(f"stylize: error: {message.splitlines()[0]}; run the same command again to retry "
-          "(only missing and failed images are redone)", file=sys.stderr)
+    print_error(f"{message.splitlines()[0]}; run the same command again to retry (only missing and failed images "
+                "are redone)")
     return 1
 
 
@@ -1137,6 +1174,12 @@ def prefect_defaults(quiet: bool) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+def print_error(message: str) -> None:
+    """The one line a failure is to the user: a message of several lines (a storage service's reply) joined into it."""
+    lines = (line.strip() for line in message.splitlines())
+    print("stylize: error: " + " ".join(line for line in lines if line), file=sys.stderr)
+
+
 def is_server_start_timeout(error: BaseException) -> bool:
     return isinstance(error, RuntimeError) and "ephemeral Prefect API server" in str(error)
 
@@ -1155,7 +1198,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, where a reader gone away is caught, not at exit
         return status
     except (UserError, CheckpointError, VGGWeightsError) as error:
-        print(f"stylize: error: {error}", file=sys.stderr)
+        print_error(str(error))
         return 2
     except KeyboardInterrupt as interrupt:  # its text, where there is one, is what to do instead of resuming
         print(f"stylize: interrupted; {str(interrupt) or 'run the same command again to resume'}", file=sys.stderr)
@@ -1164,15 +1207,14 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor fail flushing stdout at exit
         return 1
     except TrainingDiverged as error:
-        print(f"stylize: error: {error}", file=sys.stderr)
+        print_error(str(error))
         return 1
     except RuntimeError as error:
         if not is_server_start_timeout(error):
             raise
-        print(f"stylize: error: Prefect's temporary server did not start within "
-              f"{os.environ.get(EPHEMERAL_STARTUP_VARIABLE, '20')} s (a slow or busy machine); raise "
-              f"{EPHEMERAL_STARTUP_VARIABLE}, or start one (`prefect server start`) and set PREFECT_API_URL",
-              file=sys.stderr)
+        print_error(f"Prefect's temporary server did not start within "
+                    f"{os.environ.get(EPHEMERAL_STARTUP_VARIABLE, '20')} s (a slow or busy machine); raise "
+                    f"{EPHEMERAL_STARTUP_VARIABLE}, or start one (`prefect server start`) and set PREFECT_API_URL")
         return 1
     finally:
         if in_main_thread:

@@ -1,8 +1,11 @@
 """The CLI on URLs runs the Prefect flows: a GCS bucket in and out, a summary, and a non-zero exit naming the
 retry when shards fail."""
 
+import json
 import os
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import fsspec
 import pytest
@@ -190,3 +193,53 @@ def test_mistakes_in_urls_are_one_line_before_any_flow_starts(make_args, message
     assert main([*make_args(tmp_path), "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stylize: error: ") and message in err[0], err
+
+
+class RefusingCredentials(BaseHTTPRequestHandler):
+    """Answers every request as GCS answers a caller whose credentials it refuses: 401, which gcsfs does not retry
+    (it logs a traceback and raises its own HttpError, neither an OSError nor a StorageError)."""
+
+    def do_GET(self):
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))  # an upload's body, before answering
+        body = json.dumps({"error": {"code": 401, "message": "Login Required"}}).encode()
+        try:
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except ConnectionError:  # the client gave up first
+            pass
+
+    do_POST = do_PUT = do_DELETE = do_GET
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="module")
+def refusing_store():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), RefusingCredentials)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield ["--storage-option", f"endpoint_url=http://127.0.0.1:{server.server_address[1]}",
+           "--storage-option", "token=anon", "--storage-option", "project=test"]
+    server.shutdown()
+
+
+@pytest.mark.parametrize("make_args", [
+    lambda t: ["run", "gs://photos/in", "gs://photos/out", "--model", str(t / "model")],
+    lambda t: ["run", str(t / "in"), "gs://photos/out", "--model", str(t / "model")],
+    lambda t: ["run", str(t / "in"), str(t / "out"), "--model", "gs://photos/model"],
+    lambda t: ["train", "gs://photos/style.jpg", "--photos", str(t / "in"), "--name", "x"],
+    lambda t: ["train", str(t / "in" / "a.jpg"), "--photos", str(t / "in"), "--name", "x",
+               "--model-store", "gs://photos/store"],
+    lambda t: ["prime", str(t / "in"), "--model-store", "gs://photos/store"],
+])
+def test_a_store_refusing_the_credentials_is_one_line_before_any_flow_starts(make_args, refusing_store, home,
+                                                                              tmp_path, capfd):
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (32, 32), "teal").save(tmp_path / "in" / "a.jpg")
+    save_model(tmp_path / "model", UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "m"})
+    assert main([*make_args(tmp_path), *refusing_store, "--quiet"]) == 2
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("stylize: error: ") and "Login Required, 401" in err[0], err
