@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import struct
 import tempfile
 from pathlib import Path
@@ -53,6 +54,16 @@ def save_model(directory: str | Path, model: UNet, metadata: dict) -> Path:
     return directory
 
 
+def weights_file_of(metadata: dict, where: str = "checkpoint") -> str:
+    """The name of the weights' file in the model's folder: model.json's "weights_file" where a model store gave the
+    weights a name of their own (replacing a model: ``tasks.models.save_model_to``), else model.safetensors."""
+    name = metadata.get("weights_file", WEIGHTS_FILE)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors", name):
+        raise CheckpointError(f"{where}: its \"weights_file\" ({name!r}) is not the name of a .safetensors file "
+                              "beside it")
+    return name
+
+
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata of a model folder (or of a ``.safetensors`` file with its ``.json`` beside it)."""
     _, metadata_path = _paths(Path(path))
@@ -82,6 +93,8 @@ def load_model(path: str | Path, expected: UNetConfig | None = None) -> tuple[UN
     """Rebuild a UNet from a checkpoint folder or file, checking its checksum and (if given) its architecture."""
     weights_path, _ = _paths(Path(path))
     metadata = read_metadata(path)
+    if Path(path).is_dir():
+        weights_path = Path(path) / weights_file_of(metadata, str(path))
     if not weights_path.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights_path}")
     return model_from_bytes(weights_path.read_bytes(), metadata, expected, str(path)), metadata
@@ -170,8 +183,9 @@ def sha256_file(path: str | Path) -> str:
 
 
 def _paths(path: Path) -> tuple[Path, Path]:
-    if path.suffix == ".safetensors":
-        return path, path.with_suffix(".json")
+    if path.suffix == ".safetensors":  # its own JSON beside it, or the model folder's (weights named by model.json)
+        own = path.with_suffix(".json")
+        return path, own if own.exists() or not (path.parent / METADATA_FILE).exists() else path.parent / METADATA_FILE
     if path.is_dir():
         return path / WEIGHTS_FILE, path / METADATA_FILE
     if path.exists():

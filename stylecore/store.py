@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import METADATA_FILE, WEIGHTS_FILE, CheckpointError, read_metadata
+from .checkpoint import METADATA_FILE, CheckpointError, read_metadata, weights_file_of
 
 HOME_VARIABLE = "STYLIZE_HOME"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -81,8 +81,9 @@ class ModelStore:
             if not folder.name.startswith(".") and (folder / METADATA_FILE).is_file():  # not one being written
                 try:
                     metadata = read_metadata(folder)
-                    if not (folder / WEIGHTS_FILE).is_file():
-                        raise CheckpointError(f"its weights ({WEIGHTS_FILE}) are missing")
+                    weights = weights_file_of(metadata, str(folder / METADATA_FILE))
+                    if not (folder / weights).is_file():
+                        raise CheckpointError(f"its weights ({weights}) are missing")
                     found.append((folder.name, metadata))
                 except CheckpointError as error:
                     found.append((folder.name, {"error": str(error)}))

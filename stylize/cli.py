@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stylecore import images as image_io
-from stylecore.checkpoint import WEIGHTS_FILE, CheckpointError, load_model, read_metadata, save_model
+from stylecore.checkpoint import CheckpointError, load_model, read_metadata, save_model
 from stylecore.engine import MAX_OUTPUT_SIDE
 from stylecore.evaluate import contact_sheet, evaluate
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
@@ -713,7 +713,7 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     model = args.model
     if not is_url(model) and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
-        if Path(model).is_file() and Path(model).name != WEIGHTS_FILE:
+        if Path(model).is_file() and Path(model).suffix != ".safetensors":
             raise UserError(f"{args.model} is a file: runs on URLs take a model by name or by its folder (the one "
                             "that holds model.json and model.safetensors)")
     options = storage_options_from(args)

@@ -1,8 +1,8 @@
 """Style models and primed checkpoints in a model store at any fsspec URL.
 
 Same layout as the local store (``stylecore.store``): ``<store>/models/<name>/`` and ``<store>/primed/<key>/``,
-each holding ``model.safetensors`` and ``model.json``. The JSON is written last, so its presence means the
-checkpoint is complete.
+each holding ``model.safetensors`` (a replaced model: the weights file its model.json names) and ``model.json``.
+The JSON is written last, so its presence means the checkpoint is complete.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import threading
 import torch
 
 from stylecore.checkpoint import (
-    METADATA_FILE, WEIGHTS_FILE, CheckpointError, model_from_bytes, parse_metadata, serialize_model,
+    METADATA_FILE, CheckpointError, model_from_bytes, parse_metadata, serialize_model, weights_file_of,
 )
 from stylecore.model import UNet
 from stylecore.store import check_model_name, default_home
 
 from .secrets import StorageSecrets, reveal_options
-from .storage import Location, exists, read_bytes, write_bytes
+from .storage import Location, exists, read_bytes, remove, write_bytes
 
 DEVICE_VARIABLE = "STYLIZE_DEVICE"  # cpu or cuda: where this process's tasks compute (default: the GPU if any)
 
@@ -43,7 +43,9 @@ def model_location(reference: str, store: str | None, options: dict | None = Non
     machine's $STYLIZE_HOME, where train-new-style puts models by default)."""
     options = options or {}
     if "/" in reference or "://" in reference:
-        return Location(reference.removesuffix("/" + WEIGHTS_FILE), options)
+        if reference.endswith(".safetensors"):  # a model's weights file: the model is its folder
+            reference = reference.rsplit("/", 1)[0]
+        return Location(reference, options)
     if store is None:  # as for training: the worker's $STYLIZE_HOME
         store = str(default_home())
     try:
@@ -66,30 +68,62 @@ def read_model_metadata(location: Location) -> dict:
 def load_model_from(location: Location, device: str = "cpu") -> tuple[UNet, dict]:
     """Load (and keep for this process, per device) the model at ``location``; its checksum is verified on
     first load. The model is shared between threads, which is safe for inference."""
-    metadata = read_model_metadata(location)
-    key = (location.url, str(metadata.get("weights_sha256")), str(device))
-    with _cache_lock:
-        cached = _cache.get(key)
-    if cached is None:
-        try:
-            weights = read_bytes(location.child(WEIGHTS_FILE))
-        except FileNotFoundError:
-            raise CheckpointError(f"no weights at {location.display}/{WEIGHTS_FILE}") from None
-        cached = model_from_bytes(weights, metadata, where=location.display).to(device).eval()
+    for attempt in range(2):
+        metadata = read_model_metadata(location)
+        key = (location.url, str(metadata.get("weights_sha256")), str(device))
         with _cache_lock:
-            _cache[key] = cached
-    return cached, metadata
+            cached = _cache.get(key)
+        if cached is not None:
+            return cached, metadata
+        weights_file = weights_file_of(metadata, f"{location.display}/{METADATA_FILE}")
+        try:
+            weights = read_bytes(location.child(weights_file))
+            break
+        except FileNotFoundError:  # replaced between the two reads (save_model_to): the new model.json names them
+            if attempt:
+                raise CheckpointError(f"no weights at {location.display}/{weights_file}") from None
+    model = model_from_bytes(weights, metadata, where=location.display).to(device).eval()
+    with _cache_lock:
+        _cache[key] = model
+    return model, metadata
 
 
 def save_model_to(location: Location, model: UNet, metadata: dict) -> dict:
+    """Write the weights, then model.json, which makes the model whole (a folder's model.json is what readers go by).
+    A model that replaces another gets weights of a name of their own (``model-<sha256>.safetensors``, named in its
+    model.json), and the old weights are removed only after the new model.json is in place: a replacement
+    interrupted at any point leaves the old model or the new one, whole, never new weights under old metadata."""
     weights, document = serialize_model(model, metadata)
-    write_bytes(location.child(WEIGHTS_FILE), weights)
+    document.pop("weights_file", None)  # from the metadata of a model loaded earlier: not these weights' name
+    replacing = exists(location.child(METADATA_FILE))
+    if replacing:
+        document["weights_file"] = f"model-{document['weights_sha256'][:16]}.safetensors"
+    weights_file = weights_file_of(document)
+    write_bytes(location.child(weights_file), weights)
     write_bytes(location.child(METADATA_FILE), (json.dumps(document, indent=2) + "\n").encode())
+    if replacing:
+        remove_other_weights(location, keep=weights_file)
     return document
 
 
+def remove_other_weights(location: Location, keep: str) -> None:
+    fs, path = location.filesystem()
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name.endswith(".safetensors") and name != keep:
+            remove(location.child(name))
+
+
 def is_complete(location: Location) -> bool:
-    return exists(location.child(METADATA_FILE)) and exists(location.child(WEIGHTS_FILE))
+    """Whether a model is there: its model.json and the weights it names (a model.json that cannot be read counts:
+    something is there, and its readers say what is wrong with it)."""
+    if not exists(location.child(METADATA_FILE)):
+        return False
+    try:
+        weights_file = weights_file_of(read_model_metadata(location))
+    except CheckpointError:
+        return True
+    return exists(location.child(weights_file))
 
 
 def model_exists(name: str, model_store: str, storage_options: StorageSecrets | dict | None = None) -> bool:

@@ -29,7 +29,7 @@ from prefect.context import TaskRunContext
 from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
-from stylecore.checkpoint import WEIGHTS_FILE, CheckpointError, model_from_bytes
+from stylecore.checkpoint import CheckpointError, model_from_bytes, weights_file_of
 from stylecore.images import ImageDecodeError, decode_image
 from stylecore.losses import LossConfig, layers_needed
 from stylecore.model import UNetConfig
@@ -101,7 +101,8 @@ def is_usable(target: Location) -> bool:
     if not is_complete(target):
         return False
     try:  # read afresh, not through load_model_from's cache of this process
-        model_from_bytes(read_bytes(target.child(WEIGHTS_FILE)), read_model_metadata(target), where=target.display)
+        metadata = read_model_metadata(target)
+        model_from_bytes(read_bytes(target.child(weights_file_of(metadata))), metadata, where=target.display)
     except CheckpointError:
         return False
     return True
