@@ -22,6 +22,7 @@ from .model import UNet, UNetConfig
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
+STYLE_FILE = "style.jpg"  # the style image a model learnt, beside it
 FORMAT = "stylize-unet"
 FORMAT_VERSION = 1
 
@@ -61,6 +62,14 @@ def weights_file_of(metadata: dict, where: str = "checkpoint") -> str:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.safetensors", name):
         raise CheckpointError(f"{where}: its \"weights_file\" ({name!r}) is not the name of a .safetensors file "
                               "beside it")
+    return name
+
+
+def style_file_of(metadata: dict, where: str = "checkpoint") -> str:
+    """The name of the style image the model learnt, in its folder: model.json's "style_file", else style.jpg."""
+    name = metadata.get("style_file", STYLE_FILE)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*\.jpg", name):
+        raise CheckpointError(f"{where}: its \"style_file\" ({name!r}) is not the name of a .jpg file beside it")
     return name
 
 

@@ -32,7 +32,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from stylecore import images as image_io
-from stylecore.checkpoint import CheckpointError, load_model, read_metadata, save_model
+from stylecore.checkpoint import CheckpointError, load_model, read_metadata, save_model, style_file_of
 from stylecore.engine import MAX_OUTPUT_SIDE
 from stylecore.evaluate import contact_sheet, evaluate
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
@@ -830,9 +830,9 @@ def evaluate_model(args, model, metadata, path: Path, photos_dir: Path, device):
         print(f"stylize: warning: this model was trained with other VGG weights ({trained.get('origin') or '?'}, "
               f"{trained.get('arch') or '?'}) than these ({now['origin']}, {now['arch']}); its distances are "
               "comparable only with the same weights (--vgg-weights, --vgg-arch)", file=sys.stderr)
-    style_file = path / "style.jpg" if path.is_dir() else path.with_name("style.jpg")
+    style_file = (path if path.is_dir() else path.parent) / style_file_of(metadata, str(path))
     if not style_file.is_file():
-        raise UserError(f"the model at {path} has no style.jpg, so its style distance cannot be measured")
+        raise UserError(f"the model at {path} has no {style_file.name}, so its style distance cannot be measured")
     try:
         style_image = image_io.decode_image(style_file.read_bytes())
     except image_io.ImageDecodeError as error:

@@ -7,14 +7,17 @@ The JSON is written last, so its presence means the checkpoint is complete.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import threading
 
 import torch
 
 from stylecore.checkpoint import (
-    METADATA_FILE, CheckpointError, model_from_bytes, parse_metadata, serialize_model, weights_file_of,
+    METADATA_FILE, CheckpointError, model_from_bytes, parse_metadata, serialize_model, style_file_of,
+    weights_file_of,
 )
 from stylecore.model import UNet
 from stylecore.store import check_model_name, default_home
@@ -88,29 +91,36 @@ def load_model_from(location: Location, device: str = "cpu") -> tuple[UNet, dict
     return model, metadata
 
 
-def save_model_to(location: Location, model: UNet, metadata: dict) -> dict:
-    """Write the weights, then model.json, which makes the model whole (a folder's model.json is what readers go by).
-    A model that replaces another gets weights of a name of their own (``model-<sha256>.safetensors``, named in its
-    model.json), and the old weights are removed only after the new model.json is in place: a replacement
-    interrupted at any point leaves the old model or the new one, whole, never new weights under old metadata."""
+def save_model_to(location: Location, model: UNet, metadata: dict, style_jpeg: bytes | None = None) -> dict:
+    """Write the weights (and the style image the model learnt, where given), then model.json, which makes the model
+    whole (a folder's model.json is what readers go by). A model that replaces another gets files of names of their
+    own (``model-<sha256>.safetensors``, ``style-<sha256>.jpg``, named in its model.json), and the old files are
+    removed only after the new model.json is in place: a replacement interrupted at any point leaves the old model
+    or the new one, whole, never new weights under old metadata, nor one model beside another's style image."""
     weights, document = serialize_model(model, metadata)
-    document.pop("weights_file", None)  # from the metadata of a model loaded earlier: not these weights' name
+    for key in ("weights_file", "style_file"):  # from the metadata of a model loaded earlier: not these files' names
+        document.pop(key, None)
     replacing = exists(location.child(METADATA_FILE))
     if replacing:
         document["weights_file"] = f"model-{document['weights_sha256'][:16]}.safetensors"
-    weights_file = weights_file_of(document)
-    write_bytes(location.child(weights_file), weights)
+        if style_jpeg is not None:
+            document["style_file"] = f"style-{hashlib.sha256(style_jpeg).hexdigest()[:16]}.jpg"
+    files = {weights_file_of(document): weights}
+    if style_jpeg is not None:
+        files[style_file_of(document)] = style_jpeg
+    for name, data in files.items():
+        write_bytes(location.child(name), data)
     write_bytes(location.child(METADATA_FILE), (json.dumps(document, indent=2) + "\n").encode())
     if replacing:
-        remove_other_weights(location, keep=weights_file)
+        remove_replaced_files(location, keep=set(files))
     return document
 
 
-def remove_other_weights(location: Location, keep: str) -> None:
+def remove_replaced_files(location: Location, keep: set[str]) -> None:
     fs, path = location.filesystem()
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name.endswith(".safetensors") and name != keep:
+        if name not in keep and re.fullmatch(r"(model(-[0-9a-f]+)?\.safetensors|style(-[0-9a-f]+)?\.jpg)", name):
             remove(location.child(name))
 
 

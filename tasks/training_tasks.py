@@ -39,7 +39,7 @@ from stylecore.vgg import WEIGHTS_VARIABLE, VGGFeatures, load_vgg, style_image_p
 
 from .models import default_device, is_complete, load_model_from, model_exists, read_model_metadata, save_model_to
 from .secrets import StorageSecrets, redact, reveal_options
-from .storage import IMAGE_EXTENSIONS, Location, list_files, masking_errors, read_bytes, write_bytes
+from .storage import IMAGE_EXTENSIONS, Location, list_files, masking_errors, read_bytes
 
 GPU_LIMIT = "stylize-gpu"
 
@@ -195,8 +195,7 @@ def train_style_task(style: str, name: str, photos: str, primed: str, model_stor
     target = Location(model_store, options).child(f"models/{name}")
     buffer = io.BytesIO()
     used_style.save(buffer, "JPEG", quality=95)
-    write_bytes(target.child("style.jpg"), buffer.getvalue())
-    save_model_to(target, model, metadata)
+    save_model_to(target, model, metadata, style_jpeg=buffer.getvalue())
     logger.info("trained %r in %.1fs: %s", name, metadata["training_seconds"], metadata["final_losses"])
     return target.url
 

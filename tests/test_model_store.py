@@ -10,11 +10,11 @@ import pytest
 import torch
 from fsspec.implementations.memory import MemoryFileSystem
 
-from stylecore.checkpoint import METADATA_FILE, CheckpointError, load_model
+from stylecore.checkpoint import METADATA_FILE, CheckpointError, load_model, style_file_of
 from stylecore.model import UNet, UNetConfig
 from stylecore.store import ModelStore
 from tasks.models import is_complete, load_model_from, save_model_to
-from tasks.storage import Location, write_bytes
+from tasks.storage import Location, read_bytes, write_bytes
 
 
 class CuttableStore(MemoryFileSystem):
@@ -49,25 +49,28 @@ def tiny_model(seed: int) -> UNet:
     return UNet(UNetConfig(base_channels=4, depth=2)).eval()
 
 
-def weights_in(location: Location) -> list[str]:
+def files_in(location: Location) -> list[str]:
     fs, path = location.filesystem()
-    return sorted(name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False) if name.endswith(".safetensors"))
+    return sorted(name.rsplit("/", 1)[-1] for name in fs.ls(path, detail=False))
 
 
 def test_a_replacement_cut_off_before_its_model_json_leaves_the_old_model_whole(folder):
-    old = save_model_to(folder, tiny_model(1), {"name": "swirls", "version": "old"})
-    assert weights_in(folder) == ["model.safetensors"]  # a first save keeps the usual name
+    old = save_model_to(folder, tiny_model(1), {"name": "swirls", "version": "old"}, style_jpeg=b"old style")
+    assert files_in(folder) == ["model.json", "model.safetensors", "style.jpg"]  # a first save: the usual names
     CuttableStore.cut_at = METADATA_FILE
     with pytest.raises(OSError, match="cut off"):
-        save_model_to(folder, tiny_model(2), {"name": "swirls", "version": "new"})
+        save_model_to(folder, tiny_model(2), {"name": "swirls", "version": "new"}, style_jpeg=b"new style")
     _, metadata = load_model_from(folder)  # before, the new weights had replaced the old ones: a checksum failure
     assert metadata["version"] == "old" and metadata["weights_sha256"] == old["weights_sha256"]
+    assert read_bytes(folder.child(style_file_of(metadata))) == b"old style"  # its own style image, not the new one
 
     CuttableStore.cut_at = None  # the same training run again
-    new = save_model_to(folder, tiny_model(2), {"name": "swirls", "version": "new"})
+    new = save_model_to(folder, tiny_model(2), {"name": "swirls", "version": "new"}, style_jpeg=b"new style")
     _, metadata = load_model_from(folder)
     assert metadata["version"] == "new" and new["weights_file"] == f"model-{new['weights_sha256'][:16]}.safetensors"
-    assert weights_in(folder) == [new["weights_file"]]  # the old weights and the orphan of the cut-off attempt gone
+    assert read_bytes(folder.child(style_file_of(metadata))) == b"new style"
+    # the old files and the orphans of the cut-off attempt are gone
+    assert files_in(folder) == sorted(["model.json", new["weights_file"], new["style_file"]])
     assert is_complete(folder)
 
 
@@ -85,12 +88,13 @@ def test_a_reader_that_read_the_old_model_json_just_before_a_replacement_loads_t
 
 def test_a_replaced_model_copied_to_this_machine_loads_by_folder_and_by_weights_file_and_is_listed(tmp_path):
     store = Location(str(tmp_path / "home"))
-    save_model_to(store.child("models/swirls"), tiny_model(1), {"name": "swirls"})
-    replaced = save_model_to(store.child("models/swirls"), tiny_model(2), {"name": "swirls"})
+    save_model_to(store.child("models/swirls"), tiny_model(1), {"name": "swirls"}, style_jpeg=b"old")
+    replaced = save_model_to(store.child("models/swirls"), tiny_model(2), {"name": "swirls"}, style_jpeg=b"new")
     folder = tmp_path / "home" / "models" / "swirls"
     for path in (folder, folder / replaced["weights_file"]):
         _, metadata = load_model(path)
         assert metadata["weights_sha256"] == replaced["weights_sha256"]
+        assert (folder / style_file_of(metadata)).read_bytes() == b"new"  # what eval measures against
     assert [name for name, metadata in ModelStore(tmp_path / "home").list() if "error" not in metadata] == ["swirls"]
 
 
