@@ -50,7 +50,7 @@ from tasks.bucket import (
 from tasks.lease import DestinationBusy, DestinationLease
 from tasks.models import DEVICE_VARIABLE, model_exists, model_location, read_model_metadata
 from tasks.secrets import hide_options, redact
-from tasks.storage import Location, MissingBucket, StorageError, check_bucket_exists, list_files
+from tasks.storage import Location, MissingBucket, StorageError, check_bucket_exists, list_files, read_bytes
 from tasks.workers import WorkerDied
 
 EXIT_BUSY = 75  # sysexits.h EX_TEMPFAIL: another run holds the destination; try again later
@@ -422,9 +422,20 @@ def checked_photos_and_store(args: argparse.Namespace, options: dict) -> Locatio
     checked before Prefect starts: found out in the flow, a mistake was a failed flow run, logged with its traceback
     (after a priming, for a store that cannot be one). Returns the model store."""
     photos = checked_location(args.photos, options, "photo folder", folder=True)
-    with checking_storage(f"list the photo folder {photos.display}", options):
-        if not any(entry.problem is None for entry in list_files(photos)):
+    with checking_storage(f"read the photo folder {photos.display}", options):
+        keys = [entry.key for entry in list_files(photos) if entry.problem is None]
+        if not keys:
             raise UserError(f"no images under {photos.display} (looked for {', '.join(image_io.INPUT_EXTENSIONS)})")
+        first_problem = None
+        for key in keys:  # up to the first that decodes: the flow's priming would find none only after its start
+            try:
+                image_io.decode_image(read_bytes(photos.child(key)))
+                break
+            except image_io.ImageDecodeError as error:
+                first_problem = first_problem or f"{key}: {error}"
+        else:
+            raise UserError(f"no readable images under {photos.display}: none of its {len(keys)} image files "
+                            f"decodes (first: {first_problem})")
     return checked_location(model_store_for(args), options, "model store", must_exist=False, folder=True)
 
 

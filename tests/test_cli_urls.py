@@ -80,6 +80,9 @@ def test_mistakes_in_trainings_and_runs_on_urls_are_one_line_before_prefect_star
                {"name": "taken"})
     empty = root.child("empty")
     write_bytes(empty.child("notes.txt"), b"no images here")
+    broken = root.child("broken")
+    write_bytes(broken.child("a.jpg"), b"not an image")
+    write_bytes(broken.child("b.png"), b"\x89PNG\r\n\x1a\n cut short")
     store = ["--model-store", str(tmp_path / "store")]
     missing = f"no-bucket-{uuid.uuid4().hex[:8]}"
     for command, expected in [
@@ -89,6 +92,9 @@ def test_mistakes_in_trainings_and_runs_on_urls_are_one_line_before_prefect_star
          "the model store"),  # found out after a priming, it was a storage failure to "retry"
         (["train", style, "--photos", empty.url, "--name", "new", *store], f"no images under {empty.url}"),
         (["prime", empty.url, *store], f"no images under {empty.url}"),  # it was a 137-line traceback, exit 1
+        # it was the flow's failure, logged with Prefect's traceback before the one line
+        (["prime", broken.url, *store], f"no readable images under {broken.url}: none of its 2 image files decodes"),
+        (["train", style, "--photos", broken.url, "--name", "new", *store], "none of its 2 image files decodes"),
         # found out only when the priming was written: a storage failure to "retry", which never mended it
         (["prime", photos, "--model-store", f"gs://{missing}/store"], f"in bucket '{missing}', which does not exist"),
         (["train", style, "--photos", photos, "--name", "new", "--model-store", f"gs://{missing}/store"],
