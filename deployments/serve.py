@@ -13,8 +13,11 @@ code storage: the flows run in this process's environment, which already has tor
 
 from __future__ import annotations
 
-from prefect import serve
+import sys
+
+from prefect import get_client, serve
 from prefect.schedules import Cron
+from prefect.settings import get_current_settings
 
 from flows.new_style import train_new_style
 from flows.retry_failed import retry_failed
@@ -42,10 +45,22 @@ def deployments() -> list:
     ]
 
 
-def main() -> None:
+def main() -> int:
+    api = get_current_settings().api.url
+    if not api:  # Prefect would serve against a temporary server of this process's own, which no UI shows
+        print("deployments.serve: error: PREFECT_API_URL is not set; set it to your Prefect server's API (e.g. "
+              "http://127.0.0.1:4200/api after `prefect server start`)", file=sys.stderr)
+        return 2
+    with get_client(sync_client=True) as client:
+        problem = client.api_healthcheck()
+    if problem is not None:
+        print(f"deployments.serve: error: no Prefect server answers at {api} ({problem}); start it (`prefect server "
+              "start`) or correct PREFECT_API_URL", file=sys.stderr)
+        return 2
     ensure_gpu_limit()
     serve(*deployments())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

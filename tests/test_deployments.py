@@ -1,6 +1,11 @@
 """Deployment declarations and the new-style form: titles, defaults and validation; bad values refused before
 any training; a tiny training through the form's flow."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from prefect.exceptions import ParameterTypeError
 from prefect.utilities.callables import parameter_schema
@@ -8,6 +13,8 @@ from pydantic import ValidationError
 
 from deployments.serve import deployments
 from flows.new_style import TrainStyleRequest, train_new_style
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_three_deployments_with_an_inactive_example_schedule_for_bucket_runs():
@@ -84,3 +91,19 @@ def test_retry_failed_refuses_a_negative_retry_count_before_it_starts(tmp_path):
         retry_failed(destination=str(tmp_path / "out"), retries=-1)
     fields = parameter_schema(retry_failed).model_dump()["properties"]
     assert fields["retries"]["minimum"] == 0 and fields["retries"]["maximum"] == 100
+
+
+@pytest.mark.parametrize("api_url,message", [
+    (None, "PREFECT_API_URL is not set"),  # it served against a temporary server no UI shows
+    ("http://127.0.0.1:9/api", "no Prefect server answers at http://127.0.0.1:9/api"),  # it was a 69-line traceback
+])
+def test_serving_without_a_reachable_prefect_server_is_one_line(api_url, message, tmp_path):
+    env = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_API_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")  # no profile naming a server
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    done = subprocess.run([sys.executable, "-m", "deployments.serve"], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("deployments.serve: error: "), done.stderr
+    assert message in lines[0]
