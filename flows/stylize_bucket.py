@@ -46,7 +46,8 @@ def run_shard_tasks(shard_task, shards: list, arguments: dict, workers: int) -> 
     per_shard, failed = [], []
     with ExitStack() as stack:
         pool = stack.enter_context(open_shard_workers(arguments["models"], arguments["model_store"], workers,
-                                                      arguments["storage_options"])) if workers > 1 else None
+                                                      arguments["storage_options"], arguments["pinned"])
+                                   ) if workers > 1 else None
         threads = stack.enter_context(ThreadPoolTaskRunner(2 * workers)) if pool else None
         futures = []
         for shard in shards:

@@ -112,10 +112,12 @@ def claimed_destination(destination: str, storage_options: StorageSecrets | dict
 
 
 def open_shard_workers(models: list[str], model_store: str | None, count: int,
-                       storage_options: StorageSecrets | dict | None = None) -> ShardWorkers:
+                       storage_options: StorageSecrets | dict | None = None,
+                       pinned: dict[str, str] | None = None) -> ShardWorkers:
     """``count`` worker processes holding the models on this machine's GPU (or CPU), for
-    ``stylize_shard_task(workers=...)``; a context manager. This process keeps its copies on the CPU."""
-    loaded = load_models(models, model_store, reveal_options(storage_options), device="cpu")
+    ``stylize_shard_task(workers=...)``; a context manager. This process keeps its copies on the CPU, which are also
+    what a worker started again after a crash gets. Models replaced since ``pinned`` was taken are refused."""
+    loaded = load_models(models, model_store, reveal_options(storage_options), device="cpu", pinned=pinned)
     return ShardWorkers(loaded, count, device=default_device())
 
 

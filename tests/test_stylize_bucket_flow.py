@@ -298,7 +298,7 @@ def test_retry_failed_refuses_an_id_that_is_not_a_stylize_bucket_run():
 
 def test_a_model_replaced_in_the_store_during_a_run_is_refused_rather_than_mixed_in(tmp_path, model_store):
     from stylecore.checkpoint import CheckpointError
-    from tasks.stylize_tasks import load_models
+    from tasks.stylize_tasks import load_models, open_shard_workers
 
     checksums: dict = {}
     load_models(["tiny"], model_store, {}, device="cpu", checksums=checksums)
@@ -308,6 +308,9 @@ def test_a_model_replaced_in_the_store_during_a_run_is_refused_rather_than_mixed
     with pytest.raises(CheckpointError, match="was replaced while this run was using it"):
         load_models(["tiny"], model_store, {}, device="cpu", pinned=checksums)
     assert load_models(["tiny"], model_store, {}, device="cpu")  # a new run takes the new version
+    # worker processes get (and a worker started again after a crash gets again) the copies loaded for them here
+    with pytest.raises(CheckpointError, match="was replaced while this run was using it"):
+        open_shard_workers(["tiny"], model_store, 2, pinned=checksums)
 
 
 def test_a_scheduled_rerun_over_a_bucket_that_gained_and_lost_images_stylises_only_the_new_ones(gcs_emulator,
