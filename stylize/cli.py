@@ -941,7 +941,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary = run_shards(Location(str(photos_dir.resolve())), Location(str(stylized.resolve())),
                              {metadata.get("name", args.name): model}, ShardOptions(quality=92, batch_size=4),
                              on_progress=progress_bar.update,
-                             on_total=lambda total: setattr(progress_bar, "total", total))
+                             on_total=lambda total: setattr(progress_bar, "total", total), limit=args.limit)
     except (StorageError, OSError) as error:
         raise UserError(f"cannot write the stylised photos into {stylized}: {error}") from None
     finally:

@@ -106,8 +106,10 @@ def check_apart(source: Location, destination: Location) -> None:
                            "outputs could overwrite inputs; choose a destination outside the source")
 
 
-def list_shards(source: Location, shard_size: int, exclude: Location | None = None) -> list[Shard]:
-    """The source's shards; ``exclude`` (the destination) is checked against the source and left out."""
+def list_shards(source: Location, shard_size: int, exclude: Location | None = None,
+                limit: int | None = None) -> list[Shard]:
+    """The source's shards (of its first ``limit`` files, where given); ``exclude`` (the destination) is checked
+    against the source and left out."""
     exclude_path = None
     if exclude is not None:
         check_apart(source, exclude)
@@ -115,7 +117,7 @@ def list_shards(source: Location, shard_size: int, exclude: Location | None = No
         exclude_fs, exclude_path = exclude.filesystem()
         if type(source_fs) is not type(exclude_fs):
             exclude_path = None
-    return make_shards(list_files(source, IMAGE_EXTENSIONS, exclude=exclude_path), shard_size)
+    return make_shards(list_files(source, IMAGE_EXTENSIONS, exclude=exclude_path)[:limit], shard_size)
 
 
 def safe_relative(key: str, tag: bool = False) -> str:
@@ -672,12 +674,13 @@ def run_shards(
     on_progress: Callable[[int], None] | None = None,
     on_total: Callable[[int], None] | None = None,
     device: str | torch.device | None = None,
+    limit: int | None = None,
 ) -> dict:
-    """Every shard of ``source`` (no Prefect), then the manifest: one after the other in this process, or in
+    """Every shard of ``source`` (of its first ``limit`` images, where given; no Prefect), then the manifest: one after the other in this process, or in
     ``options.workers`` processes side by side (spawned: a calling script needs ``if __name__ == "__main__":``).
     The models run on ``device`` (default: where they are); worker processes get their own copies there, so
     models given on the CPU keep this process off the GPU."""
-    shards = list_shards(source, shard_size, exclude=destination)  # refuses a destination holding the source
+    shards = list_shards(source, shard_size, exclude=destination, limit=limit)  # refuses a destination in the source
     with DestinationLease(destination):  # one run at a time: another's start would clear this one's temporaries
         remove_partial_files(destination)
         carry_over_rows(source, destination, shards)
