@@ -2,7 +2,7 @@
 
 A model is a folder holding ``model.safetensors`` and ``model.json``. The JSON carries the architecture
 (to rebuild the UNet), how it was trained, and the SHA-256 of the weights file, checked on load.
-Resumable training state uses the same pair of formats (``state.safetensors`` + ``state.json``).
+Resumable training state uses the same pair of formats (``state-<id>.safetensors`` + ``state.json``).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import re
 import struct
 import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -164,21 +165,29 @@ def is_safetensors_bytes(data: bytes) -> bool:
 
 
 def save_state(directory: Path, tensors: dict[str, torch.Tensor], document: dict) -> None:
-    """Save resumable training state: tensors as safetensors, the rest as JSON (written last, so it marks completion)."""
+    """Save resumable training state: tensors as safetensors under a name of their own, then the JSON that names
+    them (written last, so it marks completion), then the earlier tensors are removed. A kill at any point leaves
+    the earlier state or this one, whole: a run cut off while saving resumes from the checkpoint before."""
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: tensor.detach().cpu().contiguous() for name, tensor in tensors.items()}
-    _atomic_write(directory / "state.safetensors", lambda tmp: save_file(tensors, str(tmp)))
-    document = {**document, "state_sha256": sha256_file(directory / "state.safetensors")}
+    state_file = f"state-{uuid.uuid4().hex[:12]}.safetensors"
+    _atomic_write(directory / state_file, lambda tmp: save_file(tensors, str(tmp)))
+    document = {**document, "state_file": state_file, "state_sha256": sha256_file(directory / state_file)}
     _atomic_write(directory / "state.json", lambda tmp: tmp.write_text(json.dumps(document) + "\n"))
+    for earlier in directory.glob("state*.safetensors"):
+        if earlier.name != state_file:
+            earlier.unlink(missing_ok=True)
 
 
 def load_state(directory: Path) -> tuple[dict[str, torch.Tensor], dict] | None:
-    """Load what save_state wrote, or None when there is no complete state there (also when a crash between its
-    two writes left weights that do not match the document: the run then starts over instead of failing)."""
+    """Load what save_state wrote, or None when there is no complete state there (the run then starts over)."""
     try:
         document = json.loads((directory / "state.json").read_text())
-        tensors = read_weights(directory / "state.safetensors", document.get("state_sha256"))
-    except (OSError, ValueError, CheckpointError):
+        state_file = document.get("state_file", "state.safetensors")
+        if not isinstance(state_file, str) or "/" in state_file or not state_file.endswith(".safetensors"):
+            return None
+        tensors = read_weights(directory / state_file, document.get("state_sha256"))
+    except (OSError, ValueError, AttributeError, CheckpointError):
         return None
     return tensors, document
 

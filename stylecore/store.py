@@ -2,7 +2,7 @@
 
     $STYLIZE_HOME/models/<name>/   model.safetensors, model.json, style.jpg
     $STYLIZE_HOME/primed/<key>/    model.safetensors, model.json   (key: hash of photos + configs)
-    $STYLIZE_HOME/runs/<name>/     state.safetensors, state.json   (resumable training state)
+    $STYLIZE_HOME/runs/<name>/     state-<id>.safetensors, state.json   (resumable training state)
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
 """Priming and style training: losses go down, runs are reproducible, and an interrupted run resumes exactly."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -119,22 +121,30 @@ def test_losses_logged_after_a_resume_are_those_of_an_uninterrupted_run(small_pi
         assert got["step"] == want["step"] and got["loss"] == pytest.approx(want["loss"], rel=1e-5)
 
 
-def test_a_state_left_half_written_by_a_crash_starts_the_run_over_instead_of_failing(small_pil_photos, tmp_path):
+def test_a_run_killed_while_saving_its_state_resumes_from_the_checkpoint_before(small_pil_photos, tmp_path):
     config = TrainConfig(image_size=32, batch_size=2, steps=6, checkpoint_every=2, seed=5)
-    state_dir = tmp_path / "state"
+    state_dir, at_step_2 = tmp_path / "state", tmp_path / "at-step-2"
+    uninterrupted = prime_autoencoder(small_pil_photos, MODEL, config)
 
     def crash_at_step_5(step, total, losses):
         if step == 3:
-            (tmp_path / "old.json").write_bytes((state_dir / "state.json").read_bytes())
+            shutil.copytree(state_dir, at_step_2)
         if step == 5:
             raise Interrupt()
 
     with pytest.raises(Interrupt):
         prime_autoencoder(small_pil_photos, MODEL, config, on_step=crash_at_step_5, state_dir=state_dir)
-    # killed between the two writes of the step-4 checkpoint: new weights beside the step-2 document
-    (state_dir / "state.json").write_bytes((tmp_path / "old.json").read_bytes())
-    result = prime_autoencoder(small_pil_photos, MODEL, config, state_dir=state_dir)
-    assert result.resumed_from == 0 and result.steps == 6
+    # killed between the two writes of the step-4 checkpoint: its tensors written beside the step-2 state
+    [step_4_tensors] = state_dir.glob("state*.safetensors")
+    shutil.copy(step_4_tensors, at_step_2)
+    result = prime_autoencoder(small_pil_photos, MODEL, config, state_dir=at_step_2)
+    assert result.resumed_from == 2 and result.steps == 6  # it started over from 0
+    for want, got in zip(uninterrupted.history, result.history, strict=True):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5)
+    garbled = tmp_path / "garbled"
+    shutil.copytree(at_step_2, garbled)
+    (garbled / "state.json").write_text('{"step": 4, "state_file": "../../elsewhere.safetensors"}')
+    assert prime_autoencoder(small_pil_photos, MODEL, config, state_dir=garbled).resumed_from == 0
 
 
 def test_state_from_a_different_configuration_is_not_resumed(small_pil_photos, tmp_path):
