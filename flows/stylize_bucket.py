@@ -8,6 +8,7 @@ with every other shard's rows; running the flow again redoes only what is missin
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from contextlib import ExitStack
 from typing import Annotated, Literal
@@ -20,7 +21,7 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from stylecore.images import DEFAULT_MAX_PIXELS
-from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, workers_for
+from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, shards_may_run, stopping_shards_on_interrupt, workers_for
 from tasks.secrets import StorageSecrets, redact, reveal_options, with_secret_block
 from tasks.storage import Location, check_bucket_exists
 from tasks.stylize_tasks import (
@@ -37,6 +38,7 @@ OutputFormat = Literal["jpeg", "jpg", "png", "webp", "same"]
 # The progress artifact is updated at most this often (and when the last shard ends): each update is a request the
 # Prefect server spends about 12 ms of CPU on, with thousands of shards in a large run.
 PROGRESS_UPDATE_SECONDS = 2.0
+STOP_WAIT_SECONDS = 60  # at most, for interrupted shards to record what they wrote
 
 
 def run_shard_tasks(shard_task, shards: list, arguments: dict, workers: int) -> tuple[list[dict], list[str]]:
@@ -58,16 +60,26 @@ def run_shard_tasks(shard_task, shards: list, arguments: dict, workers: int) -> 
             futures.append(threads.submit(shard_task, {**arguments, "shard": quote(shard), "workers": pool}) if pool
                            else shard_task.submit(shard=quote(shard), **arguments))
         updated_at = time.monotonic()
-        for done, future in enumerate(as_completed(futures), start=1):
-            try:
-                result = future.result()
-                per_shard.append({"shard_id": result["shard_id"], "images": result["images"], **result["counts"],
-                                  "seconds": round(result["seconds"], 2)})
-            except Exception as error:  # the task already retried; record it and let the other shards finish
-                failed.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
-            if done == len(futures) or time.monotonic() - updated_at >= PROGRESS_UPDATE_SECONDS:
-                update_progress_artifact(progress, 100.0 * done / len(futures))
-                updated_at = time.monotonic()
+        try:
+            with stopping_shards_on_interrupt():
+                for done, future in enumerate(as_completed(futures), start=1):
+                    try:
+                        result = future.result()
+                        per_shard.append({"shard_id": result["shard_id"], "images": result["images"],
+                                          **result["counts"], "seconds": round(result["seconds"], 2)})
+                    except Exception as error:  # the task already retried; record it, let the other shards finish
+                        failed.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+                    if done == len(futures) or time.monotonic() - updated_at >= PROGRESS_UPDATE_SECONDS:
+                        update_progress_artifact(progress, 100.0 * done / len(futures))
+                        updated_at = time.monotonic()
+        except BaseException:  # Ctrl-C, SIGTERM: running shards stop at their next image and record what they wrote
+            if pool is not None:
+                pool.interrupt()  # a signal to this process only (SIGTERM) does not reach the workers
+            for future in futures:
+                future.wrapped_future.cancel()  # queued: never started
+            concurrent.futures.wait([future.wrapped_future for future in futures], timeout=STOP_WAIT_SECONDS)
+            shards_may_run()
+            raise
     if not futures:
         update_progress_artifact(progress, 100.0)
     return per_shard, failed

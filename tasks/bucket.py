@@ -277,6 +277,35 @@ class _Journal:
         self.flushed_at = time.monotonic()
 
 
+class ShardStopped(KeyboardInterrupt):
+    """The run was interrupted: raised in the shards running in its threads (a KeyboardInterrupt reaches the main
+    thread only), so they stop at their next image, recording what they wrote, as a shard on the main thread does."""
+
+
+_stopping = threading.Event()
+
+
+@contextlib.contextmanager
+def stopping_shards_on_interrupt() -> Iterator[None]:
+    """Around the wait for shards running in this process's threads: if it is interrupted, they stop at their next
+    image, and those still queued at their start."""
+    try:
+        yield
+    except BaseException:
+        _stopping.set()
+        raise
+
+
+def shards_may_run() -> None:
+    """After an interrupted run's shards have stopped: shards of a later run in this process may run again."""
+    _stopping.clear()
+
+
+def _check_not_stopping() -> None:
+    if _stopping.is_set():
+        raise ShardStopped("stopping: the run was interrupted")
+
+
 def stylize_shard(
     shard: Shard,
     source: Location,
@@ -287,6 +316,7 @@ def stylize_shard(
 ) -> ShardResult:
     """Stylise every image of ``shard`` with every model, write outputs and the shard's manifest part.
     ``on_progress(n)`` is called as inputs finish (n of them at a time)."""
+    _check_not_stopping()
     started = time.perf_counter()
     several = len(models) > 1
     previous = _previous_rows(destination, shard.shard_id)
@@ -400,6 +430,7 @@ def stylize_shard(
                                 cost=lambda item: min(item.size, options.max_image_bytes),
                                 budget=options.read_ahead_bytes)
         for outcome in engine.run(read_ahead):
+            _check_not_stopping()
             item: _Input = outcome.tag
             error = item.problem or outcome.error
             if error is not None:

@@ -12,6 +12,7 @@ shards through one (``run_shards``, what ``stylize run`` does on folders).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import multiprocessing
@@ -22,7 +23,7 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -85,12 +86,13 @@ class ShardWorkers:
             ticket = next(self._tickets)
             if on_progress is not None:
                 self._listeners[ticket] = on_progress
-            try:
-                return self._pool.submit(_run_shard, ticket, shard, source, destination, options)
-            except BrokenProcessPool:  # a worker died since the last submit: start afresh
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                self._start()
-                return self._pool.submit(_run_shard, ticket, shard, source, destination, options)
+            with _deaf_to_ctrl_c():  # a submit starts the workers: they hear SIGINT once ready for it
+                try:
+                    return self._pool.submit(_run_shard, ticket, shard, source, destination, options)
+                except BrokenProcessPool:  # a worker died since the last submit: start afresh
+                    self._pool.shutdown(wait=False, cancel_futures=True)
+                    self._start()
+                    return self._pool.submit(_run_shard, ticket, shard, source, destination, options)
 
     def run(self, shard: Shard, source: Location, destination: Location, options: ShardOptions,
             on_progress: Callable[[int], None] | None = None) -> ShardResult:
@@ -184,12 +186,28 @@ def stylize_in_processes(shards: list[Shard], source: Location, destination: Loc
 _worker: dict = {}  # this worker process's models and progress queue
 
 
+@contextlib.contextmanager
+def _deaf_to_ctrl_c() -> Iterator[None]:
+    """Processes started in the block begin with SIGINT blocked (a blocked signal stays blocked across exec): a
+    Ctrl-C while a worker still imports torch would print its KeyboardInterrupt traceback from inside the import.
+    The worker unblocks it when ready (``_start_worker``); this process's main thread still gets it at once."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
 def _start_worker(models: dict[str, UNet], device: str, workers: int, progress: multiprocessing.Queue) -> None:
     torch.set_num_threads(cores_per_worker(workers))
     _worker["models"] = {name: model.to(device).eval() for name, model in models.items()}
     _worker["progress"] = progress
     signal.signal(signal.SIGINT, _stop)
     threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
+    try:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # started deaf to it (_deaf_to_ctrl_c)
+    except KeyboardInterrupt:  # a Ctrl-C while starting: no shard runs here (_run_shard)
+        pass
 
 
 def _stop(signum, frame) -> None:

@@ -547,7 +547,7 @@ def test_ctrl_c_stops_a_run_on_urls_at_once_with_the_interruption_recorded_and_t
     monkeypatch.delenv("PREFECT_API_URL", raising=False)  # no server running: the run starts a temporary one
     env = {**os.environ, "STYLIZE_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "prefect")}
     command = [str(STYLIZE), "run", source.as_uri(), destination.as_uri(), "--model", "m", "--model-store",
-               store.as_uri(), "--shard-size", "10", "--batch-size", "1", "--workers", "1"]
+               store.as_uri(), "--shard-size", "200", "--batch-size", "1", "--workers", "1", "--journal-seconds", "0.2"]
     # Ctrl-C in a terminal: SIGINT to every process of the command's group. A test run in the background ignores
     # SIGINT, and its children would too: the command starts with it restored (exec, not preexec_fn: threads).
     restored = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
@@ -556,8 +556,8 @@ def test_ctrl_c_stops_a_run_on_urls_at_once_with_the_interruption_recorded_and_t
                                text=True, start_new_session=True)
     deadline = time.monotonic() + 240
     parts = destination / "_manifest_parts"
-    while not any(parts.glob("*.parquet")) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)
+    while not any(parts.glob("*.journal/*.parquet")) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # both shards are running (in the flow's two threads), with rows journaled
     assert process.poll() is None, process.communicate()
     os.killpg(process.pid, signal.SIGINT)
     try:
@@ -577,6 +577,7 @@ def test_ctrl_c_stops_a_run_on_urls_at_once_with_the_interruption_recorded_and_t
     assert result.returncode == 0, result.stderr
     written, done = (int(result.stdout.split(word)[0].split()[-1]) for word in (" written", " already done"))
     assert done > 0 and written + done == 400, result.stdout
+    assert written > 100, "the running shards went on to their ends after Ctrl-C"  # they stop at their next image
 
 
 def test_ctrl_c_stops_a_training_on_urls_at_once_and_saves_no_model(photo_dir, style_image, tmp_path, monkeypatch,

@@ -229,3 +229,24 @@ def test_sigterm_to_a_run_with_workers_stops_it_without_finishing_the_queued_sha
     assert again.returncode == 0, again.stderr
     rows = pq.read_table(tmp_path / "out" / "manifest.parquet").to_pylist()
     assert {row["input_uri"] for row in rows if row["status"] == "skipped"} == done
+
+
+def test_ctrl_c_while_the_workers_start_stops_the_run_with_one_line(tmp_path):
+    # A terminal's Ctrl-C reaches the workers too; while they still imported torch, each printed its traceback.
+    source, home = tmp_path / "in", tmp_path / "home"
+    hostile_corpus.write_photos(source, 160)  # two shards: two workers
+    model = save_model(tmp_path / "model", UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "m"})
+    command = [*stylize_command(source, tmp_path / "out", model, home), "--workers", "2"]
+    restored = [sys.executable, "-c", "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                                      "os.execv(sys.argv[1], sys.argv[1:])"]  # a background test run ignores SIGINT
+    run = subprocess.Popen([*restored, *command], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, start_new_session=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    with killed_if_this_fails(run, group=True):
+        deadline = time.monotonic() + 120
+        while len(children_of(run.pid)) < 3 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # the resource tracker and the two workers, just started
+        assert run.poll() is None, run.communicate()
+        os.killpg(run.pid, signal.SIGINT)
+        _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130 and stderr.strip().splitlines() == [
+        "stylize: interrupted; run the same command again to resume"], stderr
