@@ -31,7 +31,12 @@ from tasks.stylize_tasks import (
 
 
 class ShardsFailed(RuntimeError):
-    """Some shards failed after all their retries."""
+    """Some shards failed after all their retries. ``reason`` says how many and why (the first failure), without
+    the advice; ``summary`` is the run's summary where its manifest was written."""
+
+    def __init__(self, reason: str, summary: dict | None = None):
+        super().__init__(f"{reason}; run the flow again to redo only the missing images")
+        self.reason, self.summary = reason, summary
 
 
 OutputFormat = Literal["jpeg", "jpg", "png", "webp", "same"]
@@ -157,7 +162,7 @@ def stylize_bucket(
             summary = combine_manifest(destination, [s.shard_id for s in shards], storage_options, source)
         except Exception as error:
             raise ShardsFailed(f"{len(failed)} of {len(shards)} shards failed ({failed[0] if failed else 'none'}), and "
-                               f"{error}; run the flow again to redo only the missing images") from None
+                               f"{error}") from None
     seconds = time.perf_counter() - started
     images = sum(len(s) for s in shards)
     summary.update({"images": images, "shards": len(shards), "failed_shards": len(failed), "workers": workers,
@@ -176,6 +181,5 @@ def stylize_bucket(
     )
     logger.info("stylize-bucket: %s", summary)
     if failed:
-        raise ShardsFailed(f"{len(failed)} of {len(shards)} shards failed ({failed[0]}); "
-                           "run the flow again to redo only the missing images")
+        raise ShardsFailed(f"{len(failed)} of {len(shards)} shards failed ({failed[0]})", summary)
     return summary

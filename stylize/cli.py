@@ -719,7 +719,7 @@ def flow_error(state) -> BaseException | None:
 
 def run_bucket_flow(args: argparse.Namespace) -> int:
     """Stylise a bucket with the stylize-bucket Prefect flow: manifest, skip-if-done, retried shards."""
-    from flows.stylize_bucket import stylize_bucket
+    from flows.stylize_bucket import ShardsFailed, stylize_bucket
 
     model = args.model
     if not is_url(model) and Path(model).expanduser().exists():
@@ -749,20 +749,28 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
             skip_existing=args.skip_existing, journal_seconds=args.journal_seconds, workers=args.workers, return_state=True,
         )
     if state.is_completed():
-        summary = state.result()
-        counts = summary["counts"]
-        print(f"{counts['ok']} written, {counts['skipped']} already done, {counts['error']} not stylised (see the "
-              f"manifest's error column) ({summary['images']} images, {summary['shards']} shards, "
-              f"{summary['images_per_second']} img/s); manifest: {summary['manifest_uri']}")
+        print_flow_summary(state.result())
         warn_of_errors(destination.child(MANIFEST_NAME))
         return 0
-    if isinstance(failure := flow_error(state), DestinationBusy):
+    failure = flow_error(state)
+    if isinstance(failure, DestinationBusy):
         print_error(str(failure))
         return EXIT_BUSY
-    message = state.message or "the flow run failed"
-    print_error(f"{message.splitlines()[0]}; run the same command again to retry (only missing and failed images "
-                "are redone)")
+    if isinstance(failure, ShardsFailed):
+        if failure.summary:  # what the shards that did not fail made
+            print_flow_summary(failure.summary)
+        message = failure.reason
+    else:
+        message = (state.message or "the flow run failed").splitlines()[0]
+    print_error(f"{message}; run the same command again to retry (only missing and failed images are redone)")
     return 1
+
+
+def print_flow_summary(summary: dict) -> None:
+    counts, shards = summary["counts"], summary["shards"]
+    print(f"{counts['ok']} written, {counts['skipped']} already done, {counts['error']} not stylised (see the "
+          f"manifest's error column) ({summary['images']} images, {shards} shard{'s' if shards != 1 else ''}, "
+          f"{summary['images_per_second']} img/s); manifest: {summary['manifest_uri']}")
 
 
 def check_writable_home(home: Path) -> None:
@@ -1171,6 +1179,7 @@ def _interrupted(signum, frame) -> None:
 EPHEMERAL_STARTUP_VARIABLE = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 EPHEMERAL_STARTUP_SECONDS = "120"
 ANALYTICS_VARIABLE = "PREFECT_SERVER_ANALYTICS_ENABLED"
+QUIET_CONSOLE_VARIABLE = "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"  # what Prefect's console handler shows
 
 
 def prefect_defaults(quiet: bool) -> None:
@@ -1181,8 +1190,9 @@ def prefect_defaults(quiet: bool) -> None:
     os.environ.setdefault(EPHEMERAL_STARTUP_VARIABLE, EPHEMERAL_STARTUP_SECONDS)
     # The temporary server lives for one command; offline its telemetry logged an error line on every run.
     os.environ.setdefault(ANALYTICS_VARIABLE, "false")
-    if quiet:  # URL runs: Prefect's own log lines too
+    if quiet:  # URL runs: Prefect's own log lines too, its errors' tracebacks included (the run's log keeps them)
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault(QUIET_CONSOLE_VARIABLE, "CRITICAL")
 
 
 def print_error(message: str) -> None:

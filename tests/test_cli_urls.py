@@ -3,9 +3,12 @@ retry when shards fail."""
 
 import json
 import os
+import subprocess
+import sys
 import threading
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import fsspec
 import pytest
@@ -23,6 +26,7 @@ from tests.test_lease import lease_of
 from tests.test_stylize_bucket_flow import FlakyStore
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
+REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -249,3 +253,36 @@ def test_a_store_refusing_the_credentials_is_one_line_before_any_flow_starts(mak
     assert main([*make_args(tmp_path), *refusing_store, "--quiet"]) == 2
     err = capfd.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("stylize: error: ") and "Login Required, 401" in err[0], err
+
+
+def test_a_quiet_run_whose_shards_still_fail_prints_its_summary_and_one_error_line(photo_dir, tmp_path):
+    # A fresh `stylize` process (Prefect's console settings apply only before Prefect is imported), writing into an
+    # in-memory store whose writes under out/sub/ fail.
+    save_model(tmp_path / "model", UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"name": "m"})
+    (photo_dir / "sub").mkdir(exist_ok=True)
+    for index in range(2):
+        Image.new("RGB", (32, 32), "teal").save(photo_dir / "sub" / f"{index}.jpg")
+    driver = (
+        "import sys, fsspec\n"
+        "from fsspec.implementations.memory import MemoryFileSystem\n"
+        "class Broken(MemoryFileSystem):\n"
+        "    protocol = 'broken'\n"
+        "    def pipe_file(self, path, value, **kwargs):\n"
+        "        if '/out/sub/' in path: raise OSError(f'simulated outage writing {path}')\n"
+        "        return super().pipe_file(path, value, **kwargs)\n"
+        "fsspec.register_implementation('broken', Broken, clobber=True)\n"
+        "from stylize.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(),  # the session's server: none to start
+           "STYLIZE_HOME": str(tmp_path / "home"), "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", driver, "run", str(photo_dir), "broken://x/out", "--model",
+                           str(tmp_path / "model"), "--shard-size", "2", "--retries", "0", "--quiet"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    [summary] = done.stdout.strip().splitlines()  # what the other shards made: it printed nothing
+    assert " written, 0 already done" in summary and "(7 images, 4 shards" in summary, summary
+    [error] = done.stderr.strip().splitlines()  # it was 32 lines, two of Prefect's tracebacks among them
+    assert " of 4 shards failed" in error and "simulated outage writing broken://x/out/sub/" in error, error
+    assert error.count("run the") == 1 and error.endswith("(only missing and failed images are redone)"), error
