@@ -74,6 +74,13 @@ def style_file_of(metadata: dict, where: str = "checkpoint") -> str:
     return name
 
 
+def check_style_model(metadata: dict, where: str) -> None:
+    """Refuse a primed autoencoder where a style model is wanted: it only gives its input back."""
+    if metadata.get("kind") == "primed-autoencoder":
+        raise CheckpointError(f"{where} is a primed autoencoder, not a style model (it gives its input back); "
+                              "train a style from it with `stylize train`")
+
+
 def read_metadata(path: str | Path) -> dict:
     """The JSON metadata of a model folder (or of a ``.safetensors`` file with its ``.json`` beside it)."""
     _, metadata_path = _paths(Path(path))

@@ -32,7 +32,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from stylecore import images as image_io
-from stylecore.checkpoint import CheckpointError, load_model, read_metadata, save_model, style_file_of
+from stylecore.checkpoint import (
+    CheckpointError, check_style_model, load_model, read_metadata, save_model, style_file_of,
+)
 from stylecore.engine import MAX_OUTPUT_SIDE
 from stylecore.evaluate import contact_sheet, evaluate
 from stylecore.losses import LossConfig, PerceptualLoss, StyleTarget, layers_needed, resolve_layers
@@ -634,6 +636,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def load_style_model(store: ModelStore, name_or_path: str, device: torch.device) -> tuple[UNet, dict, Path]:
     path = store.resolve(name_or_path)
     model, metadata = load_model(path)
+    check_style_model(metadata, str(path))
     return model.to(device).eval(), metadata, path
 
 
@@ -733,7 +736,8 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     try:
         with checking_storage("read the model or the destination", options):
             check_apart(source, destination)
-            read_model_metadata(model_location(model, model_store_for(args), options))
+            location = model_location(model, model_store_for(args), options)
+            check_style_model(read_model_metadata(location), location.display)
             # here, not only in the flow: there a busy destination is a failed flow run, logged with its traceback
             DestinationLease(destination).check_free()
     except DestinationBusy as error:

@@ -14,7 +14,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from stylecore.checkpoint import CheckpointError
+from stylecore.checkpoint import CheckpointError, check_style_model
 from stylecore.model import UNet
 
 from .bucket import PARTS_FOLDER, Shard, ShardOptions, carry_over_rows, combine_parts, list_shards, stylize_shard
@@ -82,6 +82,7 @@ def load_models(models: list[str], model_store: str | None, storage: dict, devic
     for reference in models:
         location = model_location(reference, model_store, storage)
         model, metadata = load_model_from(location, device)
+        check_style_model(metadata, location.display)
         checksum = str(metadata.get("weights_sha256"))
         if pinned and pinned.get(reference, checksum) != checksum:
             raise CheckpointError(f"model {location.display} was replaced while this run was using it (weights "

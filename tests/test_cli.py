@@ -93,6 +93,12 @@ def test_train_uses_a_given_primed_checkpoint(home, photo_dir, style_image, tmp_
     assert "priming" not in err and "--prime-steps is not used" in err  # TINY gives one: said, not silently dropped
     metadata = json.loads((home / "models" / "p" / "model.json").read_text())
     assert metadata["architecture"]["base_channels"] == 8
+    # the primed checkpoint itself is no style model: it gives the photos back (it was run as one, exit 0)
+    for command in (["run", str(photo_dir), str(tmp_path / "out"), "--model", str(primed)],
+                    ["run", str(photo_dir), (tmp_path / "out").as_uri(), "--model", str(primed)]):
+        assert main([*command, "--quiet"]) == 2
+        assert "is a primed autoencoder, not a style model" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_run_stylises_every_image_with_the_same_relative_paths_and_skips_bad_files(trained, photo_dir, tmp_path, capsys):

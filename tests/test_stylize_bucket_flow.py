@@ -261,6 +261,15 @@ def test_a_tampered_or_truncated_model_stops_the_run_before_any_shard(tmp_path, 
     assert state.is_failed() and "tiny" in state.message
 
 
+def test_a_primed_autoencoder_given_as_a_model_is_refused_before_any_shard(tmp_path, model_store):
+    make_bucket(tmp_path / "in", 2)
+    primed = Location(str(tmp_path / "primed" / "abc"))
+    save_model_to(primed, UNet(UNetConfig(base_channels=4, depth=2)).eval(), {"kind": "primed-autoencoder"})
+    state = stylize_bucket(str(tmp_path / "in"), str(tmp_path / "out"), [primed.url], return_state=True)
+    assert state.is_failed() and "is a primed autoencoder, not a style model" in state.message
+    assert not (tmp_path / "out").exists()
+
+
 def test_two_models_of_one_name_are_refused_before_any_shard(tmp_path, model_store):
     make_bucket(tmp_path / "in", 2)
     other = Location(str(tmp_path / "other-store")).child("models/tiny")
