@@ -150,13 +150,18 @@ def read_weights(path: Path, expected_sha256: str | None = None) -> dict[str, to
     return weights_from_bytes(path.read_bytes(), expected_sha256, str(path))
 
 
-def weights_from_bytes(data: bytes, expected_sha256: str | None, where: str) -> dict[str, torch.Tensor]:
+def weights_from_bytes(data: bytes, expected_sha256: str | None, where: str,
+                       load_tensors: bool = True) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors bytes whose SHA-256 is ``expected_sha256`` (where given); with ``load_tensors``
+    False only the checks, and an empty dict."""
     if not is_safetensors_bytes(data):
         if len(data) > 8 and data[8:9] == b"{":  # its header says more than the file holds
             raise CheckpointError(f"{where} is truncated: {len(data):,} bytes, shorter than its own header says")
         raise CheckpointError(f"{where} is not a safetensors file; pickle checkpoints are never loaded")
     if expected_sha256 and hashlib.sha256(data).hexdigest() != expected_sha256:
         raise CheckpointError(f"{where} is corrupt or was modified: its SHA-256 does not match the metadata")
+    if not load_tensors:
+        return {}
     try:
         return load(data)
     except Exception as error:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import METADATA_FILE, CheckpointError, read_metadata, weights_file_of
+from .checkpoint import METADATA_FILE, CheckpointError, read_metadata, weights_file_of, weights_from_bytes
 
 HOME_VARIABLE = "STYLIZE_HOME"
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$"
@@ -84,6 +84,9 @@ class ModelStore:
                     weights = weights_file_of(metadata, str(folder / METADATA_FILE))
                     if not (folder / weights).is_file():
                         raise CheckpointError(f"its weights ({weights}) are missing")
+                    # as a run would find them: whole, and what model.json says (a few MB a model)
+                    weights_from_bytes((folder / weights).read_bytes(), metadata.get("weights_sha256"),
+                                       f"its weights file ({weights})", load_tensors=False)
                     found.append((folder.name, metadata))
                 except CheckpointError as error:
                     found.append((folder.name, {"error": str(error)}))

@@ -315,6 +315,16 @@ def test_models_lists_trained_models(trained, capsys):
     assert main(["models"]) == 0
     [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("swirls-copy")]
     assert line.split(None, 1)[1] == "(unreadable: its weights (model.safetensors) are missing)"
+    # weights a run would refuse (they were listed like the others): cut short, or one byte changed
+    weights = (trained / "model.safetensors").read_bytes()
+    (trained.parent / "swirls-copy" / "model.safetensors").write_bytes(weights[:3000])
+    shutil.copytree(trained, trained.parent / "swirls-flipped")
+    (trained.parent / "swirls-flipped" / "model.safetensors").write_bytes(weights[:-1] + bytes([weights[-1] ^ 1]))
+    assert main(["models"]) == 0
+    listed = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines()[1:])
+    assert listed["swirls-copy"].startswith("(unreadable: its weights file (model.safetensors) is truncated")
+    assert listed["swirls-flipped"].startswith("(unreadable: its weights file (model.safetensors) is corrupt or was modified")
+    assert not listed["swirls"].startswith("(unreadable")
 
 
 def test_output_cut_short_by_its_reader_ends_quietly(trained):
