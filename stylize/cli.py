@@ -1002,13 +1002,20 @@ retries = checked("retries", int, lambda value: 0 <= value <= 100, "between 0 an
 workers = checked("workers", int, lambda value: 0 <= value <= 1024, "between 0 and 1024")
 
 
+def local_home(text: str) -> Path:
+    if "://" in text:  # as a Path, "gs://b" became the local folder "gs:/b", where nothing was found
+        raise argparse.ArgumentTypeError(f"must be a folder on this machine, not {text}; a model store at a URL is "
+                                         "--model-store (of prime, train and run)")
+    return Path(text).expanduser()
+
+
 def at_most(limit: int) -> Callable[[str], int]:
     return checked("positive_int", int, lambda value: 1 <= value <= limit, f"between 1 and {limit}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--home", type=lambda text: Path(text).expanduser(), default=None,
+    common.add_argument("--home", type=local_home, default=None,
                         help=f"model store and caches (default: ${HOME_VARIABLE} or ~/.stylize)")
     common.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to compute (default: auto = cuda if available)")

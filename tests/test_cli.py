@@ -413,6 +413,9 @@ def test_a_model_is_replaced_whole_and_a_half_written_one_is_never_listed(traine
     (["run", "a", "b", "--model", "m", "--shard-size", "1000001"], "must be between 1 and 1000000"),
     (["train", "s.jpg", "--photos", "p", "--name", "x", "--steps", "3", "--epochs", "2"], "not allowed with"),
     (["models", "--model-store", "gs://b/store"], "unrecognized arguments: --model-store"),
+    # it became the local folder "gs:/models", where no model was found
+    (["models", "--home", "gs://models"], "--home: must be a folder on this machine, not gs://models"),
+    (["run", "a", "b", "--model", "m", "--home", "gs://models"], "a model store at a URL is --model-store"),
 ])
 def test_bad_option_values_are_usage_errors_with_exit_code_2(arguments, message, capsys):
     # refused before any work (these used to surface after priming, as tracebacks, or as a model of NaNs)
