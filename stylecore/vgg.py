@@ -222,10 +222,19 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(str(path))
+        with open(path, "rb") as file:
+            start = file.read(4)
+        if not (start.startswith(b"PK\x03\x04") or start[:1] == b"\x80"):  # torch.save's zip, or a bare pickle
+            raise VGGWeightsError(f"{path} is not VGG weights: neither a PyTorch state dict (.pth) nor a "
+                                  ".safetensors file")
         # weights_only=True uses PyTorch's restricted unpickler: tensors and containers only, never code.
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except VGGWeightsError:
+        raise
     except Exception as error:
         reason = str(error).splitlines()[0] if str(error).strip() else f"{type(error).__name__} (empty or truncated?)"
+        if "Weights only load failed" in reason:  # its advice is to run the pickle's code: never here
+            reason = "it holds more than tensors, and pickled objects are never loaded (save its state_dict())"
         raise VGGWeightsError(f"cannot read VGG weights {path}: {reason}") from None
     if not isinstance(state, dict):
         raise VGGWeightsError(f"{path} is not a state dict")

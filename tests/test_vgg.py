@@ -62,8 +62,13 @@ def test_unusable_weight_files_are_refused_clearly(tmp_path):
         load_vgg(tmp_path / "missing.pth")
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(VGGWeightsError, match="cannot read VGG weights"):
+    with pytest.raises(VGGWeightsError, match="is not VGG weights: neither a PyTorch state dict"):
         load_vgg(garbage)
+    pickled = tmp_path / "module.pth"
+    torch.save({"features": torch.nn.Conv2d(3, 4, 3)}, pickled)  # a module, not its state dict
+    with pytest.raises(VGGWeightsError, match="holds more than tensors, and pickled objects are never loaded") as refused:
+        load_vgg(pickled)
+    assert "weights_only" not in str(refused.value)  # PyTorch's advice: run the pickle's code
     wrong = tmp_path / "wrong.safetensors"
     from safetensors.torch import save_file
 
