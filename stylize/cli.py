@@ -950,7 +950,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     stylized = out / "stylized"
     progress_bar = bar(0, "stylizing", args.quiet, "img")
     try:
-        summary = run_shards(Location(str(photos_dir.resolve())), Location(str(stylized.resolve())),
+        stylized_location = Location(str(stylized.resolve()))
+        summary = run_shards(Location(str(photos_dir.resolve())), stylized_location,
                              {metadata.get("name", args.name): model}, ShardOptions(quality=92, batch_size=4),
                              on_progress=progress_bar.update,
                              on_total=lambda total: setattr(progress_bar, "total", total), limit=args.limit)
@@ -958,6 +959,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write the stylised photos into {stylized}: {error}") from None
     finally:
         progress_bar.close()
+    warn_of_errors(stylized_location.child(MANIFEST_NAME))
     evaluation, photos, _ = evaluate_model(args, model, metadata, path, photos_dir, device)
     write_contact_sheet(model, photos[:6], out / "contact_sheet.png")
     try:
@@ -966,7 +968,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"cannot write {out / 'evaluation.json'}: {error.strerror or error}") from None
     print_evaluation(evaluation)
     print(f"model:          {destination}")
-    print(f"stylized:       {stylized} ({summary['counts']['ok'] + summary['counts']['skipped']} images, "
+    counts = summary["counts"]
+    not_stylised = f", {counts['error']} not stylised (named above)" if counts["error"] else ""
+    print(f"stylized:       {stylized} ({counts['ok'] + counts['skipped']} images{not_stylised}, "
           f"manifest {summary['manifest_uri']})")
     print(f"contact sheet:  {out / 'contact_sheet.png'}")
     print(f"demo finished in {time.perf_counter() - started:.0f}s")

@@ -343,6 +343,14 @@ def test_demo_runs_the_whole_job_on_the_first_limit_photos(home, tmp_path, capsy
     assert json.loads((out / "evaluation.json").read_text())["images"] == 4
 
 
+def test_demo_names_the_photos_it_could_not_stylise(home, photo_dir, tmp_path, capsys):
+    (photo_dir / "broken.jpg").write_bytes(b"not really a jpeg")
+    assert main(["demo", "--photos", str(photo_dir), "--out", str(tmp_path / "demo"), *TINY]) == 0
+    captured = capsys.readouterr()
+    assert f"not stylised: {photo_dir / 'broken.jpg'}" in captured.err  # it said nothing of them
+    assert ", 1 not stylised (named above)" in captured.out
+
+
 @pytest.mark.parametrize(
     "make_args,message",
     [
