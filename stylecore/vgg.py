@@ -224,6 +224,8 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             return load_file(str(path))
         with open(path, "rb") as file:
             start = file.read(4)
+        if not start:
+            raise VGGWeightsError(f"cannot read VGG weights {path}: the file is empty")
         if not (start.startswith(b"PK\x03\x04") or start[:1] == b"\x80"):  # torch.save's zip, or a bare pickle
             raise VGGWeightsError(f"{path} is not VGG weights: neither a PyTorch state dict (.pth) nor a "
                                   ".safetensors file")
