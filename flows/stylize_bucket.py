@@ -35,8 +35,11 @@ class ShardsFailed(RuntimeError):
     the advice; ``summary`` is the run's summary where its manifest was written."""
 
     def __init__(self, reason: str, summary: dict | None = None):
-        super().__init__(f"{reason}; run the flow again to redo only the missing images")
+        super().__init__(reason, summary)  # what a pickled copy is rebuilt from
         self.reason, self.summary = reason, summary
+
+    def __str__(self) -> str:
+        return f"{self.reason}; run the flow again to redo only the missing images"
 
 
 OutputFormat = Literal["jpeg", "jpg", "png", "webp", "same"]
@@ -82,8 +85,10 @@ def run_shard_tasks(shard_task, shards: list, arguments: dict, workers: int) -> 
                 pool.interrupt()  # a signal to this process only (SIGTERM) does not reach the workers
             for future in futures:
                 future.wrapped_future.cancel()  # queued: never started
-            concurrent.futures.wait([future.wrapped_future for future in futures], timeout=STOP_WAIT_SECONDS)
-            shards_may_run()
+            try:
+                concurrent.futures.wait([future.wrapped_future for future in futures], timeout=STOP_WAIT_SECONDS)
+            finally:  # also after a second Ctrl-C: later runs in this process must not find shards stopping
+                shards_may_run()
             raise
     if not futures:
         update_progress_artifact(progress, 100.0)

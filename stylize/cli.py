@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -727,7 +728,7 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     model = args.model
     if not is_url(model) and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
-        if Path(model).is_file() and Path(model).suffix != ".safetensors":
+        if Path(model).is_file() and not re.fullmatch(r"model(-[0-9a-f]+)?\.safetensors", Path(model).name):
             raise UserError(f"{args.model} is a file: runs on URLs take a model by name or by its folder (the one "
                             "that holds model.json and model.safetensors)")
     options = storage_options_from(args)

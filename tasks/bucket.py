@@ -117,7 +117,10 @@ def list_shards(source: Location, shard_size: int, exclude: Location | None = No
         exclude_fs, exclude_path = exclude.filesystem()
         if type(source_fs) is not type(exclude_fs):
             exclude_path = None
-    return make_shards(list_files(source, IMAGE_EXTENSIONS, exclude=exclude_path)[:limit], shard_size)
+    listed = list_files(source, IMAGE_EXTENSIONS, exclude=exclude_path)
+    if limit is not None:  # the first ``limit`` image files, as training counts them (not folders named x.jpg)
+        listed = [entry for entry in listed if entry.problem is None][:limit]
+    return make_shards(listed, shard_size)
 
 
 def safe_relative(key: str, tag: bool = False) -> str:

@@ -46,7 +46,7 @@ def model_location(reference: str, store: str | None, options: dict | None = Non
     machine's $STYLIZE_HOME, where train-new-style puts models by default)."""
     options = options or {}
     if "/" in reference or "://" in reference:
-        if reference.endswith(".safetensors"):  # a model's weights file: the model is its folder
+        if re.search(r"/model(-[0-9a-f]+)?\.safetensors$", reference):  # a model's weights file: its folder
             reference = reference.rsplit("/", 1)[0]
         return Location(reference, options)
     if store is None:  # as for training: the worker's $STYLIZE_HOME

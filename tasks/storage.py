@@ -247,9 +247,16 @@ def missing_bucket(location: Location) -> str | None:
     bucket = path.split("/", 1)[0]
     try:
         fs.info(bucket)
+        return None
+    except FileNotFoundError:
+        pass
+    except Exception:  # noqa: BLE001 (no permission to look, a flaky call: the first write will tell)
+        return None
+    try:  # gcsfs answers "not found" for an empty bucket it may not read as a bucket (403): its listing says
+        fs.ls(bucket, refresh=True)
     except FileNotFoundError:
         return bucket
-    except Exception:  # noqa: BLE001 (no permission to look, a flaky call: the first write will tell)
+    except Exception:  # noqa: BLE001
         return None
     return None
 

@@ -619,3 +619,12 @@ def test_the_device_of_a_worker_process_can_be_set_in_its_environment(monkeypatc
     monkeypatch.setenv("STYLIZE_DEVICE", "tpu")
     with pytest.raises(ValueError, match="must be cpu, cuda or auto"):
         default_device()
+
+
+def test_a_limit_takes_the_first_image_files_as_training_counts_them(tmp_path):
+    source = tmp_path / "in"
+    (source / "a.jpg").mkdir(parents=True)  # a folder named like an image: listed (an error row), not a photo
+    for name in ("a.jpg/z.jpg", "b.jpg", "c.jpg"):
+        Image.new("RGB", (8, 8)).save(source / name)
+    [shard] = list_shards(Location(str(source)), 10, limit=2)
+    assert shard.keys == ("a.jpg/z.jpg", "b.jpg")  # it took the folder and a.jpg/z.jpg

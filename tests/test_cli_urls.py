@@ -3,6 +3,7 @@ retry when shards fail."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ from stylecore.model import UNet, UNetConfig
 from stylize.cli import main
 from tasks import manifest
 from tasks.lease import LEASE_NAME
-from tasks.storage import Location, write_bytes
+from tasks.storage import Location, missing_bucket, write_bytes
 from tests.test_cli import TINY
 from tests.test_lease import lease_of
 from tests.test_stylize_bucket_flow import FlakyStore
@@ -287,3 +288,39 @@ def test_a_quiet_run_whose_shards_still_fail_prints_its_summary_and_one_error_li
     [error] = done.stderr.strip().splitlines()  # it was 32 lines, two of Prefect's tracebacks among them
     assert " of 4 shards failed" in error and "simulated outage writing broken://x/out/sub/" in error, error
     assert error.count("run the") == 1 and error.endswith("(only missing and failed images are redone)"), error
+
+
+class EmptyBucketWithoutBucketRead(BaseHTTPRequestHandler):
+    """An empty bucket as GCS shows it to a key that may read and write objects but not read the bucket itself
+    (roles/storage.objectAdmin): 403 for the bucket, an empty listing of its objects."""
+
+    def do_GET(self):
+        path = self.path.split("?")[0]
+        if re.fullmatch(r"/storage/v1/b/[^/]+", path):
+            code, body = 403, {"error": {"code": 403, "message": "no storage.buckets.get access"}}
+        elif re.fullmatch(r"/storage/v1/b/[^/]+/o", path):
+            code, body = 200, {"kind": "storage#objects"}
+        else:
+            code, body = 404, {"error": {"code": 404, "message": "Not Found"}}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_only_a_bucket_that_does_not_exist_is_refused_as_missing(gcs_emulator):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EmptyBucketWithoutBucketRead)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        options = {"endpoint_url": f"http://127.0.0.1:{server.server_address[1]}", "token": "anon", "project": "p"}
+        assert missing_bucket(Location("gs://fresh-and-empty/out", options)) is None  # it was called missing
+    finally:
+        server.shutdown()
+    missing = f"no-bucket-{uuid.uuid4().hex[:8]}"
+    assert missing_bucket(Location(f"gs://{missing}/out", gcs_emulator)) == missing
+    assert missing_bucket(Location("gs://photos/anything", gcs_emulator)) is None

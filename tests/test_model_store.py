@@ -103,3 +103,12 @@ def test_a_weights_file_named_outside_the_models_folder_is_refused(folder):
     write_bytes(folder.child(METADATA_FILE), json.dumps({**document, "weights_file": "../other/x.safetensors"}).encode())
     with pytest.raises(CheckpointError, match="is not the name of a .safetensors file beside it"):
         load_model_from(folder)
+
+
+def test_a_weights_file_stands_for_its_model_folder_only_under_this_project_s_names(tmp_path):
+    from tasks.models import model_location
+
+    assert model_location(str(tmp_path / "m" / "model.safetensors"), None).url == str(tmp_path / "m")
+    assert model_location(f"gs://b/m/model-{'ab' * 8}.safetensors", None).url == "gs://b/m"
+    # another model exported beside it, with its own JSON: not the folder's model.json (it loaded that one)
+    assert model_location(str(tmp_path / "m" / "B.safetensors"), None).url == str(tmp_path / "m" / "B.safetensors")

@@ -280,6 +280,14 @@ def test_two_models_of_one_name_are_refused_before_any_shard(tmp_path, model_sto
     assert not (tmp_path / "out").exists()
 
 
+def test_shards_failed_keeps_its_reason_and_summary_and_gives_its_advice_once_also_when_pickled():
+    import pickle
+
+    failed = pickle.loads(pickle.dumps(ShardsFailed("1 of 3 shards failed (disk full)", {"counts": {"ok": 2}})))
+    assert failed.reason == "1 of 3 shards failed (disk full)" and failed.summary == {"counts": {"ok": 2}}
+    assert str(failed) == "1 of 3 shards failed (disk full); run the flow again to redo only the missing images"
+
+
 def test_retry_failed_without_an_earlier_run_says_so(tmp_path):
     with pytest.raises(ValueError, match="has no record of a stylize-bucket run"):
         retry_failed(destination=str(tmp_path / "never-written"))
