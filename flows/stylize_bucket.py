@@ -21,7 +21,7 @@ from prefect.utilities.annotations import quote
 from pydantic import Field
 
 from stylecore.images import DEFAULT_MAX_PIXELS
-from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, shards_may_run, stopping_shards_on_interrupt, workers_for
+from tasks.bucket import DEFAULT_MAX_IMAGE_BYTES, shards_may_run, stop_running_shards, workers_for
 from tasks.secrets import StorageSecrets, redact, reveal_options, with_secret_block
 from tasks.storage import Location, check_bucket_exists
 from tasks.stylize_tasks import (
@@ -69,18 +69,18 @@ def run_shard_tasks(shard_task, shards: list, arguments: dict, workers: int) -> 
                            else shard_task.submit(shard=quote(shard), **arguments))
         updated_at = time.monotonic()
         try:
-            with stopping_shards_on_interrupt():
-                for done, future in enumerate(as_completed(futures), start=1):
-                    try:
-                        result = future.result()
-                        per_shard.append({"shard_id": result["shard_id"], "images": result["images"],
-                                          **result["counts"], "seconds": round(result["seconds"], 2)})
-                    except Exception as error:  # the task already retried; record it, let the other shards finish
-                        failed.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
-                    if done == len(futures) or time.monotonic() - updated_at >= PROGRESS_UPDATE_SECONDS:
-                        update_progress_artifact(progress, 100.0 * done / len(futures))
-                        updated_at = time.monotonic()
+            for done, future in enumerate(as_completed(futures), start=1):
+                try:
+                    result = future.result()
+                    per_shard.append({"shard_id": result["shard_id"], "images": result["images"],
+                                      **result["counts"], "seconds": round(result["seconds"], 2)})
+                except Exception as error:  # the task already retried; record it and let the other shards finish
+                    failed.append(str(error).splitlines()[0] if str(error) else type(error).__name__)
+                if done == len(futures) or time.monotonic() - updated_at >= PROGRESS_UPDATE_SECONDS:
+                    update_progress_artifact(progress, 100.0 * done / len(futures))
+                    updated_at = time.monotonic()
         except BaseException:  # Ctrl-C, SIGTERM: running shards stop at their next image and record what they wrote
+            stop_running_shards()
             if pool is not None:
                 pool.interrupt()  # a signal to this process only (SIGTERM) does not reach the workers
             for future in futures:

@@ -288,15 +288,10 @@ class ShardStopped(KeyboardInterrupt):
 _stopping = threading.Event()
 
 
-@contextlib.contextmanager
-def stopping_shards_on_interrupt() -> Iterator[None]:
-    """Around the wait for shards running in this process's threads: if it is interrupted, they stop at their next
-    image, and those still queued at their start."""
-    try:
-        yield
-    except BaseException:
-        _stopping.set()
-        raise
+def stop_running_shards() -> None:
+    """On an interrupt: shards running in this process's threads stop at their next image, queued ones at their
+    start."""
+    _stopping.set()
 
 
 def shards_may_run() -> None:
