@@ -190,12 +190,23 @@ _worker: dict = {}  # this worker process's models and progress queue
 def _deaf_to_ctrl_c() -> Iterator[None]:
     """Processes started in the block begin with SIGINT blocked (a blocked signal stays blocked across exec): a
     Ctrl-C while a worker still imports torch would print its KeyboardInterrupt traceback from inside the import.
-    The worker unblocks it when ready (``_start_worker``); this process's main thread still gets it at once."""
+    The worker unblocks it when ready (``_start_worker``). Started from the main thread, this process's own SIGINT
+    and SIGTERM wait for the end of the block: raised half way through a start, they left a worker reading its
+    start-up data from a closed pipe, which printed its traceback too."""
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    deferred: list[int] = []
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            handlers[number] = signal.signal(number, lambda signum, frame: deferred.append(signum))
     try:
         yield
     finally:
+        for number, handler in handlers.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        for number in dict.fromkeys(deferred):
+            signal.raise_signal(number)  # now, to the handler it was meant for
 
 
 def _start_worker(models: dict[str, UNet], device: str, workers: int, progress: multiprocessing.Queue) -> None:
