@@ -22,6 +22,9 @@ from safetensors.torch import load, save, save_file
 from .model import UNet, UNetConfig
 
 WEIGHTS_FILE = "model.safetensors"
+# The names this project gives a model's files: the usual one, and a replacing model's (tasks.models.save_model_to)
+WEIGHTS_FILE_NAME = re.compile(r"model(-[0-9a-f]+)?\.safetensors")
+STYLE_FILE_NAME = re.compile(r"style(-[0-9a-f]+)?\.jpg")
 METADATA_FILE = "model.json"
 STYLE_FILE = "style.jpg"  # the style image a model learnt, beside it
 FORMAT = "stylize-unet"

@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import signal
 import sys
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from stylecore import images as image_io
 from stylecore.checkpoint import (
-    CheckpointError, check_style_model, load_model, read_metadata, save_model, style_file_of,
+    WEIGHTS_FILE_NAME, CheckpointError, check_style_model, load_model, read_metadata, save_model, style_file_of,
 )
 from stylecore.engine import MAX_OUTPUT_SIDE
 from stylecore.evaluate import contact_sheet, evaluate
@@ -728,7 +727,7 @@ def run_bucket_flow(args: argparse.Namespace) -> int:
     model = args.model
     if not is_url(model) and Path(model).expanduser().exists():
         model = str(Path(model).expanduser().resolve())
-        if Path(model).is_file() and not re.fullmatch(r"model(-[0-9a-f]+)?\.safetensors", Path(model).name):
+        if Path(model).is_file() and not WEIGHTS_FILE_NAME.fullmatch(Path(model).name):
             raise UserError(f"{args.model} is a file: runs on URLs take a model by name or by its folder (the one "
                             "that holds model.json and model.safetensors)")
     options = storage_options_from(args)

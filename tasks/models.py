@@ -10,14 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import threading
 
 import torch
 
 from stylecore.checkpoint import (
-    METADATA_FILE, CheckpointError, model_from_bytes, parse_metadata, serialize_model, style_file_of,
-    weights_file_of,
+    METADATA_FILE, STYLE_FILE_NAME, WEIGHTS_FILE_NAME, CheckpointError, model_from_bytes, parse_metadata,
+    serialize_model, style_file_of, weights_file_of,
 )
 from stylecore.model import UNet
 from stylecore.store import check_model_name, default_home
@@ -46,8 +45,9 @@ def model_location(reference: str, store: str | None, options: dict | None = Non
     machine's $STYLIZE_HOME, where train-new-style puts models by default)."""
     options = options or {}
     if "/" in reference or "://" in reference:
-        if re.search(r"/model(-[0-9a-f]+)?\.safetensors$", reference):  # a model's weights file: its folder
-            reference = reference.rsplit("/", 1)[0]
+        folder, _, name = reference.rpartition("/")
+        if WEIGHTS_FILE_NAME.fullmatch(name):  # a model's weights file: the model is its folder
+            reference = folder
         return Location(reference, options)
     if store is None:  # as for training: the worker's $STYLIZE_HOME
         store = str(default_home())
@@ -120,7 +120,7 @@ def remove_replaced_files(location: Location, keep: set[str]) -> None:
     fs, path = location.filesystem()
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]
-        if name not in keep and re.fullmatch(r"(model(-[0-9a-f]+)?\.safetensors|style(-[0-9a-f]+)?\.jpg)", name):
+        if name not in keep and (WEIGHTS_FILE_NAME.fullmatch(name) or STYLE_FILE_NAME.fullmatch(name)):
             remove(location.child(name))
 
 
